@@ -1,0 +1,288 @@
+"""The Karras/EDM denoiser wrapper and the training losses of EDM, consistency models and progressive distillation.
+
+Notation (CM paper, Song et al. 2023): x_t = x + t z; the consistency function is
+f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with c_skip(eps) = 1, c_out(eps) = 0.
+"""
+
+import torch
+
+from .metrics import check_loss_norm, get_distance_fn
+from .nn import append_dims, mean_flat
+from .sampling import euler_step, heun_step, karras_sample, karras_sigma  # noqa: F401  (karras_sample re-exported)
+
+WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform", "ict")
+TEACHER_SOLVERS = ("heun", "euler")
+INDEX_SAMPLERS = ("uniform", "lognormal")
+
+
+def get_weightings(weight_schedule, snrs, sigma_data):
+    """Loss weight lambda(sigma) from snr = sigma^-2: snr, snr+1, karras (EDM: snr + 1/sigma_data^2), truncated-snr, uniform."""
+    if weight_schedule == "snr":
+        return snrs
+    if weight_schedule == "snr+1":
+        return snrs + 1
+    if weight_schedule == "karras":
+        return snrs + 1.0 / sigma_data**2
+    if weight_schedule == "truncated-snr":
+        return torch.clamp(snrs, min=1.0)
+    if weight_schedule == "uniform":
+        return torch.ones_like(snrs)
+    allowed = ", ".join(s for s in WEIGHT_SCHEDULES if s != "ict")
+    raise ValueError(f"unknown weight_schedule {weight_schedule!r} for a single noise level; allowed: {allowed}")
+
+
+def check_choice(name, value, allowed):
+    """Raise a ValueError naming the allowed values when value is not one of them."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def lognormal_index_probs(sigmas, p_mean=-1.1, p_std=2.0):
+    """iCT Eq. 10: p(n) ∝ erf((log s_n - P_mean) / (sqrt 2 P_std)) - erf((log s_(n+1) - P_mean) / (sqrt 2 P_std)).
+
+    `sigmas` is a decreasing grid s_0 > ... > s_(N-1); returns N-1 probabilities for the pairs (s_n, s_(n+1)).
+    """
+    cdf = torch.erf((torch.log(sigmas) - p_mean) / (2**0.5 * p_std))
+    probs = cdf[:-1] - cdf[1:]
+    return probs / probs.sum()
+
+
+class KarrasDenoiser:
+    """EDM-preconditioned denoiser D(x, sigma) and the losses that train it.
+
+    :param sigma_data: standard deviation of the data (0.5 for images in [-1, 1]).
+    :param sigma_max: largest noise level T.
+    :param sigma_min: smallest noise level eps; the consistency boundary condition holds there.
+    :param rho: curvature of the Karras grid (7).
+    :param weight_schedule: loss weighting: snr | snr+1 | karras | truncated-snr | uniform | ict
+        (ict: 1 / (t_n - t_(n+1)), consistency losses only).
+    :param distillation: True for consistency models: use the boundary-condition scalings.
+    :param loss_norm: distance d for the consistency / progdist losses: l1 | l2 | l2-32 | lpips | pseudo-huber.
+    :param index_sampler: how n is drawn in consistency losses: uniform (CM paper) or lognormal (iCT Eq. 10).
+    :param p_mean, p_std: lognormal index sampler parameters (iCT: -1.1, 2.0).
+    :param lpips_vgg_path: local torchvision VGG16 weights for loss_norm lpips.
+    :param lpips_pretrained: False uses a random-init LPIPS backbone (tests only).
+    """
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        sigma_max=80.0,
+        sigma_min=0.002,
+        rho=7.0,
+        weight_schedule="karras",
+        distillation=False,
+        loss_norm="lpips",
+        index_sampler="uniform",
+        p_mean=-1.1,
+        p_std=2.0,
+        lpips_vgg_path=None,
+        lpips_pretrained=True,
+    ):
+        check_choice("weight_schedule", weight_schedule, WEIGHT_SCHEDULES)
+        check_loss_norm(loss_norm)
+        check_choice("index_sampler", index_sampler, INDEX_SAMPLERS)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_data = sigma_data
+        self.sigma_max = sigma_max
+        self.sigma_min = sigma_min
+        self.rho = rho
+        self.weight_schedule = weight_schedule
+        self.distillation = distillation
+        self.loss_norm = loss_norm
+        self.index_sampler = index_sampler
+        self.p_mean = p_mean
+        self.p_std = p_std
+        self.lpips_vgg_path = lpips_vgg_path
+        self.lpips_pretrained = lpips_pretrained
+        self.num_timesteps = 40
+        self._distance = None
+
+    # ----- preconditioning -------------------------------------------------------------------
+    def get_snr(self, sigmas):
+        """Signal-to-noise ratio sigma^-2."""
+        return sigmas**-2
+
+    def get_sigmas(self, sigmas):
+        """Identity: noise levels are the time variable (sigma(t) = t)."""
+        return sigmas
+
+    def get_scalings(self, sigma):
+        """EDM Table 1: c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2)."""
+        c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+        c_out = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2) ** 0.5
+        c_in = 1 / (sigma**2 + self.sigma_data**2) ** 0.5
+        return c_skip, c_out, c_in
+
+    def get_scalings_for_boundary_condition(self, sigma):
+        """CM paper App. C: c_skip = sd^2/((s-eps)^2+sd^2), c_out = (s-eps) sd/sqrt(s^2+sd^2): f(x, eps) = x."""
+        c_skip = self.sigma_data**2 / ((sigma - self.sigma_min) ** 2 + self.sigma_data**2)
+        c_out = (sigma - self.sigma_min) * self.sigma_data / (sigma**2 + self.sigma_data**2) ** 0.5
+        c_in = 1 / (sigma**2 + self.sigma_data**2) ** 0.5
+        return c_skip, c_out, c_in
+
+    def denoise(self, model, x_t, sigmas, **model_kwargs):
+        """D(x_t, sigma) = c_skip x_t + c_out F(c_in x_t, c_noise); returns (F's output, D)."""
+        sigmas = sigmas.to(x_t.dtype)
+        scalings = self.get_scalings_for_boundary_condition if self.distillation else self.get_scalings
+        c_skip, c_out, c_in = [append_dims(c, x_t.ndim) for c in scalings(sigmas)]
+        c_noise = 1000 * 0.25 * torch.log(sigmas + 1e-44)
+        model_output = model(c_in * x_t, c_noise, **model_kwargs)
+        denoised = c_out * model_output + c_skip * x_t
+        return model_output, denoised
+
+    # ----- shared loss pieces ----------------------------------------------------------------
+    def karras_sigmas(self, indices, num_scales):
+        """Noise levels at (possibly fractional) indices of the num_scales-point Karras grid."""
+        return karras_sigma(indices, num_scales, self.sigma_min, self.sigma_max, self.rho)
+
+    def sample_adjacent_sigmas(self, num_scales, batch_size, device, dtype=torch.float32):
+        """Draw n in {0..N-2} and return (t_n, t_(n+1)), adjacent points of the N-point grid with t_n > t_(n+1)."""
+        if num_scales < 2:
+            raise ValueError(f"consistency losses need num_scales >= 2, got {num_scales}")
+        if self.index_sampler == "uniform":
+            indices = torch.randint(0, num_scales - 1, (batch_size,), device=device)
+        else:
+            grid = self.karras_sigmas(torch.arange(num_scales, device=device), num_scales)
+            probs = lognormal_index_probs(grid, self.p_mean, self.p_std)
+            indices = torch.multinomial(probs, batch_size, replacement=True)
+        t = self.karras_sigmas(indices, num_scales).to(dtype)
+        t2 = self.karras_sigmas(indices + 1, num_scales).to(dtype)
+        return t, t2
+
+    def loss_weights(self, t, t_next=None):
+        """lambda(t_n): get_weightings on snr(t_n), or 1 / (t_n - t_(n+1)) for the iCT schedule."""
+        if self.weight_schedule == "ict":
+            if t_next is None:
+                raise ValueError("weight_schedule 'ict' needs two adjacent noise levels (consistency losses only)")
+            return 1.0 / (t - t_next)
+        return get_weightings(self.weight_schedule, self.get_snr(t), self.sigma_data)
+
+    def distance(self, x, y):
+        """The loss_norm distance d(x, y) per sample (the LPIPS network is built on first use)."""
+        if self._distance is None:
+            self._distance = get_distance_fn(self.loss_norm, self.lpips_vgg_path, self.lpips_pretrained)
+        if isinstance(self._distance, torch.nn.Module):
+            self._distance.to(x.device)
+        return self._distance(x, y)
+
+    def _denoiser_fn(self, model, model_kwargs):
+        return lambda x, t: self.denoise(model, x, t, **model_kwargs)[1]
+
+    # ----- losses ----------------------------------------------------------------------------
+    def training_losses(self, model, x_start, sigmas, model_kwargs=None, noise=None):
+        """EDM loss lambda(sigma) ||D(x + sigma z, sigma) - x||^2 (EDM Eq. 8); terms loss, mse, xs_mse."""
+        model_kwargs = {} if model_kwargs is None else model_kwargs
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_t = x_start + noise * append_dims(sigmas, x_start.ndim)
+        _, denoised = self.denoise(model, x_t, sigmas, **model_kwargs)
+        weights = append_dims(self.loss_weights(sigmas), x_start.ndim)
+        mse = mean_flat(weights * (denoised - x_start) ** 2)
+        return {"xs_mse": mean_flat((denoised - x_start) ** 2), "mse": mse, "loss": mse}
+
+    def consistency_losses(
+        self,
+        model,
+        x_start,
+        num_scales,
+        model_kwargs=None,
+        target_model=None,
+        teacher_model=None,
+        teacher_diffusion=None,
+        noise=None,
+        teacher_solver="heun",
+        rng=None,
+    ):
+        """Consistency distillation (CM paper Alg. 2) with a teacher, consistency training (Alg. 3) without.
+
+        loss = lambda(t_n) d(f_theta(x + t_n z, t_n), f_theta-(x_hat_(n+1), t_(n+1))), where x_hat_(n+1) is
+        one teacher ODE step from x + t_n z (CD) or x + t_(n+1) z (CT). The target pass replays the online
+        pass's dropout randomness (`rng`: a cm.train_util-style RNG snapshot helper; default: the device's).
+        Returns {"loss": [B], "sigma": t_n}.
+        """
+        if target_model is None:
+            raise ValueError("consistency_losses needs a target_model (the EMA / stop-gradient network)")
+        check_choice("teacher_solver", teacher_solver, TEACHER_SOLVERS)
+        model_kwargs = {} if model_kwargs is None else model_kwargs
+        noise = torch.randn_like(x_start) if noise is None else noise
+        rng = rng or DeviceRNG(x_start.device)
+
+        # sample adjacent noise levels t_n > t_(n+1) and noise the data to t_n
+        t, t_next = self.sample_adjacent_sigmas(num_scales, x_start.shape[0], x_start.device, x_start.dtype)
+        x_t = x_start + noise * append_dims(t, x_start.ndim)
+
+        # online network at (x_t, t_n), remembering the dropout randomness
+        rng_state = rng.get_state()
+        distiller = self.denoise(model, x_t, t, **model_kwargs)[1]
+
+        with torch.no_grad():
+            # one ODE step to t_(n+1): the teacher's (CD) or the exact one from the data (CT)
+            if teacher_model is None:
+                x_next = x_start + noise * append_dims(t_next, x_start.ndim)
+            else:
+                teacher = (teacher_diffusion or self)._denoiser_fn(teacher_model, model_kwargs)
+                step = heun_step if teacher_solver == "heun" else euler_step
+                x_next = step(teacher, x_t, t, t_next)
+            # target network at (x_next, t_(n+1)) with the same dropout masks
+            rng.set_state(rng_state)
+            target = self.denoise(target_model, x_next, t_next, **model_kwargs)[1]
+
+        loss = self.distance(distiller, target) * self.loss_weights(t, t_next)
+        return {"loss": loss, "sigma": t}
+
+    def progdist_losses(
+        self,
+        model,
+        x_start,
+        num_scales,
+        model_kwargs=None,
+        teacher_model=None,
+        teacher_diffusion=None,
+        noise=None,
+    ):
+        """Progressive distillation (Salimans & Ho 2022) on the Karras grid: one student step matches two teacher steps.
+
+        With t, t_mid, t_next at grid indices n, n + 1/2, n + 1 of a num_scales-step grid, the teacher takes two
+        Euler (DDIM) steps t -> t_mid -> t_next; the student's target is the x0 whose single Euler step from
+        (x_t, t) lands on the same point. Returns {"loss": [B], "sigma": t}.
+        """
+        if teacher_model is None:
+            raise ValueError("progdist_losses needs a teacher_model")
+        model_kwargs = {} if model_kwargs is None else model_kwargs
+        noise = torch.randn_like(x_start) if noise is None else noise
+        dims = x_start.ndim
+
+        indices = torch.randint(0, num_scales, (x_start.shape[0],), device=x_start.device)
+        grid = lambda i: self.karras_sigmas(i, num_scales + 1).to(x_start.dtype)  # noqa: E731
+        t, t_mid, t_next = grid(indices), grid(indices + 0.5), grid(indices + 1)
+        x_t = x_start + noise * append_dims(t, dims)
+
+        denoised = self.denoise(model, x_t, t, **model_kwargs)[1]
+        with torch.no_grad():
+            # two teacher Euler steps, then the x0 that one step from (x_t, t) would need
+            teacher = (teacher_diffusion or self)._denoiser_fn(teacher_model, model_kwargs)
+            x_mid = euler_step(teacher, x_t, t, t_mid)
+            x_next = euler_step(teacher, x_mid, t_mid, t_next)
+            target = x_t - append_dims(t, dims) * (x_next - x_t) / append_dims(t_next - t, dims)
+
+        loss = self.distance(denoised, target) * self.loss_weights(t)
+        return {"loss": loss, "sigma": t}
+
+
+class DeviceRNG:
+    """Snapshot and restore the RNG that dropout on `device` draws from (CPU or the CUDA device's)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def get_state(self):
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def set_state(self, state):
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)

@@ -1,0 +1,140 @@
+"""Random number generators for sampling: global ("dummy"), one seeded stream ("determ"), one stream per sample ("determ-indiv").
+
+"determ" and "determ-indiv" make sample k of a run depend only on the seed and k, not on the batch
+size or the number of ranks. A batch on rank r covers the global sample indices
+``done_samples + r, done_samples + r + world_size, ...``; call `set_done_samples` after each batch.
+"""
+
+import torch
+import torch.distributed as dist
+
+GENERATORS = ("dummy", "determ", "determ-indiv")
+
+
+def get_generator(generator, num_samples=0, seed=0):
+    """The generator named `generator` for a run of `num_samples` samples seeded with `seed`."""
+    if generator == "dummy":
+        return DummyGenerator()
+    if generator == "determ":
+        return DeterministicGenerator(num_samples, seed)
+    if generator == "determ-indiv":
+        return DeterministicIndividualGenerator(num_samples, seed)
+    raise ValueError(f"unknown generator {generator!r}; allowed: {', '.join(GENERATORS)}")
+
+
+def _rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class DummyGenerator:
+    """The global torch RNG behind the generator interface."""
+
+    def randn(self, *size, **kwargs):
+        return torch.randn(*size, **kwargs)
+
+    def randint(self, *args, **kwargs):
+        return torch.randint(*args, **kwargs)
+
+    def randn_like(self, tensor):
+        return torch.randn_like(tensor)
+
+    def set_done_samples(self, done_samples):
+        pass
+
+
+class _IndexedGenerator:
+    """Shared bookkeeping: which global sample indices this rank's next batch covers."""
+
+    def __init__(self, num_samples, seed=0):
+        if num_samples <= 0:
+            raise ValueError(f"a deterministic generator needs num_samples > 0, got {num_samples}")
+        self.rank, self.world_size = _rank_and_world()
+        self.num_samples = num_samples
+        self.done_samples = 0
+        self.seed = seed
+
+    def indices(self, batch_size):
+        """Global indices of this rank's batch, clamped to the last sample for a ragged final batch."""
+        start = self.done_samples + self.rank
+        idx = torch.arange(start, start + self.world_size * int(batch_size), self.world_size)
+        return idx.clamp(0, self.num_samples - 1)
+
+    def randn_like(self, tensor):
+        return self.randn(*tensor.shape, dtype=tensor.dtype, device=tensor.device)
+
+    def get_seed(self):
+        return self.seed
+
+
+class DeterministicGenerator(_IndexedGenerator):
+    """One seeded stream that draws noise for all num_samples at once and keeps this batch's rows."""
+
+    def __init__(self, num_samples, seed=0):
+        super().__init__(num_samples, seed)
+        self._generators = {}
+
+    def _generator(self, device):
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def randn(self, *size, dtype=torch.float32, device="cpu"):
+        full = torch.randn(self.num_samples, *size[1:], generator=self._generator(device), dtype=dtype, device=device)
+        return full[self.indices(size[0]).to(full.device)]
+
+    def randint(self, low, high, size, dtype=torch.long, device="cpu"):
+        full = torch.randint(
+            low, high, (self.num_samples, *size[1:]), generator=self._generator(device), dtype=dtype, device=device
+        )
+        return full[self.indices(size[0]).to(full.device)]
+
+    def set_done_samples(self, done_samples):
+        """Move to the batch after `done_samples` samples and restart the stream, so every batch sees the same draws."""
+        self.done_samples = done_samples
+        self.set_seed(self.seed)
+
+    def set_seed(self, seed):
+        self.seed = seed
+        for g in self._generators.values():
+            g.manual_seed(seed)
+
+
+class DeterministicIndividualGenerator(_IndexedGenerator):
+    """One stream per sample k, seeded with k + num_samples * seed: memory independent of num_samples."""
+
+    def __init__(self, num_samples, seed=0):
+        super().__init__(num_samples, seed)
+        self._generators = {}
+
+    def _generator(self, index, device):
+        key = (int(index), str(torch.device(device)))
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device).manual_seed(int(index) + self.num_samples * self.seed)
+        return self._generators[key]
+
+    def randn(self, *size, dtype=torch.float32, device="cpu"):
+        rows = [
+            torch.randn(1, *size[1:], generator=self._generator(i, device), dtype=dtype, device=device)
+            for i in self.indices(size[0]).tolist()
+        ]
+        return torch.cat(rows, dim=0)
+
+    def randint(self, low, high, size, dtype=torch.long, device="cpu"):
+        rows = [
+            torch.randint(low, high, (1, *size[1:]), generator=self._generator(i, device), dtype=dtype, device=device)
+            for i in self.indices(size[0]).tolist()
+        ]
+        return torch.cat(rows, dim=0)
+
+    def set_done_samples(self, done_samples):
+        """Move to the batch after `done_samples` samples; streams of finished samples are dropped."""
+        self.done_samples = done_samples
+        self._generators = {k: g for k, g in self._generators.items() if k[0] >= done_samples}
+
+    def set_seed(self, seed):
+        self.seed = seed
+        self._generators = {}

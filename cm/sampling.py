@@ -1,0 +1,325 @@
+"""Samplers for Karras-style denoisers and consistency models.
+
+Every `sample_*` function has the signature
+``sample_x(denoiser, x, sigmas, generator=None, progress=False, callback=None, **options)``:
+`denoiser(x, sigma_batch)` returns the denoised image, `x` starts at noise level `sigmas[0]`, and
+the function walks the noise levels it is given. `karras_sample` turns flags into sigmas and
+dispatches. Noise levels are float64; the denoiser sees them in the image dtype.
+"""
+
+import math
+
+import torch
+
+from .nn import append_dims, append_zero
+from .random_util import get_generator
+
+
+def karras_sigma(i, n, sigma_min, sigma_max, rho=7.0):
+    """sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, i = 0..n-1 (CM paper Sec. 5, EDM Eq. 5).
+
+    `i` may be a tensor (float64 result) or a number, and may be fractional (progressive distillation).
+    """
+    max_inv_rho = sigma_max ** (1 / rho)
+    min_inv_rho = sigma_min ** (1 / rho)
+    if torch.is_tensor(i):
+        i = i.to(torch.float64)
+    return (max_inv_rho + i / (n - 1) * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
+    """The n-point Karras noise grid from sigma_max down to sigma_min, followed by a final 0."""
+    sigmas = karras_sigma(torch.arange(n, dtype=torch.float64), n, sigma_min, sigma_max, rho)
+    return append_zero(sigmas).to(device)
+
+
+def sigmas_from_ts(ts, steps, sigma_min, sigma_max, rho=7.0, device="cpu"):
+    """Noise levels at grid indices `ts` of the `steps`-point Karras grid (multistep consistency sampling)."""
+    ts = [int(t) for t in ts]
+    if len(ts) < 2 or any(t < 0 or t > steps - 1 for t in ts) or any(b <= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(
+            f"ts must be at least two strictly increasing indices in [0, {steps - 1}] (steps={steps}), got {ts}"
+        )
+    return karras_sigma(torch.tensor(ts, dtype=torch.float64), steps, sigma_min, sigma_max, rho).to(device)
+
+
+def _per_sample(t, x):
+    """A per-sample [B] tensor reshaped to broadcast over x; numbers and 0-d tensors pass unchanged."""
+    return append_dims(t, x.ndim) if torch.is_tensor(t) and t.ndim > 0 else t
+
+
+def to_d(x, sigma, denoised):
+    """PF-ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (EDM Eq. 3 with sigma(t) = t)."""
+    return (x - denoised) / _per_sample(sigma, x)
+
+
+def _batch_sigma(sigma, x):
+    """A noise level broadcast to the batch, in the image dtype."""
+    return torch.as_tensor(sigma, device=x.device).to(x.dtype) * x.new_ones([x.shape[0]])
+
+
+def euler_step(denoiser, x, t_cur, t_next):
+    """One Euler step of the PF-ODE from t_cur to t_next (t_* scalars or per-sample [B] tensors)."""
+    d = to_d(x, t_cur, denoiser(x, t_cur))
+    return x + d * _per_sample(t_next - t_cur, x)
+
+
+def heun_step(denoiser, x, t_cur, t_next):
+    """One Heun (2nd-order) step of the PF-ODE from t_cur to t_next > 0 (EDM Alg. 1, lines 5-8)."""
+    dt = _per_sample(t_next - t_cur, x)
+    d = to_d(x, t_cur, denoiser(x, t_cur))
+    x_euler = x + d * dt
+    d_next = to_d(x_euler, t_next, denoiser(x_euler, t_next))
+    return x + (d + d_next) / 2 * dt
+
+
+def _steps(n, progress):
+    indices = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices)
+    return indices
+
+
+def _churn_gamma(sigma, n_steps, s_churn, s_tmin, s_tmax):
+    """EDM Alg. 2's gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0."""
+    return min(s_churn / n_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+
+
+@torch.no_grad()
+def sample_onestep(denoiser, x, sigmas, generator=None, progress=False, callback=None):
+    """One-step consistency-model generation x_0 = f(x_T, T) (CM paper Alg. 1 with N = 1)."""
+    return denoiser(x, _batch_sigma(sigmas[0], x))
+
+
+@torch.no_grad()
+def stochastic_iterative_sampler(
+    denoiser,
+    x,
+    sigmas,
+    generator=None,
+    ts=None,
+    progress=False,
+    callback=None,
+    t_min=0.002,
+    t_max=80.0,
+    rho=7.0,
+    steps=40,
+):
+    """Multistep consistency sampling (CM paper Alg. 1): denoise, re-noise to the next level, repeat.
+
+    With `ts`, the noise levels are the `steps`-point Karras grid at those indices; otherwise `sigmas`
+    (a trailing 0 is ignored). The last level only sets the final re-noising, sqrt(t^2 - t_min^2),
+    which is 0 when it is t_min.
+    """
+    generator = generator or get_generator("dummy")
+    if ts is not None:
+        sigmas = sigmas_from_ts(ts, steps, t_min, t_max, rho, device=x.device)
+    elif sigmas[-1] == 0:
+        sigmas = sigmas[:-1]
+    sigmas = sigmas.tolist()
+    for i in _steps(len(sigmas) - 1, progress):
+        t_cur, t_next = sigmas[i], min(max(sigmas[i + 1], t_min), t_max)
+        # denoise to x0
+        x0 = denoiser(x, _batch_sigma(t_cur, x))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "denoised": x0})
+        # re-noise to t_next
+        x = x0 + generator.randn_like(x) * math.sqrt(t_next**2 - t_min**2)
+    return x
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, generator=None, progress=False, callback=None):
+    """Euler solver of the PF-ODE over the given sigmas (EDM Alg. 1 without the Heun correction)."""
+    sigmas = sigmas.tolist()
+    for i in _steps(len(sigmas) - 1, progress):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, _batch_sigma(t_cur, x))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "denoised": denoised})
+        x = x + to_d(x, t_cur, denoised) * (t_next - t_cur)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser,
+    x,
+    sigmas,
+    generator=None,
+    progress=False,
+    callback=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+):
+    """EDM's stochastic Heun sampler (Karras et al. 2022, Alg. 2); deterministic when s_churn = 0."""
+    generator = generator or get_generator("dummy")
+    sigmas = sigmas.tolist()
+    n = len(sigmas) - 1
+    for i in _steps(n, progress):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        # increase noise temporarily
+        gamma = _churn_gamma(t_cur, n, s_churn, s_tmin, s_tmax)
+        t_hat = t_cur * (gamma + 1)
+        if gamma > 0:
+            x = x + generator.randn_like(x) * s_noise * math.sqrt(t_hat**2 - t_cur**2)
+        # Euler step from t_hat to t_next
+        denoised = denoiser(x, _batch_sigma(t_hat, x))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised})
+        d = to_d(x, t_hat, denoised)
+        x_next = x + d * (t_next - t_hat)
+        # 2nd-order correction unless t_next = 0
+        if t_next > 0:
+            d_next = to_d(x_next, t_next, denoiser(x_next, _batch_sigma(t_next, x)))
+            x_next = x + (d + d_next) / 2 * (t_next - t_hat)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_dpm(
+    denoiser,
+    x,
+    sigmas,
+    generator=None,
+    progress=False,
+    callback=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+):
+    """DPM-Solver-2-like midpoint sampler with EDM churn (k-diffusion's sample_dpm_2); midpoint on a rho=3 grid."""
+    generator = generator or get_generator("dummy")
+    sigmas = sigmas.tolist()
+    n = len(sigmas) - 1
+    for i in _steps(n, progress):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        gamma = _churn_gamma(t_cur, n, s_churn, s_tmin, s_tmax)
+        t_hat = t_cur * (gamma + 1)
+        if gamma > 0:
+            x = x + generator.randn_like(x) * s_noise * math.sqrt(t_hat**2 - t_cur**2)
+        denoised = denoiser(x, _batch_sigma(t_hat, x))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised})
+        d = to_d(x, t_hat, denoised)
+        if t_next == 0:
+            x = x + d * (t_next - t_hat)
+            continue
+        # midpoint step: evaluate at t_mid, move the whole way with that slope
+        t_mid = ((t_hat ** (1 / 3) + t_next ** (1 / 3)) / 2) ** 3
+        x_mid = x + d * (t_mid - t_hat)
+        d_mid = to_d(x_mid, t_mid, denoiser(x_mid, _batch_sigma(t_mid, x)))
+        x = x + d_mid * (t_next - t_hat)
+    return x
+
+
+def get_ancestral_step(sigma_from, sigma_to):
+    """Split a step into a deterministic part down to sigma_down and fresh noise sigma_up (k-diffusion)."""
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, generator=None, progress=False, callback=None):
+    """Ancestral sampling with Euler steps (k-diffusion's sample_euler_ancestral)."""
+    generator = generator or get_generator("dummy")
+    sigmas = sigmas.tolist()
+    for i in _steps(len(sigmas) - 1, progress):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, _batch_sigma(t_cur, x))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": denoised})
+        sigma_down, sigma_up = get_ancestral_step(t_cur, t_next)
+        x = x + to_d(x, t_cur, denoised) * (sigma_down - t_cur)
+        if t_next > 0:
+            x = x + generator.randn_like(x) * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_progdist(denoiser, x, sigmas, generator=None, progress=False, callback=None):
+    """Deterministic Euler (DDIM) steps over the given sigmas, stopping at the last nonzero level (PD models)."""
+    if sigmas[-1] == 0:
+        sigmas = sigmas[:-1]
+    return sample_euler(denoiser, x, sigmas, generator, progress=progress, callback=callback)
+
+
+SAMPLERS = {
+    "onestep": sample_onestep,
+    "multistep": stochastic_iterative_sampler,
+    "heun": sample_heun,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "ancestral": sample_euler_ancestral,
+    "dpm": sample_dpm,
+    "progdist": sample_progdist,
+}
+SAMPLER_NAMES = ("onestep", "multistep", "heun", "euler", "euler_ancestral", "dpm", "progdist")
+
+
+def karras_sample(
+    diffusion,
+    model,
+    shape,
+    steps,
+    clip_denoised=True,
+    progress=False,
+    callback=None,
+    model_kwargs=None,
+    device=None,
+    sigma_min=0.002,
+    sigma_max=80,
+    rho=7.0,
+    sampler="heun",
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    generator=None,
+    ts=None,
+    x_T=None,
+):
+    """Draw samples of `shape` from `model` wrapped by `diffusion` (a KarrasDenoiser) with the named sampler.
+
+    :param steps: grid size N (multistep: the grid `ts` indexes; progdist: N + 1 levels).
+    :param ts: multistep grid indices, e.g. (0, 22, 39); default: every index of the grid.
+    :param generator: a cm.random_util generator (default: the global torch RNG).
+    :param x_T: starting noise at sigma_max (default: generator.randn(shape) * sigma_max).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
+    model_kwargs = {} if model_kwargs is None else model_kwargs
+    generator = generator or get_generator("dummy")
+    if device is None:
+        device = next(model.parameters()).device
+
+    if sampler == "progdist":
+        sigmas = get_sigmas_karras(steps + 1, sigma_min, sigma_max, rho, device=device)
+    elif sampler == "multistep":
+        ts = range(steps) if ts is None else ts
+        sigmas = sigmas_from_ts(ts, steps, sigma_min, sigma_max, rho, device=device)
+    else:
+        sigmas = get_sigmas_karras(steps, sigma_min, sigma_max, rho, device=device)
+
+    if x_T is None:
+        x_T = generator.randn(*shape, device=device) * sigma_max
+
+    options = {}
+    if sampler in ("heun", "dpm"):
+        options = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    elif sampler == "multistep":
+        options = dict(t_min=sigma_min, t_max=sigma_max, rho=rho, steps=steps)
+
+    def denoiser(x_t, sigma):
+        denoised = diffusion.denoise(model, x_t, sigma, **model_kwargs)[1]
+        return denoised.clamp(-1, 1) if clip_denoised else denoised
+
+    x_0 = SAMPLERS[sampler](denoiser, x_T, sigmas, generator, progress=progress, callback=callback, **options)
+    return x_0.clamp(-1, 1)

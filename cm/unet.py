@@ -1,0 +1,480 @@
+"""ADM UNet (Dhariwal & Nichol 2021) as used by the consistency-model checkpoints.
+
+Parameter names and shapes equal those of openai/consistency_models' `cm/unet.py` for every
+configuration, so its released checkpoints load with `strict=True`. Attention is computed with
+`torch.nn.functional.scaled_dot_product_attention` for both qkv channel layouts:
+
+* ``attention_type="flash"`` (the reference's default, used by every released checkpoint) and
+  ``use_new_attention_order=True``: the 3C qkv channels are ordered ``(three, heads, head_dim)``:
+  all query heads, then all key heads, then all value heads.
+* ``attention_type="legacy"``: guided-diffusion's ``QKVAttentionLegacy`` order
+  ``(heads, three, head_dim)``: q, k, v of head 0, then of head 1, ...
+
+`convert_qkv_layout` permutes a state dict from one layout to the other; the two models then
+compute the same function.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fp16_util import convert_module_to_f16, convert_module_to_f32
+from .nn import avg_pool_nd, checkpoint, conv_nd, linear, normalization, timestep_embedding, zero_module
+
+ATTENTION_TYPES = ("flash", "legacy")
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    def forward(self, x, emb):  # pragma: no cover - interface
+        raise TypeError(f"{type(self).__name__} must override forward(x, emb)")
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """nn.Sequential that hands the timestep embedding to the children that take it."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x):
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """2x downsampling by a strided 3x3 convolution or by average pooling."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("pooling downsample cannot change the channel count")
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding (additive or scale-shift / FiLM).
+
+    :param channels: input channels.
+    :param emb_channels: width of the timestep embedding.
+    :param dropout: dropout probability before the last convolution.
+    :param out_channels: output channels (default: channels).
+    :param use_conv: 3x3 instead of 1x1 convolution on the skip path when the width changes.
+    :param use_scale_shift_norm: condition as norm(h) * (1 + scale) + shift.
+    :param dims: 1, 2 or 3 spatial dimensions.
+    :param use_checkpoint: recompute activations in backward to save memory.
+    :param up, down: make this block resample by 2.
+    """
+
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_conv=False,
+        use_scale_shift_norm=False,
+        dims=2,
+        use_checkpoint=False,
+        up=False,
+        down=False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.emb_channels = emb_channels
+        self.dropout = dropout
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd = Upsample(channels, False, dims)
+            self.x_upd = Upsample(channels, False, dims)
+        elif down:
+            self.h_upd = Downsample(channels, False, dims)
+            self.x_upd = Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x, emb):
+        return checkpoint(self._forward, (x, emb), (), self.use_checkpoint)
+
+    def _forward(self, x, emb):
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out[(...,) + (None,) * (h.ndim - emb_out.ndim)]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+def split_qkv(qkv, num_heads, layout):
+    """Split [B, 3*H*D, T] qkv channels into q, k, v of shape [B, H, T, D] for the given layout."""
+    b, width, length = qkv.shape
+    d = width // (3 * num_heads)
+    if layout == "flash":
+        q, k, v = qkv.reshape(b, 3, num_heads, d, length).unbind(1)
+    else:
+        q, k, v = qkv.reshape(b, num_heads, 3, d, length).unbind(2)
+    return q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+
+
+def qkv_attention(qkv, num_heads, layout="flash"):
+    """Multi-head self-attention softmax(q k^T / sqrt(d)) v on [B, 3*H*D, T]; returns [B, H*D, T]."""
+    q, k, v = split_qkv(qkv, num_heads, layout)
+    out = F.scaled_dot_product_attention(q, k, v)
+    b, h, t, d = out.shape
+    return out.transpose(-1, -2).reshape(b, h * d, t)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual connection: x + proj_out(attention(qkv(norm(x)))).
+
+    :param channels: width C; split into heads of num_head_channels (or num_heads heads).
+    :param attention_type: "flash" (released-checkpoint qkv layout) or "legacy" (guided-diffusion).
+    :param use_new_attention_order: use the (three, heads, head_dim) layout whatever attention_type says.
+    """
+
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        num_head_channels=-1,
+        use_checkpoint=False,
+        attention_type="flash",
+        dims=2,
+        use_new_attention_order=False,
+    ):
+        super().__init__()
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"unknown attention_type {attention_type!r}; allowed: {', '.join(ATTENTION_TYPES)}")
+        self.channels = channels
+        if num_head_channels == -1:
+            if channels % num_heads:
+                raise ValueError(f"num_heads {num_heads} does not divide the attention width {channels}")
+            self.num_heads = num_heads
+        else:
+            if num_head_channels <= 0 or channels % num_head_channels:
+                raise ValueError(
+                    f"num_head_channels {num_head_channels} does not divide the attention width {channels}"
+                )
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.attention_type = attention_type
+        self.layout = "flash" if (attention_type == "flash" or use_new_attention_order) else "legacy"
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(dims, channels, channels * 3, 1)
+        self.proj_out = zero_module(conv_nd(dims, channels, channels, 1))
+
+    def forward(self, x):
+        return checkpoint(self._forward, (x,), (), self.use_checkpoint)
+
+    def _forward(self, x):
+        b, c, *spatial = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3 * c, -1)
+        h = qkv_attention(qkv, self.num_heads, self.layout).reshape(b, c, *spatial)
+        return x + self.proj_out(h)
+
+
+def convert_qkv_layout(state_dict, num_heads_of, to_layout):
+    """Permute every attention block's qkv weights between the "flash" and "legacy" channel layouts.
+
+    :param state_dict: a UNetModel state dict (not modified; a new dict is returned).
+    :param num_heads_of: maps an attention block prefix (e.g. "input_blocks.4.1.") to its head count.
+    :param to_layout: "flash" or "legacy", the layout of the returned state dict.
+    """
+    if to_layout not in ATTENTION_TYPES:
+        raise ValueError(f"unknown layout {to_layout!r}; allowed: {', '.join(ATTENTION_TYPES)}")
+    out = dict(state_dict)
+    for prefix, heads in num_heads_of.items():
+        for suffix in ("qkv.weight", "qkv.bias"):
+            w = state_dict[prefix + suffix]
+            width = w.shape[0]
+            d = width // (3 * heads)
+            rest = w.shape[1:]
+            if to_layout == "legacy":  # (three h d) -> (h three d)
+                w = w.reshape(3, heads, d, *rest).transpose(0, 1)
+            else:  # (h three d) -> (three h d)
+                w = w.reshape(heads, 3, d, *rest).transpose(0, 1)
+            out[prefix + suffix] = w.reshape(width, *rest).contiguous()
+    return out
+
+
+def attention_heads(model):
+    """Map each AttentionBlock's state-dict prefix in `model` to its number of heads."""
+    return {f"{name}.": m.num_heads for name, m in model.named_modules() if isinstance(m, AttentionBlock)}
+
+
+def downsample_rates(channel_mult):
+    """Downsample rates 1, 2, 4, ... that a UNet with these channel multipliers passes through."""
+    return [2**i for i in range(len(channel_mult))]
+
+
+class UNetModel(nn.Module):
+    """The ADM UNet with timestep (and optional class) conditioning.
+
+    :param image_size: input resolution (used for validation and bookkeeping).
+    :param in_channels: channels of the input image.
+    :param model_channels: base width; level i has channel_mult[i] * model_channels channels.
+    :param out_channels: channels of the output.
+    :param num_res_blocks: residual blocks per resolution level.
+    :param attention_resolutions: downsample rates (1, 2, 4, ...) at which to apply attention.
+    :param dropout: dropout probability in every residual block.
+    :param channel_mult: width multiplier per level; the UNet halves resolution len-1 times.
+    :param conv_resample: learned 3x3 convolutions for up/downsampling (else nearest / avg-pool).
+    :param dims: 1, 2 or 3 spatial dimensions.
+    :param num_classes: number of classes for class conditioning (None: unconditional).
+    :param use_checkpoint: gradient checkpointing in residual and attention blocks.
+    :param use_fp16: run the body in float16 (call convert_to_fp16; the trainer does).
+    :param num_heads: attention heads when num_head_channels is -1.
+    :param num_head_channels: fixed width per attention head (-1: use num_heads).
+    :param num_heads_upsample: heads in the decoder (-1: same as num_heads).
+    :param use_scale_shift_norm: FiLM-like conditioning in residual blocks.
+    :param resblock_updown: residual blocks (instead of plain layers) for up/downsampling.
+    :param use_new_attention_order: (three, heads, head_dim) qkv layout whatever attention_type says.
+    :param attention_type: "flash" (released checkpoints) or "legacy" qkv layout; always SDPA.
+    """
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        attention_type="flash",
+    ):
+        super().__init__()
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"unknown attention_type {attention_type!r}; allowed: {', '.join(ATTENTION_TYPES)}")
+        levels = downsample_rates(channel_mult)
+        unreached = sorted(set(attention_resolutions) - set(levels))
+        if unreached:
+            raise ValueError(
+                f"attention at downsample rate(s) {unreached} is never reached; "
+                f"this UNet passes through rates {levels}"
+            )
+        if image_size % levels[-1]:
+            raise ValueError(
+                f"image_size {image_size} is not divisible by {levels[-1]}, "
+                f"the total downsampling of channel_mult {tuple(channel_mult)}"
+            )
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+        self.attention_type = attention_type
+
+        def res_block(ch, out_ch, **kw):
+            return ResBlock(
+                ch,
+                time_embed_dim,
+                dropout,
+                out_channels=out_ch,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+                **kw,
+            )
+
+        def attention(ch, heads):
+            return AttentionBlock(
+                ch,
+                use_checkpoint=use_checkpoint,
+                num_heads=heads,
+                num_head_channels=num_head_channels,
+                attention_type=attention_type,
+                dims=dims,
+                use_new_attention_order=use_new_attention_order,
+            )
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
+        input_block_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res_block(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                input_block_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = (
+                    res_block(ch, ch, down=True)
+                    if resblock_updown
+                    else Downsample(ch, conv_resample, dims=dims, out_channels=ch)
+                )
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                input_block_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res_block(ch, None),
+            attention(ch, num_heads),
+            res_block(ch, None),
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                ich = input_block_chans.pop()
+                layers = [res_block(ch + ich, int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    up = (
+                        res_block(ch, ch, up=True)
+                        if resblock_updown
+                        else Upsample(ch, conv_resample, dims=dims, out_channels=ch)
+                    )
+                    layers.append(up)
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
+        )
+
+    def convert_to_fp16(self, dtype=torch.float16):
+        """Run the body (input, middle, output blocks) in half precision (float16 or bfloat16)."""
+        convert = lambda m: convert_module_to_f16(m, dtype)  # noqa: E731
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert)
+        self.dtype = dtype
+
+    def convert_to_bf16(self):
+        """Run the body in bfloat16."""
+        self.convert_to_fp16(torch.bfloat16)
+
+    def convert_to_fp32(self):
+        """Undo convert_to_fp16 / convert_to_bf16."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f32)
+        self.dtype = torch.float32
+
+    def forward(self, x, timesteps, y=None):
+        """Apply the UNet to x [N, C, ...] at timesteps [N] (rescaled noise levels), labels y [N]."""
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError(
+                "pass class labels y if and only if the model is class-conditional "
+                f"(num_classes={self.num_classes}, y {'given' if y is not None else 'missing'})"
+            )
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y)
+
+        hs = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h.type(x.dtype))
