@@ -18,13 +18,18 @@ from .random_util import get_generator
 def karras_sigma(i, n, sigma_min, sigma_max, rho=7.0):
     """sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, i = 0..n-1 (CM paper Sec. 5, EDM Eq. 5).
 
-    `i` may be a tensor (float64 result) or a number, and may be fractional (progressive distillation).
+    `i` may be a tensor (float64 result) or a number (float result), and may be fractional (progressive
+    distillation); the ends i = 0 and i = n - 1 give sigma_max and sigma_min exactly.
     """
     max_inv_rho = sigma_max ** (1 / rho)
     min_inv_rho = sigma_min ** (1 / rho)
-    if torch.is_tensor(i):
-        i = i.to(torch.float64)
-    return (max_inv_rho + i / (n - 1) * (min_inv_rho - max_inv_rho)) ** rho
+    if not torch.is_tensor(i):
+        return karras_sigma(torch.tensor(float(i)), n, sigma_min, sigma_max, rho).item()
+    i = i.to(torch.float64)
+    sigma = (max_inv_rho + i / (n - 1) * (min_inv_rho - max_inv_rho)) ** rho
+    # the grid ends are exact, so f(x, sigma_min) = x holds bit for bit
+    sigma = torch.where(i == 0, torch.full_like(sigma, sigma_max), sigma)
+    return torch.where(i == n - 1, torch.full_like(sigma, sigma_min), sigma)
 
 
 def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):

@@ -1,0 +1,170 @@
+import math
+
+import pytest
+import torch
+
+from cm.karras_diffusion import KarrasDenoiser
+from cm.random_util import get_generator
+from cm.sampling import (
+    SAMPLER_NAMES,
+    get_sigmas_karras,
+    heun_step,
+    karras_sample,
+    karras_sigma,
+    sample_dpm,
+    sample_euler,
+    sample_heun,
+)
+
+SD = 0.5  # data ~ N(0, SD^2): the exact denoiser and PF-ODE flow are known in closed form
+
+
+def gaussian_denoiser(x, sigma):
+    """E[x0 | x_sigma] for x0 ~ N(0, SD^2)."""
+    s = sigma.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    return x * SD**2 / (SD**2 + s**2)
+
+
+def exact_flow(x_T, t_from, t_to):
+    """PF-ODE solution for Gaussian data: x(t) scales with sqrt(SD^2 + t^2)."""
+    return x_T * math.sqrt(SD**2 + t_to**2) / math.sqrt(SD**2 + t_from**2)
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.emb = torch.nn.Linear(1, 3)
+
+    def forward(self, x, t, y=None):
+        return self.conv(x) + self.emb(t[:, None] / 250).view(-1, 3, 1, 1)
+
+
+def test_karras_grid_matches_the_paper_formula():
+    n, smin, smax, rho = 40, 0.002, 80.0, 7.0
+    sig = get_sigmas_karras(n, smin, smax, rho)
+    assert sig.shape == (n + 1,) and sig[-1] == 0
+    for i in (0, 1, 17, 22, 39):
+        expect = (smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+        assert sig[i].item() == pytest.approx(expect, rel=1e-12)
+    assert sig[0].item() == pytest.approx(80.0) and sig[n - 1].item() == pytest.approx(0.002)
+    assert (sig[:-1][1:] < sig[:-1][:-1]).all()
+
+
+@pytest.mark.parametrize("sampler, order", [(sample_heun, 2), (sample_euler, 1), (sample_dpm, 2)])
+def test_ode_samplers_converge_to_the_exact_flow_at_their_order(sampler, order):
+    x_T = torch.randn(4, 3, 4, 4, dtype=torch.float64) * 80.0
+    errors = []
+    for steps in (32, 128):
+        sigmas = get_sigmas_karras(steps, 0.002, 80.0)[:-1]  # stop at sigma_min, where the flow is known
+        out = sampler(gaussian_denoiser, x_T, sigmas)
+        errors.append((out - exact_flow(x_T, 80.0, 0.002)).abs().max().item())
+    # 4x the steps divides the global error by ~4^order
+    assert errors[0] / errors[1] > 0.75 * 4**order
+
+
+def test_heun_step_is_second_order():
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64) * 10
+    errs = []
+    for h in (1.0, 0.5):
+        t, t2 = torch.full((2,), 10.0, dtype=torch.float64), torch.full((2,), 10.0 - h, dtype=torch.float64)
+        errs.append((heun_step(gaussian_denoiser, x, t, t2) - exact_flow(x, 10.0, 10.0 - h)).abs().max().item())
+    assert errs[0] / errs[1] > 6  # ~8 for a 3rd-order local error
+
+
+def make(distillation=True):
+    torch.manual_seed(0)
+    return TinyNet(), KarrasDenoiser(distillation=distillation)
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_every_sampler_is_deterministic_under_a_seed(sampler):
+    model, diffusion = make()
+    kw = dict(steps=6, sampler=sampler, s_churn=1.0, ts=(0, 3, 5) if sampler == "multistep" else None)
+    a = karras_sample(diffusion, model, (3, 3, 8, 8), generator=get_generator("determ", 3, 7), **kw)
+    b = karras_sample(diffusion, model, (3, 3, 8, 8), generator=get_generator("determ", 3, 7), **kw)
+    c = karras_sample(diffusion, model, (3, 3, 8, 8), generator=get_generator("determ", 3, 8), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_onestep_is_the_denoiser_at_sigma_max():
+    model, diffusion = make()
+    g = get_generator("determ", 2, 0)
+    x = karras_sample(diffusion, model, (2, 3, 8, 8), steps=40, sampler="onestep", generator=g, clip_denoised=False)
+    x_T = get_generator("determ", 2, 0).randn(2, 3, 8, 8) * 80.0
+    expect = diffusion.denoise(model, x_T, torch.full((2,), 80.0))[1].clamp(-1, 1)
+    assert torch.equal(x, expect)
+
+
+def test_multistep_visits_exactly_the_requested_grid_points():
+    model, diffusion = make()
+    seen = []
+    karras_sample(
+        diffusion, model, (2, 3, 8, 8), steps=40, sampler="multistep", ts=(0, 22, 39),
+        callback=lambda info: seen.append(info["sigma"]),
+    )
+    expect = [karras_sigma(i, 40, 0.002, 80.0) for i in (0, 22)]
+    assert seen == pytest.approx(expect, rel=1e-12)
+
+
+def test_multistep_renoises_to_the_next_level():
+    """Alg. 1: after denoising at tau_n the sample is x0 + sqrt(tau_(n+1)^2 - eps^2) z."""
+    seen = []
+    zero = lambda x, s: torch.zeros_like(x)  # noqa: E731
+    from cm.sampling import stochastic_iterative_sampler
+
+    x = torch.zeros(20000, 1, 1, 1)
+    out = stochastic_iterative_sampler(zero, x, None, get_generator("dummy"), ts=(0, 10, 20), steps=21,
+                                       callback=lambda info: seen.append(info["x"].std().item()))
+    assert seen[1] == pytest.approx(math.sqrt(karras_sigma(10, 21, 0.002, 80.0) ** 2 - 0.002**2), rel=0.03)
+    assert torch.equal(out, torch.zeros_like(out))  # last level eps: no noise added
+
+
+def test_determ_indiv_is_independent_of_batch_size():
+    model, diffusion = make()
+    kw = dict(steps=10, sampler="multistep", ts=(0, 5, 9))
+    full = karras_sample(diffusion, model, (6, 3, 8, 8), generator=get_generator("determ-indiv", 6, 3), **kw)
+    g = get_generator("determ-indiv", 6, 3)
+    parts = []
+    for start in range(0, 6, 2):
+        g.set_done_samples(start)
+        parts.append(karras_sample(diffusion, model, (2, 3, 8, 8), generator=g, **kw))
+    assert torch.allclose(full, torch.cat(parts), atol=1e-6)
+
+
+def test_determ_is_independent_of_batch_size():
+    g1 = get_generator("determ", 6, 1)
+    full = g1.randn(6, 3)
+    g2 = get_generator("determ", 6, 1)
+    parts = []
+    for start in range(0, 6, 3):
+        g2.set_done_samples(start)
+        parts.append(g2.randn(3, 3))
+    assert torch.equal(full, torch.cat(parts))
+
+
+def test_model_kwargs_default_works():
+    model, diffusion = make(distillation=False)
+    out = karras_sample(diffusion, model, (1, 3, 8, 8), steps=3, sampler="heun", model_kwargs=None)
+    assert out.shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(sampler="ddim"), "unknown sampler 'ddim'"),
+        (dict(sampler="multistep", ts=(0, 50)), "ts must be"),
+        (dict(sampler="multistep", ts=(5, 2)), "strictly increasing"),
+    ],
+)
+def test_bad_sampler_arguments(kwargs, needle):
+    model, diffusion = make()
+    with pytest.raises(ValueError, match=needle):
+        karras_sample(diffusion, model, (1, 3, 8, 8), steps=40, **kwargs)
+
+
+def test_unknown_generator():
+    with pytest.raises(ValueError, match="unknown generator 'seeded'"):
+        get_generator("seeded")
