@@ -1,6 +1,7 @@
 import copy
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -16,7 +17,14 @@ from cm.ncsnpp import (
     fir_upsample,
     parse_fir_kernel,
 )
-from cm.script_util import create_model, ncsnpp_defaults
+from cm.script_util import (
+    cm_train_defaults,
+    create_model,
+    create_model_and_diffusion,
+    load_config,
+    model_and_diffusion_defaults,
+    ncsnpp_defaults,
+)
 
 # The CIFAR-10 network of openai/consistency_models_cifar10 (configs/cifar10_ve_cd.py, cifar10_ve_ct_*.py).
 CIFAR10 = dict(
@@ -308,3 +316,24 @@ def test_labels_must_match_the_conditioning():
         tiny(16, num_classes=3)(x, t)
     with pytest.raises(ValueError, match="class-conditional"):
         tiny(16)(x, t, y=torch.tensor([0, 1]))
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TRAINING_FLAGS = {
+    "data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "global_batch_size", "batch_size",
+    "microbatch", "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16",
+    "fp16_scale_growth", "optimizer", "seed",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["edm", "cd_lpips", "cd_l2", "ct"])
+def test_cifar10_configs_build_the_paper_network(name):
+    values = load_config(os.path.join(CONFIGS, f"cifar10_{name}.yaml"))
+    allowed = set(model_and_diffusion_defaults()) | set(cm_train_defaults()) | TRAINING_FLAGS
+    assert set(values) <= allowed, sorted(set(values) - allowed)
+    assert values["model_type"] == "ncsnpp" and values["global_batch_size"] == 512
+    flags = {k: values.get(k, v) for k, v in model_and_diffusion_defaults().items()}
+    with torch.device("meta"):
+        model, diffusion = create_model_and_diffusion(**flags, distillation=name != "edm")
+    assert isinstance(model, NCSNpp) and n_params(model) == CIFAR10_TRAINABLE
+    assert diffusion.weight_schedule == ("karras" if name == "edm" else "uniform")
