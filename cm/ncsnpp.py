@@ -17,7 +17,7 @@ Noise-level embedding (``embedding_type``):
 
 Parameter counts equal those of score_sde_pytorch's ``NCSNpp`` for every option here with
 ``conditional=True`` (its Fourier weights W, a frozen parameter there, are a buffer here). FIR resampling
-(StyleGAN2's ``upfirdn2d``) is written with plain PyTorch convolutions, so it runs on every device and dtype.
+(StyleGAN2's ``upfirdn2d``) is written as plain PyTorch matrix products, so it runs on every device and dtype.
 """
 
 import math
@@ -93,33 +93,47 @@ def parse_fir_kernel(fir_kernel):
     return taps
 
 
-def fir_filter(taps, gain=1.0):
-    """Separable 2-D FIR kernel outer(k, k) normalised to sum `gain` (StyleGAN2 _setup_kernel)."""
+def fir_filter(taps):
+    """1-D FIR taps normalised to sum 1; the 2-D kernel is their outer product (StyleGAN2 _setup_kernel)."""
     k = torch.tensor(taps, dtype=torch.float32)
-    k = torch.outer(k, k)
-    return k * (gain / k.sum())
+    return k / k.sum()
 
 
-def upfirdn2d(x, kernel, up=1, down=1, pad=(0, 0)):
-    """Per channel: zero-insertion upsampling, padding (negative crops), FIR convolution, keep every down-th pixel."""
-    n, c, h, w = x.shape
-    if up > 1:
-        x = F.pad(x.reshape(n, c, h, 1, w, 1), (0, up - 1, 0, 0, 0, up - 1)).reshape(n, c, h * up, w * up)
-    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
-    weight = kernel.flip([0, 1]).to(x.dtype).expand(c, 1, *kernel.shape).contiguous()
-    return F.conv2d(x, weight, stride=down, groups=c)
+def fir_matrix(taps, size, up=1, down=1, pad=(0, 0)):
+    """The [out, size] matrix of 1-D upfirdn along one axis: zero insertion, padding, convolution, decimation.
+
+    Entry (o, i) is the tap that carries input sample i (at i * up + pad[0] after upsampling and padding)
+    to output o (at o * down); out = (size * up + pad[0] + pad[1] - len(taps)) // down + 1.
+    """
+    out = (size * up + pad[0] + pad[1] - taps.shape[0]) // down + 1
+    o = torch.arange(out, device=taps.device)[:, None]
+    i = torch.arange(size, device=taps.device)[None, :]
+    j = i * up + pad[0] - o * down  # position under the flipped kernel
+    inside = (j >= 0) & (j < taps.shape[0])
+    return torch.where(inside, taps.flip(0)[j.clamp(0, taps.shape[0] - 1)], taps.new_zeros(()))
 
 
-def fir_upsample(x, kernel, factor=2):
-    """2x FIR upsampling (StyleGAN2 upsample_2d); `kernel` sums to 1."""
-    p = kernel.shape[0] - factor
-    return upfirdn2d(x, kernel * factor**2, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+def upfirdn2d(x, taps, up=1, down=1, pad=(0, 0)):
+    """StyleGAN2's upfirdn2d with the separable kernel outer(taps, taps): one matrix product per axis.
+
+    Per channel: upsample by zero insertion, pad (negative crops), convolve, keep every down-th pixel.
+    """
+    taps = taps.to(x.dtype)
+    rows = fir_matrix(taps, x.shape[-2], up, down, pad)
+    cols = fir_matrix(taps, x.shape[-1], up, down, pad)
+    return torch.matmul(torch.matmul(rows, x), cols.T)
 
 
-def fir_downsample(x, kernel, factor=2):
-    """2x FIR downsampling (StyleGAN2 downsample_2d); `kernel` sums to 1."""
-    p = kernel.shape[0] - factor
-    return upfirdn2d(x, kernel, down=factor, pad=((p + 1) // 2, p // 2))
+def fir_upsample(x, taps, factor=2):
+    """2x FIR upsampling (StyleGAN2 upsample_2d); `taps` sum to 1 (gain `factor` per axis)."""
+    p = taps.shape[0] - factor
+    return upfirdn2d(x, taps * factor, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+
+
+def fir_downsample(x, taps, factor=2):
+    """2x FIR downsampling (StyleGAN2 downsample_2d); `taps` sum to 1."""
+    p = taps.shape[0] - factor
+    return upfirdn2d(x, taps, down=factor, pad=((p + 1) // 2, p // 2))
 
 
 def nearest_upsample(x):
@@ -158,7 +172,7 @@ class FirConv2d(nn.Conv2d):
             return F.conv2d(x, self.weight, stride=2) + bias
         p = taps - 2 - 2
         x = F.conv_transpose2d(x, self.weight.transpose(0, 1).flip([2, 3]), stride=2)
-        return upfirdn2d(x, self.fir * 4, pad=((p + 1) // 2 + 1, p // 2 + 1)) + bias
+        return upfirdn2d(x, self.fir * 2, pad=((p + 1) // 2 + 1, p // 2 + 1)) + bias
 
 
 # ----- layers -----------------------------------------------------------------------------------

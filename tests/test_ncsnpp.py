@@ -254,8 +254,8 @@ def test_half_precision_body_and_back():
 def test_fir_with_a_box_kernel_is_nearest_and_average_pooling():
     x = torch.randn(2, 4, 6, 6)
     box = fir_filter((1, 1))
-    assert torch.equal(fir_upsample(x, box), F.interpolate(x, scale_factor=2, mode="nearest"))
-    assert torch.equal(fir_downsample(x, box), F.avg_pool2d(x, 2))
+    torch.testing.assert_close(fir_upsample(x, box), F.interpolate(x, scale_factor=2, mode="nearest"))
+    torch.testing.assert_close(fir_downsample(x, box), F.avg_pool2d(x, 2))
     conv = FirConv2d(4, 5, "up", (1, 1))
     expected = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), conv.weight, conv.bias, padding=1)
     torch.testing.assert_close(conv(x), expected)
