@@ -1,7 +1,7 @@
 """NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs", Sec. 4.4 and App. H).
 
-The network of the CM paper's CIFAR-10 experiments (Song et al. 2023, App. C: "NCSN++ ... as in EDM"),
-as configured in openai/consistency_models_cifar10. Same call convention as the ADM UNet:
+The network of the CM paper's CIFAR-10 experiments (Song et al. 2023), as configured in
+openai/consistency_models_cifar10 (56.4M parameters). Same call convention as the ADM UNet:
 ``net(c_in * x, rescaled_t, y=None)`` with ``rescaled_t = 1000 * 0.25 * log(sigma)``, the c_noise that
 `cm.karras_diffusion.KarrasDenoiser.denoise` feeds every network. The network never preconditions.
 
@@ -393,7 +393,7 @@ class OutputSkip(nn.Module):
 
     def forward(self, pyramid, h):
         z = self.conv(F.silu(self.norm(h)))
-        return h, z if pyramid is None else self.up(pyramid) + z
+        return h, (z if pyramid is None else self.up(pyramid) + z)
 
 
 class OutputResidual(nn.Module):
@@ -424,8 +424,13 @@ class OutputResidual(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of the encoder or decoder: residual (+ attention) blocks, then an optional
-    progressive merge and an optional 2x resampling (its order depends on the path; see NCSNpp.forward)."""
+    """One resolution of the encoder or decoder (NCSNpp.forward applies the parts in the path's order).
+
+    :param blocks: residual blocks (encoder: each with its attention) taking (x, temb).
+    :param attn: decoder only: the attention block after the level's residual blocks, or None.
+    :param merge: the progressive input / output module of this level, or None.
+    :param resample: the 2x down- (encoder) or upsampling (decoder) layer taking (x, temb), or None.
+    """
 
     def __init__(self, blocks, attn=None, merge=None, resample=None):
         super().__init__()
