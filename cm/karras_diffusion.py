@@ -159,10 +159,15 @@ class KarrasDenoiser:
             return 1.0 / (t - t_next)
         return get_weightings(self.weight_schedule, self.get_snr(t), self.sigma_data)
 
-    def distance(self, x, y):
-        """The loss_norm distance d(x, y) per sample (the LPIPS network is built on first use)."""
+    def build_distance(self):
+        """Build the loss_norm distance now (LPIPS loads its weights here, so missing files fail early)."""
         if self._distance is None:
             self._distance = get_distance_fn(self.loss_norm, self.lpips_vgg_path, self.lpips_pretrained)
+        return self._distance
+
+    def distance(self, x, y):
+        """The loss_norm distance d(x, y) per sample (the LPIPS network is built on first use)."""
+        self.build_distance()
         if isinstance(self._distance, torch.nn.Module):
             self._distance.to(x.device)
         return self._distance(x, y)

@@ -58,14 +58,17 @@ def scale_module(module, scale):
 
 @torch.no_grad()
 def update_ema(target_params, source_params, rate=0.99):
-    """EMA in place: target <- rate * target + (1 - rate) * source, one fused call for all tensors."""
+    """EMA in place: target <- rate * target + (1 - rate) * source, one fused call for all tensors.
+
+    `rate` may be a 0-d device tensor (e.g. 1 for a skipped step), which keeps the update free of host syncs.
+    """
     targets = [t.detach() for t in target_params]
     sources = [s.detach() for s in source_params]
     if len(targets) != len(sources):
         raise ValueError(f"EMA needs matching parameter lists, got {len(targets)} and {len(sources)}")
     if not targets:
         return
-    if rate == 0.0:
+    if not torch.is_tensor(rate) and rate == 0.0:
         torch._foreach_copy_(targets, sources)
     else:
         torch._foreach_lerp_(targets, sources, 1.0 - rate)

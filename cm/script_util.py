@@ -69,7 +69,7 @@ def ncsnpp_defaults():
         progressive="none",
         progressive_input="residual",
         progressive_combine="sum",
-        embedding_type="positional",
+        embedding_type="fourier",
         fourier_scale=16.0,
         init_scale=0.0,
         resamp_with_conv=True,
@@ -131,7 +131,7 @@ FLAG_HELP = {
     "progressive_combine": "NCSN++: how progressive paths are merged",
     "embedding_type": "NCSN++: noise-level embedding",
     "fourier_scale": "NCSN++: scale of the Gaussian Fourier embedding",
-    "init_scale": "NCSN++: scale of the final layers' initialisation (0: zero-init)",
+    "init_scale": "NCSN++: scale of the final layers' initialisation (0: 1e-10, as score_sde)",
     "resamp_with_conv": "NCSN++: learned convolution in up/downsampling",
     "teacher_model_path": "EDM teacher checkpoint (consistency_distillation, progdist)",
     "teacher_dropout": "dropout of the teacher network during distillation",
@@ -419,3 +419,37 @@ def parse_args_with_config(parser, argv=None):
 def args_to_json(args):
     """The resolved configuration as indented JSON (for --dry_run, the log dir and checkpoints)."""
     return json.dumps(vars(args), indent=2, sort_keys=True, default=str)
+
+
+def describe_state_dict_mismatch(model, state_dict, limit=3):
+    """One line naming missing keys, unexpected keys and shape mismatches ('' when the state dict fits)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+
+    def part(name, items):
+        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        return f"{name}: {', '.join(items[:limit])}{more}" if items else ""
+
+    return "; ".join(p for p in (part("missing keys", missing), part("unexpected keys", unexpected), part("shape mismatches", shapes)) if p)
+
+
+def load_model_checkpoint(model, path, what="checkpoint"):
+    """Load a state dict file into model (strict), or stop with one line saying which keys / shapes differ."""
+    from . import dist_util
+
+    if not path:
+        raise ValueError(f"no {what} path given")
+    state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    if isinstance(state_dict, dict) and "state_dict" in state_dict and not any(k.endswith(".weight") for k in state_dict):
+        state_dict = state_dict["state_dict"]
+    problem = describe_state_dict_mismatch(model, state_dict)
+    if problem:
+        raise ValueError(f"{what} {path} does not fit the model flags: {problem}")
+    model.load_state_dict(state_dict, strict=True)
+    return model

@@ -272,6 +272,13 @@ def test_missing_weights_give_one_clear_error(no_weights, tmp_path, capsys):
     assert "Traceback" not in captured.err and captured.out == ""
 
 
+def test_cli_rejects_an_unknown_device(tmp_path, capsys):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images(4, 8, 0))
+    assert ev.main([str(ref), str(ref), "--random_weights", "--device", "abacus", "--quiet"]) == 1
+    assert capsys.readouterr().err.strip() == "error: unknown device 'abacus'"
+
+
 # ---------------------------------------------------------------- npz batches and the evaluator
 
 

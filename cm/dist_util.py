@@ -1,0 +1,179 @@
+"""A thin distributed shim: one code path for `mpiexec -n K`, `torchrun` and a plain single process.
+
+* mpiexec: rank, size and local rank come from mpi4py; rank 0 picks the rendezvous address and a free
+  port and broadcasts them over MPI. Set CM_MASTER_ADDR (or MASTER_ADDR) to choose the address.
+* torchrun: the usual RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT variables.
+* single process: no process group at all; every helper here still works.
+
+Backend: nccl on CUDA (one GPU per local rank), gloo on CPU. Start-up and collectives time out after
+CM_DIST_TIMEOUT seconds (default 600) instead of hanging, so a dead rank stops the others.
+"""
+
+import contextlib
+import datetime
+import io
+import os
+import socket
+
+import blobfile as bf
+import torch
+import torch.distributed as dist
+
+_MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+_LOCAL_RANK = 0
+
+
+def _timeout():
+    return datetime.timedelta(seconds=float(os.environ.get("CM_DIST_TIMEOUT", "600")))
+
+
+def _launched_by_mpi():
+    return any(v in os.environ for v in _MPI_RANK_VARS)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _reachable_address(same_host):
+    """The address other ranks should dial: loopback on one host, else this host's first non-loopback IPv4."""
+    override = os.environ.get("CM_MASTER_ADDR") or os.environ.get("MASTER_ADDR")
+    if override:
+        return override
+    if same_host:
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; this only selects the outgoing interface
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def _mpi_environment():
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from MPI (rank 0 chooses and broadcasts)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    hosts = comm.allgather(socket.gethostname())
+    addr, port = (_reachable_address(len(set(hosts)) == 1), _free_port()) if comm.rank == 0 else (None, None)
+    addr, port = comm.bcast((addr, port), root=0)
+    os.environ.update(
+        RANK=str(comm.rank),
+        WORLD_SIZE=str(comm.size),
+        LOCAL_RANK=str(local_rank),
+        MASTER_ADDR=addr,
+        MASTER_PORT=str(os.environ.get("CM_MASTER_PORT", port)),
+    )
+
+
+def setup_dist(backend=None):
+    """Join the process group of this launch (mpiexec, torchrun) or stay a single process."""
+    global _LOCAL_RANK
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and _launched_by_mpi():
+        _mpi_environment()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size <= 1:
+        return
+    use_cuda = torch.cuda.is_available() and os.environ.get("CM_DEVICE", "") != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(_LOCAL_RANK % torch.cuda.device_count())
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    try:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=_timeout())
+    except Exception as e:  # noqa: BLE001 - turn any rendezvous failure into one sentence
+        raise RuntimeError(
+            f"rank {os.environ.get('RANK')} could not join the process group at {address} within "
+            f"{_timeout().total_seconds():.0f} s ({type(e).__name__}: {e}); set CM_MASTER_ADDR to an address "
+            "every node can reach, or raise CM_DIST_TIMEOUT"
+        ) from None
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def dev():
+    """This rank's device: CM_DEVICE if set, else its local GPU, else the CPU."""
+    forced = os.environ.get("CM_DEVICE", "")
+    if forced and forced != "auto":
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda", _LOCAL_RANK % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def broadcast_object(obj, src=0):
+    """obj from rank `src` on every rank (pickled through the process group)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=dev() if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def load_state_dict(path, **kwargs):
+    """torch.load a (blobfile) path read once on rank 0 and broadcast; always weights_only=True."""
+    kwargs["weights_only"] = True
+    data = None
+    if get_rank() == 0:
+        try:
+            with bf.BlobFile(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = FileNotFoundError(f"checkpoint {path} does not exist")
+    data = broadcast_object(data)
+    if isinstance(data, Exception):
+        raise data
+    return torch.load(io.BytesIO(data), **kwargs)
+
+
+@torch.no_grad()
+def sync_params(params):
+    """Copy rank 0's tensors to every rank."""
+    if not is_distributed():
+        return
+    for p in params:
+        dist.broadcast(p, 0)
+
+
+def ddp_sync(module, sync):
+    """Context for one micro-batch: gradients all-reduce only when `sync` (the last micro-batch)."""
+    if sync or not hasattr(module, "no_sync"):
+        return contextlib.nullcontext()
+    return module.no_sync()

@@ -1,0 +1,290 @@
+"""Command-line entry of the training scripts (edm_train, cd_train, ct_train, cm_train)."""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from . import dist_util, logger
+from .image_datasets import load_data
+from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
+from .schedules import create_ema_and_scales_fn
+from .script_util import (
+    FLAG_CHOICES,
+    FLAG_HELP,
+    TRAINING_MODES,
+    add_dict_to_argparser,
+    args_to_dict,
+    args_to_json,
+    cm_train_defaults,
+    create_model_and_diffusion,
+    load_model_checkpoint,
+    model_and_diffusion_defaults,
+    parse_args_with_config,
+)
+from .train_util import OPTIMIZERS, CMTrainLoop, TrainLoop
+
+
+def train_defaults():
+    """Flags of the training loop (the reference's, plus optimizer, precision, seed, log dir and data options)."""
+    return dict(
+        data_dir="",
+        schedule_sampler="lognormal",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        global_batch_size=2048,
+        batch_size=-1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        use_bf16=False,
+        optimizer="radam",
+        seed=0,
+        log_dir="",
+        device="auto",
+        channels_last=True,
+        random_flip=True,
+        on_bad_image="skip",
+        dry_run=False,
+    )
+
+
+FLAG_HELP.update(
+    data_dir="image folder, .npz file (arr_0 NHWC uint8) or 'digits' (embedded scikit-learn digits)",
+    schedule_sampler="EDM noise-level distribution (lognormal: P_mean -1.2, P_std 1.2)",
+    lr="learning rate",
+    weight_decay="optimizer weight decay",
+    lr_anneal_steps="anneal lr linearly to 0 over this many steps (0: constant)",
+    global_batch_size="images per step over all ranks (used when batch_size is -1)",
+    batch_size="images per step on each rank (-1: global_batch_size / ranks)",
+    microbatch="images per forward/backward, gradients accumulated (-1: whole batch)",
+    ema_rate="comma list of EMA decays of the saved EMA models",
+    log_interval="steps between log lines",
+    save_interval="steps between checkpoints (-1: only at the end)",
+    resume_checkpoint="modelNNNNNN.pt to start from when log_dir holds no checkpoint",
+    fp16_scale_growth="increase of lg_loss_scale per good fp16 step",
+    use_bf16="bfloat16 autocast",
+    optimizer="radam (the reference's), adam or adamw (fused)",
+    seed="random seed (same seed and flags give the same run)",
+    log_dir="directory for logs and checkpoints (default OPENAI_LOGDIR, else a new temp dir); reruns resume from it",
+    device="auto (GPU of this rank if any), cpu or cuda",
+    channels_last="channels_last memory format for images and networks",
+    random_flip="random horizontal flips",
+    on_bad_image="unreadable image: skip (with a warning naming it) or error",
+    dry_run="print the resolved configuration as JSON and exit",
+    total_training_steps="training steps K (0: run until interrupted)",
+)
+FLAG_CHOICES.update(
+    schedule_sampler=SCHEDULE_SAMPLERS,
+    optimizer=OPTIMIZERS,
+    device=("auto", "cpu", "cuda"),
+    on_bad_image=("skip", "error"),
+    init_from_teacher=("auto", "true", "false"),
+)
+
+CT_DEFAULTS = dict(
+    training_mode="consistency_training",
+    target_ema_mode="adaptive",
+    scale_mode="progressive",
+    start_ema=0.95,
+    start_scales=2,
+    end_scales=200,
+    total_training_steps=800000,
+)
+
+
+def create_argparser(training_mode):
+    """The flags of a training script: train + model/diffusion (+ consistency flags unless EDM)."""
+    defaults = train_defaults()
+    defaults.update(model_and_diffusion_defaults())
+    if training_mode == "edm":
+        defaults["total_training_steps"] = 0
+        defaults["training_mode"] = "edm"
+    else:
+        defaults.update(cm_train_defaults())
+        defaults["init_from_teacher"] = "auto"
+        defaults["training_mode"] = training_mode
+        if training_mode == "consistency_training":
+            defaults.update(CT_DEFAULTS)
+    parser = argparse.ArgumentParser(description=f"Train ({training_mode}).")
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+def _init_from_teacher(flag, training_mode):
+    if flag == "auto":
+        return training_mode in ("consistency_distillation", "progdist")
+    return flag == "true"
+
+
+def _batch_size(args):
+    if args.batch_size > 0:
+        return args.batch_size
+    world = dist_util.get_world_size()
+    if args.global_batch_size % world:
+        logger.log(f"warning: global_batch_size {args.global_batch_size} is not divisible by {world} ranks")
+    return max(1, args.global_batch_size // world)
+
+
+def _prepare(model, device, channels_last):
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run(args):
+    """Build data, networks, teacher and target from flags, then train."""
+    mode = getattr(args, "training_mode", "edm")
+    if mode not in TRAINING_MODES:
+        raise ValueError(f"unknown training_mode {mode!r}; allowed: {', '.join(TRAINING_MODES)}")
+    if args.device != "auto":
+        os.environ["CM_DEVICE"] = args.device
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+    log_dir = logger.configure(dir=args.log_dir or None)
+    if rank == 0:
+        with open(os.path.join(log_dir, "config.json"), "w") as f:
+            f.write(args_to_json(args) + "\n")
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    device = dist_util.dev()
+
+    model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
+    loss_kwargs = {}
+    if mode != "edm":
+        loss_kwargs = dict(
+            loss_norm=args.loss_norm,
+            index_sampler=args.index_sampler,
+            p_mean=args.p_mean,
+            p_std=args.p_std,
+            lpips_vgg_path=args.lpips_vgg_path,
+        )
+    distillation = mode in ("consistency_distillation", "consistency_training")
+    model, diffusion = create_model_and_diffusion(**model_kwargs, distillation=distillation, **loss_kwargs)
+    if mode in ("consistency_distillation", "consistency_training", "progdist"):
+        diffusion.build_distance()
+    logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({args.model_type})")
+
+    teacher, teacher_diffusion = None, None
+    if mode in ("consistency_distillation", "progdist"):
+        if not args.teacher_model_path:
+            raise ValueError(f"training_mode {mode} needs --teacher_model_path (an EDM checkpoint)")
+        teacher, teacher_diffusion = create_model_and_diffusion(
+            **{**model_kwargs, "dropout": args.teacher_dropout}, distillation=False
+        )
+        load_model_checkpoint(teacher, args.teacher_model_path, "teacher checkpoint")
+        teacher.train(args.teacher_dropout > 0)
+        logger.log(f"teacher: {args.teacher_model_path} (dropout {args.teacher_dropout}, {args.teacher_solver} steps)")
+    elif mode == "consistency_training" and args.teacher_model_path and not _init_from_teacher(args.init_from_teacher, mode):
+        logger.log("note: consistency training ignores --teacher_model_path unless --init_from_teacher true")
+
+    if mode != "edm" and _init_from_teacher(args.init_from_teacher, mode):
+        if not args.teacher_model_path:
+            raise ValueError("--init_from_teacher true needs --teacher_model_path")
+        if teacher is None:
+            teacher_for_init, _ = create_model_and_diffusion(**model_kwargs)
+            teacher = load_model_checkpoint(teacher_for_init, args.teacher_model_path, "teacher checkpoint")
+            model.load_state_dict(teacher.state_dict())
+            teacher = None
+        else:
+            model.load_state_dict(teacher.state_dict())
+        logger.log(f"student starts from the teacher's weights ({args.teacher_model_path})")
+    elif mode != "edm":
+        logger.log(f"student starts from a random initialisation (seed {args.seed})")
+
+    batch_size = _batch_size(args)
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+        seed=args.seed,
+        on_bad_image=args.on_bad_image,
+    )
+    common = dict(
+        model=_prepare(model, device, args.channels_last),
+        diffusion=diffusion,
+        data=data,
+        batch_size=batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        optimizer=args.optimizer,
+        run_config=vars(args),
+        channels_last=args.channels_last,
+    )
+    if mode == "edm":
+        loop = TrainLoop(
+            schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+            total_training_steps=args.total_training_steps,
+            **common,
+        )
+    else:
+        target = None
+        if mode != "progdist":
+            target, _ = create_model_and_diffusion(**model_kwargs)
+            target.load_state_dict(model.state_dict())
+            _prepare(target, device, args.channels_last)
+        if teacher is not None:
+            _prepare(teacher, device, args.channels_last)
+        loop = CMTrainLoop(
+            target_model=target,
+            teacher_model=teacher,
+            teacher_diffusion=teacher_diffusion,
+            training_mode=mode,
+            ema_scale_fn=create_ema_and_scales_fn(
+                target_ema_mode=args.target_ema_mode,
+                start_ema=args.start_ema,
+                scale_mode=args.scale_mode,
+                start_scales=args.start_scales,
+                end_scales=args.end_scales,
+                total_steps=args.total_training_steps,
+                distill_steps_per_iter=args.distill_steps_per_iter,
+            ),
+            total_training_steps=args.total_training_steps,
+            teacher_solver=args.teacher_solver,
+            **common,
+        )
+    logger.log(f"training ({mode}) on {device}, {dist_util.get_world_size()} rank(s), batch {batch_size} per rank")
+    loop.run_loop()
+    logger.log(f"done at step {loop.step}; checkpoints in {log_dir}")
+    return loop
+
+
+def main(training_mode="consistency_distillation", argv=None):
+    """Parse flags (and --config), then train; bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
+    parser = create_argparser(training_mode)
+    args = parse_args_with_config(parser, argv)
+    if args.dry_run:
+        print(args_to_json(args))
+        return None
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        if os.environ.get("CM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def dump_config(args):
+    """The resolved configuration as a dict (for tests and tools)."""
+    return json.loads(args_to_json(args))

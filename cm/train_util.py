@@ -1,0 +1,601 @@
+"""Training loops: TrainLoop (EDM denoiser) and CMTrainLoop (consistency distillation / training, progressive distillation).
+
+A step reads like this: accumulate gradients over micro-batches (all-reduce only on the last one),
+step the optimizer (a step with non-finite gradients is skipped), update the EMAs, update the target
+network, log, checkpoint. Nothing in a step waits for the device except with optimizers that have
+no fused kernel (RAdam), which must read the skip decision.
+
+Checkpoints keep the reference's file names in the log dir (modelNNNNNN.pt, ema_RATE_NNNNNN.pt,
+optNNNNNN.pt, target_modelNNNNNN.pt, teacher_modelNNNNNN.pt) plus stateNNNNNN.pt with everything else a
+resumed run needs (RNG states of every rank, data position, loss scale, configuration). Files are
+written to a temporary name and renamed, the model file last; a restart resumes from the newest step
+whose files are all present.
+"""
+
+import os
+import re
+import signal
+import time
+
+import blobfile as bf
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import dist_util, logger
+from .fp16_util import MixedPrecisionTrainer
+from .nn import update_ema
+from .resample import LogNormalSampler
+
+OPTIMIZERS = ("radam", "adam", "adamw")
+_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
+
+
+# ----- small pieces ----------------------------------------------------------------------------
+
+
+def make_optimizer(name, params, lr, weight_decay):
+    """RAdam (the reference's), Adam or AdamW; Adam and AdamW use the fused kernel (no host sync on skips)."""
+    params = list(params)
+    if name == "radam":
+        return torch.optim.RAdam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def parse_ema_rates(ema_rate):
+    """'0.999,0.9999' or a float -> [0.999, 0.9999]."""
+    if isinstance(ema_rate, (int, float)):
+        return [float(ema_rate)]
+    rates = [float(x) for x in str(ema_rate).split(",") if x.strip()]
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
+    if bad:
+        raise ValueError(f"EMA rates must lie in [0, 1), got {bad}")
+    return rates
+
+
+def sigma_quartile(sigmas, sigma_min, sigma_max):
+    """Index 0..3 of sigma's quarter of [log sigma_min, log sigma_max] (for per-quartile loss logs)."""
+    frac = (torch.log(sigmas) - torch.log(torch.tensor(sigma_min))) / (torch.log(torch.tensor(sigma_max / sigma_min)))
+    return (4 * frac).floor().clamp(0, 3).long()
+
+
+def log_loss_dict(diffusion, sigmas, losses, weight=1.0):
+    """Log the mean of every loss term and its mean per quartile of log sigma (keys like loss_q0), on the device."""
+    quartile = sigma_quartile(sigmas.detach().float(), diffusion.sigma_min, diffusion.sigma_max)
+    counts = torch.bincount(quartile, minlength=4).float()
+    for key, values in losses.items():
+        if key == "sigma":
+            continue
+        values = values.detach().float()
+        logger.logkv_mean(key, values.mean(), weight)
+        sums = torch.zeros(4, device=values.device).index_add_(0, quartile, values)
+        for q in range(4):
+            logger.logkv_mean(f"{key}_q{q}", sums[q] / counts[q].clamp(min=1), counts[q])
+
+
+def get_blob_logdir():
+    """Where checkpoints go: the logger's directory."""
+    return logger.get_dir()
+
+
+def parse_resume_step_from_filename(filename):
+    """The step NNNNNN of path/to/modelNNNNNN.pt (0 when the name has none)."""
+    match = re.search(r"model(\d+)\.pt$", bf.basename(filename))
+    return int(match.group(1)) if match else 0
+
+
+def checkpoint_files(step, ema_rates, extra_names=()):
+    """File names of a complete checkpoint at `step`, the model file last."""
+    names = [f"ema_{rate}_{step:06d}.pt" for rate in ema_rates]
+    names += [f"opt{step:06d}.pt", f"state{step:06d}.pt"]
+    names += [f"{name}{step:06d}.pt" for name in extra_names]
+    return names + [f"model{step:06d}.pt"]
+
+
+def find_resume_checkpoint(log_dir=None, ema_rates=(), extra_names=()):
+    """The newest modelNNNNNN.pt in log_dir whose companion files all exist, else None."""
+    log_dir = log_dir or get_blob_logdir()
+    if not log_dir or not bf.exists(log_dir):
+        return None
+    present = set(bf.listdir(log_dir))
+    steps = sorted((int(m.group(1)) for m in map(_MODEL_FILE.match, present) if m), reverse=True)
+    for step in steps:
+        if all(name in present for name in checkpoint_files(step, ema_rates, extra_names)):
+            return bf.join(log_dir, f"model{step:06d}.pt")
+    return None
+
+
+def find_ema_checkpoint(main_checkpoint, step, rate):
+    """ema_RATE_NNNNNN.pt next to main_checkpoint, if it exists."""
+    if not main_checkpoint:
+        return None
+    path = bf.join(bf.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if bf.exists(path) else None
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, flush it to disk, then rename: readers never see a partial file."""
+    if "://" in path:  # object stores publish a blob only once it is fully written
+        with bf.BlobFile(path, "wb") as f:
+            torch.save(obj, f)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    """This process's CPU and (if used) CUDA RNG states."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a request to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# ----- the EDM loop ----------------------------------------------------------------------------
+
+
+class TrainLoop:
+    """EDM denoiser training (and the machinery CMTrainLoop reuses).
+
+    :param model: the network (already on the device).
+    :param diffusion: its KarrasDenoiser.
+    :param data: iterator of (images, cond) batches; resumable when it has state_dict / load_state_dict.
+    :param batch_size: images per step on this rank.
+    :param microbatch: images per forward/backward (-1 or 0: the whole batch); gradients are averaged.
+    :param lr: learning rate.
+    :param ema_rate: comma list (or float) of EMA decays of the saved EMA models.
+    :param log_interval: steps between log dumps.
+    :param save_interval: steps between checkpoints (-1: only at the end).
+    :param resume_checkpoint: a modelNNNNNN.pt to start from when the log dir has no checkpoint.
+    :param use_fp16: float16 autocast with dynamic loss scaling.
+    :param fp16_scale_growth: lg_loss_scale increase per good fp16 step.
+    :param schedule_sampler: sigma sampler for the EDM loss (default lognormal P_mean -1.2, P_std 1.2).
+    :param weight_decay: optimizer weight decay.
+    :param lr_anneal_steps: linearly anneal lr to 0 over this many steps (0: constant).
+    :param use_bf16: bfloat16 autocast.
+    :param optimizer: radam (reference) | adam | adamw.
+    :param total_training_steps: stop after this many steps (0: run until interrupted).
+    :param run_config: dict recorded in every checkpoint (the resolved flags).
+    :param max_consecutive_skips: stop with an error after this many steps in a row with non-finite gradients.
+    :param channels_last: feed images in channels_last memory format.
+    :param progress: tqdm progress bar on rank 0.
+    """
+
+    extra_checkpoint_names = ()
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        use_bf16=False,
+        optimizer="radam",
+        total_training_steps=0,
+        run_config=None,
+        max_consecutive_skips=100,
+        channels_last=False,
+        progress=True,
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = parse_ema_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.resume_checkpoint = resume_checkpoint
+        self.schedule_sampler = schedule_sampler or LogNormalSampler()
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.optimizer_name = optimizer
+        self.total_training_steps = total_training_steps
+        self.run_config = run_config or {}
+        self.max_consecutive_skips = max_consecutive_skips
+        self.channels_last = channels_last
+        self.progress = progress
+        self.device = dist_util.dev()
+        self.global_batch = batch_size * dist_util.get_world_size()
+        self.step = 0
+        self.last_saved_step = -1
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)
+
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=model, use_fp16=use_fp16, use_bf16=use_bf16, fp16_scale_growth=fp16_scale_growth
+        )
+        self.opt = make_optimizer(optimizer, self.mp_trainer.master_params, lr, weight_decay)
+        self.ema_params = [[p.detach().clone() for p in self.mp_trainer.master_params] for _ in self.ema_rate]
+        self.skip_run = torch.zeros((), device=self.device)
+
+        dist_util.sync_params(self.model.parameters())
+        dist_util.sync_params(self.model.buffers())
+        self._resume()
+
+        if dist_util.get_world_size() > 1:
+            self.ddp_model = DDP(
+                self.model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                bucket_cap_mb=128,
+                gradient_as_bucket_view=True,
+                find_unused_parameters=False,
+            )
+        else:
+            self.ddp_model = self.model
+
+    # ----- resume ------------------------------------------------------------------------------
+    def _resume(self):
+        found = find_resume_checkpoint(get_blob_logdir(), self.ema_rate, self.extra_checkpoint_names)
+        path = found or self.resume_checkpoint
+        if not path:
+            logger.log("starting from step 0")
+            return
+        self.step = parse_resume_step_from_filename(path)
+        directory = bf.dirname(path)
+        logger.log(f"resuming from {path} (step {self.step})")
+        self.model.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            ema_path = find_ema_checkpoint(path, self.step, rate)
+            source = dist_util.load_state_dict(ema_path, map_location=self.device) if ema_path else None
+            values = self.mp_trainer.state_dict_to_master_params(source) if source else self.mp_trainer.master_params
+            with torch.no_grad():
+                torch._foreach_copy_(params, [v.to(self.device) for v in values])
+        opt_path = bf.join(directory, f"opt{self.step:06d}.pt")
+        if bf.exists(opt_path):
+            self.opt.load_state_dict(dist_util.load_state_dict(opt_path, map_location=self.device))
+        self._load_extra_checkpoints(directory, self.step)
+        state_path = bf.join(directory, f"state{self.step:06d}.pt")
+        if bf.exists(state_path):
+            self._load_state(dist_util.load_state_dict(state_path, map_location="cpu"))
+        else:
+            logger.log(f"{state_path} not found: RNG and data order restart (the run continues, not bit-exactly)")
+        self.last_saved_step = self.step
+
+    def _load_state(self, state):
+        self.mp_trainer.lg_loss_scale = state["lg_loss_scale"].to(self.device)
+        rngs = state["rng"]
+        rank, world = dist_util.get_rank(), dist_util.get_world_size()
+        if len(rngs) == world:
+            set_rng_state(rngs[rank], self.device)
+        else:
+            logger.log(f"checkpoint was written by {len(rngs)} ranks, this run has {world}: RNG streams restart")
+            torch.manual_seed(int(state.get("seed", 0)) + 1000 * self.step + rank)
+        if hasattr(self.data, "load_state_dict") and "data" in state:
+            self.data.load_state_dict(state["data"])
+
+    def _load_extra_checkpoints(self, directory, step):
+        """Hook: CMTrainLoop loads its target / teacher networks here."""
+
+    # ----- the loop -----------------------------------------------------------------------------
+    def done(self):
+        if self.total_training_steps and self.step >= self.total_training_steps:
+            return True
+        return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
+
+    def run_loop(self):
+        """Train until total_training_steps (or lr_anneal_steps), or until SIGINT / SIGTERM; checkpoint at the end."""
+        bar = None
+        if self.progress and dist_util.get_rank() == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_training_steps or None, initial=self.step, desc="train", dynamic_ncols=True)
+        self._interval_start = (time.time(), self.step)
+        with StopRequest() as stop:
+            while not self.done():
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                if bar is not None:
+                    bar.update(1)
+                if self.step % self.log_interval == 0:
+                    self.dump_logs(bar)
+                    if self._agree(stop.requested):
+                        logger.log(f"stop requested: checkpointing step {self.step}")
+                        break
+                elif stop.requested and dist_util.get_world_size() == 1:
+                    logger.log(f"stop requested: checkpointing step {self.step}")
+                    break
+                if self.save_interval > 0 and self.step % self.save_interval == 0:
+                    self.save()
+        if self.last_saved_step != self.step:
+            self.save()
+        if bar is not None:
+            bar.close()
+
+    @staticmethod
+    def _agree(flag):
+        return any(dist_util.all_gather_object(bool(flag)))
+
+    def run_step(self, batch, cond):
+        self.forward_backward(batch, cond)
+        found_inf = self.mp_trainer.optimize(self.opt)
+        self._update_ema(found_inf)
+        self._after_optimize(found_inf)
+        self.skip_run = (self.skip_run + found_inf) * found_inf
+        self.step += 1
+        self._anneal_lr()
+        self.log_step(found_inf)
+
+    def _after_optimize(self, found_inf):
+        """Hook: CMTrainLoop updates its target network here."""
+
+    def forward_backward(self, batch, cond):
+        self.mp_trainer.zero_grad()
+        n = batch.shape[0]
+        for i in range(0, n, self.microbatch):
+            micro = batch[i : i + self.microbatch].to(self.device, non_blocking=True)
+            if self.channels_last:
+                micro = micro.contiguous(memory_format=torch.channels_last)
+            micro_cond = {k: v[i : i + self.microbatch].to(self.device, non_blocking=True) for k, v in cond.items()}
+            last = i + self.microbatch >= n
+            with dist_util.ddp_sync(self.ddp_model, sync=last):
+                with self.mp_trainer.autocast():
+                    losses, weights = self.compute_losses(micro, micro_cond)
+                loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n)
+                log_loss_dict(self.diffusion, losses["sigma"], {k: v * weights for k, v in losses.items()})
+                self.mp_trainer.backward(loss)
+
+    def compute_losses(self, micro, micro_cond):
+        """EDM loss at sigmas from the schedule sampler; returns (terms, per-sample weights)."""
+        sigmas, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
+        losses = self.diffusion.training_losses(self.ddp_model, micro, sigmas, model_kwargs=micro_cond)
+        losses["sigma"] = sigmas
+        return losses, weights
+
+    def _update_ema(self, found_inf):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate + (1 - rate) * found_inf)
+
+    def _anneal_lr(self):
+        if not self.lr_anneal_steps:
+            return
+        lr = self.lr * max(0.0, 1 - self.step / self.lr_anneal_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    # ----- logging ------------------------------------------------------------------------------
+    def log_step(self, found_inf):
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * self.global_batch)
+        logger.logkv_mean("grad_norm", self.mp_trainer.grad_norm)
+        logger.logkv_mean("skipped", found_inf)
+        if self.mp_trainer.use_fp16:
+            logger.logkv_mean("lg_loss_scale", self.mp_trainer.lg_loss_scale)
+
+    def dump_logs(self, bar=None):
+        now, start_step = time.time(), self._interval_start[1]
+        elapsed = now - self._interval_start[0]
+        if self.step > start_step and elapsed > 0:
+            logger.logkv("samples_per_sec", (self.step - start_step) * self.global_batch / elapsed)
+        logger.logkv("lr", self.opt.param_groups[0]["lr"])
+        skip_run = int(self.skip_run)
+        values = logger.dumpkvs()
+        self._interval_start = (time.time(), self.step)
+        if values.get("skipped", 0) > 0:
+            logger.log(
+                f"skipped {values['skipped'] * self.log_interval:.0f} of the last {self.log_interval} steps "
+                "for non-finite gradients"
+                + (f"; lg_loss_scale now {values.get('lg_loss_scale', 0):.3f}" if self.mp_trainer.use_fp16 else "")
+            )
+        if skip_run >= self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"gradients were NaN/inf for {skip_run} consecutive steps up to step {self.step}; "
+                f"the last checkpoint (step {self.last_saved_step}) is intact - lower the learning rate or check the data"
+            )
+        if bar is not None and "loss" in values:
+            bar.set_postfix(loss=f"{values['loss']:.4g}")
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def save(self):
+        """Write the reference's files plus stateNNNNNN.pt atomically (rank 0), the model file last."""
+        step = self.step
+        rngs = dist_util.all_gather_object(rng_state(self.device))
+        if dist_util.get_rank() == 0:
+            directory = get_blob_logdir()
+            for rate, params in zip(self.ema_rate, self.ema_params):
+                atomic_save(self.mp_trainer.master_params_to_state_dict(params), bf.join(directory, f"ema_{rate}_{step:06d}.pt"))
+            atomic_save(self.opt.state_dict(), bf.join(directory, f"opt{step:06d}.pt"))
+            for name, module in self._extra_checkpoints():
+                atomic_save(module.state_dict(), bf.join(directory, f"{name}{step:06d}.pt"))
+            state = {
+                "step": step,
+                "rng": rngs,
+                "data": self.data.state_dict() if hasattr(self.data, "state_dict") else {},
+                "lg_loss_scale": self.mp_trainer.lg_loss_scale.detach().cpu(),
+                "seed": int(self.run_config.get("seed", 0)),
+                "config": dict(self.run_config),
+            }
+            atomic_save(state, bf.join(directory, f"state{step:06d}.pt"))
+            atomic_save(self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params), bf.join(directory, f"model{step:06d}.pt"))
+            logger.log(f"saved checkpoint for step {step} in {directory}")
+        self.last_saved_step = step
+        dist_util.barrier()
+
+    def _extra_checkpoints(self):
+        """Hook: (file prefix, module) pairs saved with each checkpoint."""
+        return []
+
+
+# ----- consistency models and progressive distillation -----------------------------------------
+
+
+class CMTrainLoop(TrainLoop):
+    """Consistency distillation / training (CM paper Alg. 2 / 3) and progressive distillation.
+
+    :param target_model: the target network theta- (a copy of the model; None for progdist).
+    :param teacher_model: frozen teacher (consistency_distillation, progdist).
+    :param teacher_diffusion: the teacher's KarrasDenoiser.
+    :param training_mode: consistency_distillation | consistency_training | progdist.
+    :param ema_scale_fn: step -> (mu(k), N(k)) from cm.schedules.create_ema_and_scales_fn.
+    :param total_training_steps: K; training stops there.
+    :param teacher_solver: heun | euler, the teacher's ODE step in consistency distillation.
+    Other arguments as TrainLoop.
+    """
+
+    def __init__(
+        self,
+        *,
+        target_model,
+        teacher_model,
+        teacher_diffusion,
+        training_mode,
+        ema_scale_fn,
+        total_training_steps,
+        teacher_solver="heun",
+        **kwargs,
+    ):
+        modes = ("consistency_distillation", "consistency_training", "progdist")
+        if training_mode not in modes:
+            raise ValueError(f"unknown training_mode {training_mode!r}; allowed: {', '.join(modes)}")
+        if training_mode in ("consistency_distillation", "progdist") and teacher_model is None:
+            raise ValueError(f"training_mode {training_mode} needs a teacher model (--teacher_model_path)")
+        if training_mode != "progdist" and target_model is None:
+            raise ValueError(f"training_mode {training_mode} needs a target model")
+        self.training_mode = training_mode
+        self.ema_scale_fn = ema_scale_fn
+        self.target_model = target_model
+        self.teacher_model = teacher_model
+        self.teacher_diffusion = teacher_diffusion
+        self.teacher_solver = teacher_solver
+        names = []
+        if target_model is not None:
+            names.append("target_model")
+            target_model.requires_grad_(False)
+            target_model.train()
+        if teacher_model is not None:
+            teacher_model.requires_grad_(False)
+            if training_mode == "progdist":
+                names.append("teacher_model")
+        self.extra_checkpoint_names = tuple(names)
+        super().__init__(total_training_steps=total_training_steps, **kwargs)
+        for module in (target_model, teacher_model):
+            if module is not None:
+                dist_util.sync_params(module.parameters())
+        if target_model is not None:
+            named = dict(target_model.named_parameters())
+            self.target_params = [named[n] for n, p in self.model.named_parameters() if p.requires_grad]
+        self.global_step = self.step
+
+    def _load_extra_checkpoints(self, directory, step):
+        for name, module in self._extra_checkpoints():
+            path = bf.join(directory, f"{name}{step:06d}.pt")
+            if bf.exists(path):
+                module.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
+            elif name == "target_model":
+                logger.log(f"{path} not found: the target network starts as a copy of the model")
+                module.load_state_dict(self.model.state_dict())
+
+    def _extra_checkpoints(self):
+        pairs = []
+        if self.target_model is not None:
+            pairs.append(("target_model", self.target_model))
+        if self.teacher_model is not None and self.training_mode == "progdist":
+            pairs.append(("teacher_model", self.teacher_model))
+        return pairs
+
+    def run_step(self, batch, cond):
+        if self.training_mode == "progdist":
+            self._maybe_start_progdist_stage()
+        super().run_step(batch, cond)
+        self.global_step = self.step
+
+    def compute_losses(self, micro, micro_cond):
+        _, num_scales = self.ema_scale_fn(self.step)
+        if self.training_mode == "progdist":
+            losses = self.diffusion.progdist_losses(
+                self.ddp_model,
+                micro,
+                num_scales,
+                model_kwargs=micro_cond,
+                teacher_model=self.teacher_model,
+                teacher_diffusion=self.teacher_diffusion,
+            )
+        else:
+            losses = self.diffusion.consistency_losses(
+                self.ddp_model,
+                micro,
+                num_scales,
+                model_kwargs=micro_cond,
+                target_model=self.target_model,
+                teacher_model=self.teacher_model if self.training_mode == "consistency_distillation" else None,
+                teacher_diffusion=self.teacher_diffusion,
+                teacher_solver=self.teacher_solver,
+            )
+        return losses, torch.ones_like(losses["loss"])
+
+    def _after_optimize(self, found_inf):
+        if self.target_model is None:
+            return
+        target_ema, _ = self.ema_scale_fn(self.step)
+        rate = target_ema + (1 - target_ema) * found_inf
+        update_ema(self.target_params, self.mp_trainer.master_params, rate=rate)
+
+    def _maybe_start_progdist_stage(self):
+        """At a change of N: the student becomes the teacher; optimizer and EMAs restart."""
+        if self.step == 0 or self.ema_scale_fn(self.step)[1] == self.ema_scale_fn(self.step - 1)[1]:
+            return
+        n = self.ema_scale_fn(self.step)[1]
+        logger.log(f"progressive distillation: step {self.step}, N = {n}; the student becomes the teacher")
+        with torch.no_grad():
+            torch._foreach_copy_(list(self.teacher_model.parameters()), list(self.model.parameters()))
+        self.opt = make_optimizer(self.optimizer_name, self.mp_trainer.master_params, self.lr, self.weight_decay)
+        for params in self.ema_params:
+            torch._foreach_copy_(params, [p.detach() for p in self.mp_trainer.master_params])
+
+    def log_step(self, found_inf):
+        super().log_step(found_inf)
+        target_ema, num_scales = self.ema_scale_fn(self.step - 1)  # the values this step used
+        logger.logkv("num_scales", num_scales)
+        logger.logkv("target_ema", target_ema)
