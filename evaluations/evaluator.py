@@ -159,7 +159,9 @@ def check_images(shape, dtype, name="arr_0"):
     :param name: what to call the array in the message.
     """
     if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
-        raise ValueError(f"{name} must hold uint8 images [N, H, W, 3], got dtype {np.dtype(dtype)} and shape {tuple(shape)}")
+        raise ValueError(
+            f"{name} must hold uint8 images [N, H, W, 3], got dtype {np.dtype(dtype)} and shape {tuple(shape)}"
+        )
 
 
 def read_reference_statistics(path):
@@ -325,7 +327,8 @@ def format_metrics(metrics):
 def create_argparser():
     """Command-line flags of the evaluator."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("ref_batch", help="reference batch .npz (arr_0 uint8 NHWC images, optional mu/sigma/mu_s/sigma_s)")
+    parser.add_argument("ref_batch",
+                        help="reference batch .npz (arr_0 uint8 NHWC images, optional mu/sigma/mu_s/sigma_s)")
     parser.add_argument("sample_batch", help="sample batch .npz (arr_0 uint8 NHWC images)")
     parser.add_argument("--inception_weights", default=None,
                         help=f"FID Inception weights file (pt_inception-2015-12-05-6726825d.pth); default "

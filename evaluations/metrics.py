@@ -321,7 +321,8 @@ class ManifoldEstimator:
     def _row_distances(self, rows, cols):
         """Distances of a row block to every column, computed in column blocks: tensor [len(rows), len(cols)]."""
         step = self.col_batch_size
-        blocks = [self.distance_block.distances(rows, cols[start : start + step]) for start in range(0, len(cols), step)]
+        starts = range(0, len(cols), step)
+        blocks = [self.distance_block.distances(rows, cols[start : start + step]) for start in starts]
         return torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
 
     def manifold_radii(self, features):
@@ -333,7 +334,9 @@ class ManifoldEstimator:
         features = _check_features(features)
         kmax = max(self.nhood_sizes)
         if len(features) <= kmax:
-            raise ValueError(f"need more than {kmax} feature vectors for k = {kmax} nearest neighbours, got {len(features)}")
+            raise ValueError(
+                f"need more than {kmax} feature vectors for k = {kmax} nearest neighbours, got {len(features)}"
+            )
         feats = self.distance_block.to_tensor(features)
         radii = np.zeros([len(feats), self.num_nhoods], dtype=np.float32)
         for start in range(0, len(feats), self.row_batch_size):

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads run 10-20x slower when the other core is busy."""
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads ran 10-20x slower with the other core busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
