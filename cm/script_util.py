@@ -82,7 +82,7 @@ def cm_train_defaults():
         teacher_model_path="",
         teacher_dropout=0.1,
         teacher_solver="heun",
-        init_from_teacher=False,
+        init_from_teacher="auto",
         training_mode="consistency_distillation",
         target_ema_mode="fixed",
         scale_mode="fixed",
@@ -136,11 +136,11 @@ FLAG_HELP = {
     "teacher_model_path": "EDM teacher checkpoint (consistency_distillation, progdist)",
     "teacher_dropout": "dropout of the teacher network during distillation",
     "teacher_solver": "ODE solver for the teacher step in consistency distillation",
-    "init_from_teacher": "initialise the student (and target) from the teacher's weights",
+    "init_from_teacher": "initialise the student (and target) from the teacher: auto = yes for CD and progdist, no for CT",
     "training_mode": "what to train",
     "target_ema_mode": "target network EMA: fixed (start_ema) or adaptive mu(k)",
     "scale_mode": "discretisation N(k): fixed, progressive (CM), exponential (iCT), progdist (halving)",
-    "total_training_steps": "training steps K (schedules span K; training stops at K)",
+    "total_training_steps": "training steps K: schedules span K and training stops there (EDM: 0 = until interrupted)",
     "start_ema": "mu0: target EMA decay (0: stop-gradient of the online network, iCT)",
     "start_scales": "s0: initial number of discretisation points N",
     "end_scales": "s1: final N for progressive / exponential schedules",
@@ -167,7 +167,71 @@ FLAG_CHOICES = {
     "scale_mode": SCALE_MODES,
     "loss_norm": LOSS_NORMS,
     "index_sampler": INDEX_SAMPLERS,
+    "init_from_teacher": ("auto", "true", "false"),
 }
+
+
+def train_defaults():
+    """Flags of the training loop (the reference's, plus optimizer, precision, seed, log dir and data options)."""
+    return dict(
+        data_dir="",
+        schedule_sampler="lognormal",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        global_batch_size=2048,
+        batch_size=-1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        use_bf16=False,
+        optimizer="radam",
+        seed=0,
+        log_dir="",
+        device="auto",
+        channels_last=True,
+        random_flip=True,
+        on_bad_image="skip",
+        dry_run=False,
+    )
+
+
+TRAIN_FLAG_HELP = dict(
+    data_dir="image folder, .npz file (arr_0 NHWC uint8) or 'digits' (embedded scikit-learn digits)",
+    schedule_sampler="EDM noise-level distribution (lognormal: P_mean -1.2, P_std 1.2)",
+    lr="learning rate",
+    weight_decay="optimizer weight decay",
+    lr_anneal_steps="anneal lr linearly to 0 over this many steps (0: constant)",
+    global_batch_size="images per step over all ranks (used when batch_size is -1)",
+    batch_size="images per step on each rank (-1: global_batch_size / ranks)",
+    microbatch="images per forward/backward, gradients accumulated (-1: whole batch)",
+    ema_rate="comma list of EMA decays of the saved EMA models",
+    log_interval="steps between log lines",
+    save_interval="steps between checkpoints (-1: only at the end)",
+    resume_checkpoint="modelNNNNNN.pt to start from when log_dir holds no checkpoint",
+    fp16_scale_growth="increase of lg_loss_scale per good fp16 step",
+    use_bf16="bfloat16 autocast",
+    optimizer="radam (the reference's), adam or adamw (fused)",
+    seed="random seed (same seed and flags give the same run)",
+    log_dir="directory for logs and checkpoints (default OPENAI_LOGDIR, else a new temp dir); reruns resume from it",
+    device="auto (GPU of this rank if any), cpu or cuda",
+    channels_last="channels_last memory format for images and networks",
+    random_flip="random horizontal flips",
+    on_bad_image="unreadable image: skip (with a warning naming it) or error",
+    dry_run="print the resolved configuration as JSON and exit",
+)
+TRAIN_FLAG_CHOICES = dict(
+    schedule_sampler=("lognormal", "uniform"),
+    optimizer=("radam", "adam", "adamw"),
+    device=("auto", "cpu", "cuda"),
+    on_bad_image=("skip", "error"),
+)
+FLAG_HELP.update(TRAIN_FLAG_HELP)
+FLAG_CHOICES.update(TRAIN_FLAG_CHOICES)
 
 
 def parse_int_list(text, name):

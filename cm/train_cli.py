@@ -10,11 +10,9 @@ import torch
 
 from . import dist_util, logger
 from .image_datasets import load_data
-from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
+from .resample import create_named_schedule_sampler
 from .schedules import create_ema_and_scales_fn
 from .script_util import (
-    FLAG_CHOICES,
-    FLAG_HELP,
     TRAINING_MODES,
     add_dict_to_argparser,
     args_to_dict,
@@ -24,71 +22,10 @@ from .script_util import (
     load_model_checkpoint,
     model_and_diffusion_defaults,
     parse_args_with_config,
+    train_defaults,
 )
-from .train_util import OPTIMIZERS, CMTrainLoop, TrainLoop
+from .train_util import CMTrainLoop, TrainLoop
 
-
-def train_defaults():
-    """Flags of the training loop (the reference's, plus optimizer, precision, seed, log dir and data options)."""
-    return dict(
-        data_dir="",
-        schedule_sampler="lognormal",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        global_batch_size=2048,
-        batch_size=-1,
-        microbatch=-1,
-        ema_rate="0.9999",
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        use_bf16=False,
-        optimizer="radam",
-        seed=0,
-        log_dir="",
-        device="auto",
-        channels_last=True,
-        random_flip=True,
-        on_bad_image="skip",
-        dry_run=False,
-    )
-
-
-FLAG_HELP.update(
-    data_dir="image folder, .npz file (arr_0 NHWC uint8) or 'digits' (embedded scikit-learn digits)",
-    schedule_sampler="EDM noise-level distribution (lognormal: P_mean -1.2, P_std 1.2)",
-    lr="learning rate",
-    weight_decay="optimizer weight decay",
-    lr_anneal_steps="anneal lr linearly to 0 over this many steps (0: constant)",
-    global_batch_size="images per step over all ranks (used when batch_size is -1)",
-    batch_size="images per step on each rank (-1: global_batch_size / ranks)",
-    microbatch="images per forward/backward, gradients accumulated (-1: whole batch)",
-    ema_rate="comma list of EMA decays of the saved EMA models",
-    log_interval="steps between log lines",
-    save_interval="steps between checkpoints (-1: only at the end)",
-    resume_checkpoint="modelNNNNNN.pt to start from when log_dir holds no checkpoint",
-    fp16_scale_growth="increase of lg_loss_scale per good fp16 step",
-    use_bf16="bfloat16 autocast",
-    optimizer="radam (the reference's), adam or adamw (fused)",
-    seed="random seed (same seed and flags give the same run)",
-    log_dir="directory for logs and checkpoints (default OPENAI_LOGDIR, else a new temp dir); reruns resume from it",
-    device="auto (GPU of this rank if any), cpu or cuda",
-    channels_last="channels_last memory format for images and networks",
-    random_flip="random horizontal flips",
-    on_bad_image="unreadable image: skip (with a warning naming it) or error",
-    dry_run="print the resolved configuration as JSON and exit",
-    total_training_steps="training steps K (0: run until interrupted)",
-)
-FLAG_CHOICES.update(
-    schedule_sampler=SCHEDULE_SAMPLERS,
-    optimizer=OPTIMIZERS,
-    device=("auto", "cpu", "cuda"),
-    on_bad_image=("skip", "error"),
-    init_from_teacher=("auto", "true", "false"),
-)
 
 CT_DEFAULTS = dict(
     training_mode="consistency_training",
@@ -110,7 +47,6 @@ def create_argparser(training_mode):
         defaults["training_mode"] = "edm"
     else:
         defaults.update(cm_train_defaults())
-        defaults["init_from_teacher"] = "auto"
         defaults["training_mode"] = training_mode
         if training_mode == "consistency_training":
             defaults.update(CT_DEFAULTS)
