@@ -1,0 +1,197 @@
+"""Generate images from a model into samples_{N}x{H}x{W}x{C}.npz (the reference's format) and a PNG grid.
+
+    python scripts/image_sample.py --training_mode consistency_distillation --sampler onestep \\
+        --model_path ema_0.9999_050000.pt [model flags, or --config FILE.yaml]
+    mpiexec -n 8 python scripts/image_sample.py ...   (or torchrun): each rank makes its share,
+                                                      rank 0 writes one npz of exactly num_samples images
+
+The npz holds arr_0 (uint8 [N, H, W, 3]) and, for class-conditional models, arr_1 (int64 labels [N]).
+"""
+
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: make the package importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cm import dist_util, logger  # noqa: E402
+from cm.image_util import (  # noqa: E402
+    DEVICES,
+    GRID_IMAGES,
+    OneLineArgumentParser,
+    add_flags,
+    generate_samples,
+    grid_path,
+    image_grid,
+    load_sampling_model,
+    parse_ts,
+    run_or_exit,
+    save_npz,
+    save_png,
+    select_device,
+)
+from cm.random_util import GENERATORS, get_generator  # noqa: E402
+from cm.sampling import SAMPLER_NAMES, sigmas_from_ts  # noqa: E402
+from cm.script_util import (  # noqa: E402
+    TRAINING_MODES,
+    add_dict_to_argparser,
+    args_to_json,
+    model_and_diffusion_defaults,
+    parse_args_with_config,
+)
+
+
+def sample_defaults():
+    """The reference's image_sample.py flags (seed 0 as every script here), plus device, precision and output flags."""
+    return dict(
+        training_mode="edm",
+        generator="determ",
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        sampler="heun",
+        s_churn=0.0,
+        s_tmin=0.0,
+        s_tmax=float("inf"),
+        s_noise=1.0,
+        steps=40,
+        model_path="",
+        seed=0,
+        ts="",
+        use_bf16=False,
+        channels_last=True,
+        grid="",
+        log_dir="",
+        device="auto",
+        dry_run=False,
+    )
+
+
+SAMPLE_FLAG_HELP = dict(
+    training_mode="how the checkpoint was trained; consistency_* selects the consistency-model scalings",
+    generator="noise source: dummy (global RNG), determ (one seeded stream), determ-indiv (one stream per "
+    "sample); determ and determ-indiv make sample k depend only on the seed and k",
+    clip_denoised="clamp every denoised estimate to [-1, 1]",
+    num_samples="images to generate over all ranks",
+    batch_size="images per forward pass on each rank",
+    sampler="onestep / multistep: consistency models (multistep needs --ts); heun, euler, euler_ancestral, dpm: "
+    "EDM solvers over a --steps grid; progdist: progressive-distillation models",
+    s_churn="EDM stochasticity S_churn (heun, dpm)",
+    s_tmin="EDM S_tmin: churn only for sigma >= s_tmin",
+    s_tmax="EDM S_tmax: churn only for sigma <= s_tmax",
+    s_noise="EDM S_noise: scale of the churn noise",
+    steps="size N of the Karras noise grid (multistep: the grid --ts indexes)",
+    model_path="checkpoint to sample from: a state dict saved by training (modelNNNNNN.pt, ema_RATE_NNNNNN.pt) "
+    "or a released one",
+    seed="random seed (same seed and flags give the same images)",
+    ts="multistep: increasing grid indices, e.g. 0,22,39 for 2 steps on a 40-point grid",
+    use_bf16="run the network body in bfloat16 (about 2x faster on CPUs with AVX512-BF16 or AMX, and on GPUs)",
+    channels_last="channels_last memory format for the network (faster convolutions on CPU and tensor cores)",
+    grid="PNG grid of the first 64 samples: '' = samples_grid.png in the log dir, 'none' = no grid, else a path",
+    log_dir="output directory for the npz, grid and log (default OPENAI_LOGDIR, else a new temp dir)",
+    device="auto (GPU of this rank if any), cpu or cuda",
+    dry_run="print the resolved configuration as JSON and exit",
+)
+SAMPLE_FLAG_CHOICES = dict(
+    training_mode=TRAINING_MODES, generator=GENERATORS, sampler=SAMPLER_NAMES, device=DEVICES
+)
+
+
+def create_argparser():
+    """Sampling flags (help text, choices) plus every model flag of model_and_diffusion_defaults."""
+    parser = OneLineArgumentParser(description="Generate samples from a model into an npz file.")
+    add_flags(parser, sample_defaults(), SAMPLE_FLAG_HELP, SAMPLE_FLAG_CHOICES)
+    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+    return parser
+
+
+def sample_kwargs(args):
+    """karras_sample arguments from the flags; ts is checked against the grid before any model is built."""
+    ts = parse_ts(args.ts)
+    if args.sampler == "multistep":
+        if ts is None:
+            raise ValueError(
+                f"--sampler multistep needs --ts, increasing indices into the {args.steps}-point grid, "
+                f"e.g. --ts 0,{round(0.55 * (args.steps - 1))},{args.steps - 1}"
+            )
+        sigmas_from_ts(ts, args.steps, args.sigma_min, args.sigma_max)
+    elif ts is not None:
+        ts = None
+    return dict(
+        steps=args.steps,
+        clip_denoised=args.clip_denoised,
+        sampler=args.sampler,
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        s_churn=args.s_churn,
+        s_tmin=args.s_tmin,
+        s_tmax=args.s_tmax,
+        s_noise=args.s_noise,
+        ts=ts,
+    )
+
+
+def npz_name(num_samples, image_size):
+    """The reference's file name, samples_{N}x{H}x{W}x{C}.npz."""
+    return f"samples_{num_samples}x{image_size}x{image_size}x3.npz"
+
+
+def run(args):
+    """Load the model, sample num_samples images over all ranks, write the npz (and grid) on rank 0; returns its path."""
+    kwargs = sample_kwargs(args)
+    if not args.model_path:
+        raise ValueError("no checkpoint given: pass --model_path (e.g. ema_0.9999_NNNNNN.pt from a training log dir)")
+    select_device(args.device)
+    dist_util.setup_dist()
+    log_dir = logger.configure(dir=args.log_dir or None, format_strs=["stdout", "log"])
+    rank = dist_util.get_rank()
+    if args.ts and kwargs["ts"] is None:
+        logger.log(f"note: --ts is used by --sampler multistep only; ignored for {args.sampler}")
+    device = dist_util.dev()
+    model, diffusion = load_sampling_model(args, device)
+    if args.use_fp16 and device.type == "cpu":
+        logger.log("note: float16 convolutions are slow on CPU; --use_bf16 is the fast reduced precision there")
+    if rank == 0:
+        with open(os.path.join(log_dir, "sample_config.json"), "w") as f:
+            f.write(args_to_json(args) + "\n")
+    logger.log(
+        f"sampling {args.num_samples} images ({args.sampler}"
+        f"{', ts ' + ','.join(map(str, kwargs['ts'])) if kwargs['ts'] else ''}) from {args.model_path} on {device}, "
+        f"{dist_util.get_world_size()} rank(s), batch {args.batch_size} per rank"
+    )
+    generator = get_generator(args.generator, args.num_samples, args.seed)
+    start = time.perf_counter()
+    images, labels = generate_samples(
+        diffusion, model, args.num_samples, args.batch_size, args.image_size, generator, kwargs,
+        num_classes=args.num_classes if args.class_cond else None,
+    )
+    seconds = time.perf_counter() - start
+    path = None
+    if rank == 0:
+        path = os.path.join(log_dir, npz_name(args.num_samples, args.image_size))
+        if labels is not None:
+            save_npz(path, images, labels)
+        else:
+            save_npz(path, images)
+        grid = grid_path(args.grid, log_dir, "samples_grid.png")
+        if grid:
+            save_png(image_grid(images[:GRID_IMAGES]), grid)
+        rate = args.num_samples / seconds
+        logger.log(f"saved {path}{' and ' + grid if grid else ''}")
+        logger.log(f"sampled {args.num_samples} images in {seconds:.2f} s: {rate:.2f} img/s")
+    dist_util.barrier()
+    return path
+
+
+def main(argv=None):
+    """Parse flags (and --config); bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
+    args = parse_args_with_config(create_argparser(), argv)
+    if args.dry_run:
+        print(args_to_json(args))
+        return None
+    return run_or_exit(run, args)
+
+
+if __name__ == "__main__":
+    main()

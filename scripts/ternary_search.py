@@ -1,0 +1,239 @@
+"""Ternary search of the intermediate grid index for few-step consistency sampling (the reference's script).
+
+    python scripts/ternary_search.py --begin 0 --end 39 --steps 40 --model_path cd_imagenet64_lpips.pt \\
+        --ref_batch imagenet64.npz --num_samples 50000 [model flags]       (2 steps: ts = 0, p, 39)
+    python scripts/ternary_search.py --begin 0,17 --end 39 ...            (3 steps: the index after 17)
+    python scripts/ternary_search.py --metric digits --model_path ema_0.999_004000.pt [digits model flags]
+
+Each probe p samples num_samples images with ts = begin + (p,) + end, all probes from the same seed (so they
+differ only in p), and scores them: FID against --ref_batch (evaluations package; needs the Inception weights)
+or, for models of the embedded digits, the digits-FID of cm.digits_eval (seconds on a CPU). Every probe is
+printed, then the best ts; the probes are also written to ternary_search.json in the log dir.
+Works under mpiexec / torchrun like image_sample.py (rank 0 scores).
+"""
+
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: make the package importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cm import dist_util, logger  # noqa: E402
+from cm.image_util import (  # noqa: E402
+    DEVICES,
+    OneLineArgumentParser,
+    add_flags,
+    generate_samples,
+    load_sampling_model,
+    parse_ts,
+    run_or_exit,
+    select_device,
+)
+from cm.random_util import GENERATORS, get_generator  # noqa: E402
+from cm.sampling import sigmas_from_ts  # noqa: E402
+from cm.script_util import (  # noqa: E402
+    TRAINING_MODES,
+    add_dict_to_argparser,
+    args_to_json,
+    model_and_diffusion_defaults,
+    parse_args_with_config,
+)
+
+METRICS = ("auto", "fid", "digits")
+
+
+def ternary_search(objective, lo, hi):
+    """Minimise a unimodal objective over the integers lo..hi (inclusive) by ternary search.
+
+    Each index is evaluated at most once. While more than three candidates remain, the thirds m1 < m2 are
+    compared and the side that cannot hold the minimum is dropped; the last two or three are all evaluated.
+
+    :param objective: callable index -> value to minimise.
+    :param lo: smallest candidate index.
+    :param hi: largest candidate index (>= lo).
+    :return: (index with the lowest value among those evaluated, {index: value} in evaluation order).
+    """
+    if hi < lo:
+        raise ValueError(f"empty search range [{lo}, {hi}]")
+    values = {}
+
+    def f(i):
+        if i not in values:
+            values[i] = objective(i)
+        return values[i]
+
+    while hi - lo > 2:
+        third = (hi - lo) // 3
+        m1, m2 = lo + third, hi - third
+        if f(m1) < f(m2):
+            hi = m2 - 1
+        else:
+            lo = m1 + 1
+    for i in range(lo, hi + 1):
+        f(i)
+    return min(values, key=values.get), values
+
+
+def search_range(begin, end, steps, sigma_min=0.002, sigma_max=80.0):
+    """Candidates lo..hi for the index between begin[-1] and end[0]; begin + (p,) + end must be a valid multistep ts."""
+    lo, hi = begin[-1] + 1, end[0] - 1
+    if hi < lo:
+        raise ValueError(f"no grid index lies strictly between begin {begin} and end {end}")
+    sigmas_from_ts(begin + (lo,) + end, steps, sigma_min, sigma_max)  # the index checks of sampling
+    return lo, hi
+
+
+def search_defaults():
+    """The reference's ternary_search.py flags (minus its unused sampler flags), CPU-sized, plus metric and output flags."""
+    return dict(
+        begin="0",
+        end="39",
+        training_mode="consistency_distillation",
+        generator="determ",
+        clip_denoised=True,
+        num_samples=500,
+        batch_size=64,
+        steps=40,
+        model_path="",
+        ref_batch="",
+        metric="auto",
+        inception_weights="",
+        seed=0,
+        use_bf16=False,
+        channels_last=True,
+        log_dir="",
+        device="auto",
+        dry_run=False,
+    )
+
+
+SEARCH_FLAG_HELP = dict(
+    begin="grid indices before the searched one, comma list (2 steps: 0; 3 steps: 0,p1)",
+    end="grid indices after the searched one, comma list (usually steps - 1)",
+    training_mode="how the checkpoint was trained; consistency_* selects the consistency-model scalings",
+    generator="noise source: dummy, determ, determ-indiv (determ / determ-indiv: every probe sees the same noise)",
+    clip_denoised="clamp every denoised estimate to [-1, 1]",
+    num_samples="images per probe (the paper's searches used 50000 with FID)",
+    batch_size="images per forward pass on each rank",
+    steps="size of the Karras noise grid the indices refer to",
+    model_path="consistency-model checkpoint (a state dict)",
+    ref_batch="FID reference batch .npz (arr_0 images or mu/sigma statistics, as the evaluator reads)",
+    metric="score of a probe: fid (against --ref_batch), digits (digits-FID, models of the embedded digits), "
+    "auto (fid when --ref_batch is given, else digits)",
+    inception_weights="FID Inception weights file (default $CM_INCEPTION_WEIGHTS, then the torch hub cache)",
+    seed="random seed of the samples",
+    use_bf16="run the network body in bfloat16",
+    channels_last="channels_last memory format for the network",
+    log_dir="output directory for the log and ternary_search.json (default OPENAI_LOGDIR, else a new temp dir)",
+    device="auto (GPU of this rank if any), cpu or cuda",
+    dry_run="print the resolved configuration as JSON and exit",
+)
+SEARCH_FLAG_CHOICES = dict(training_mode=TRAINING_MODES, generator=GENERATORS, metric=METRICS, device=DEVICES)
+
+
+def create_argparser():
+    """Search flags (help text, choices) plus every model flag of model_and_diffusion_defaults."""
+    parser = OneLineArgumentParser(description="Ternary search of the intermediate index of few-step sampling.")
+    add_flags(parser, search_defaults(), SEARCH_FLAG_HELP, SEARCH_FLAG_CHOICES)
+    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+    return parser
+
+
+def resolve_metric(metric, ref_batch):
+    """fid or digits from the --metric flag (auto: fid when a reference batch is given)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+    if metric == "auto":
+        return "fid" if ref_batch else "digits"
+    if metric == "fid" and not ref_batch:
+        raise ValueError("--metric fid needs --ref_batch (an .npz of reference images or statistics)")
+    return metric
+
+
+def digits_scorer():
+    """uint8 samples -> digits-FID (cm.digits_eval), with the classifier loaded once."""
+    from cm.digits_eval import digits_metrics, load_digits_classifier
+
+    classifier = load_digits_classifier()
+    return lambda images: digits_metrics(images, classifier)["digits_fid"]
+
+
+def fid_scorer(ref_batch, weights, device):
+    """uint8 samples -> FID against ref_batch (pool_3 statistics of the file, or of its images)."""
+    from evaluations.evaluator import Evaluator, read_reference_statistics
+    from evaluations.inception import load_inception
+    from evaluations.metrics import FIDStatistics
+
+    evaluator = Evaluator(load_inception(weights or None, device), device=device, progress=False)
+    stats = read_reference_statistics(ref_batch)
+    ref = stats[0] if stats is not None else evaluator.compute_statistics(evaluator.read_activations(ref_batch)[0])
+
+    def score(images):
+        batches = (images[i : i + evaluator.batch_size] for i in range(0, len(images), evaluator.batch_size))
+        pool, _ = evaluator.compute_activations(batches)
+        return ref.frechet_distance(FIDStatistics.from_features(pool))
+
+    return score
+
+
+def run(args):
+    """Search p in (begin[-1], end[0]) minimising the metric; returns {"best_ts", "metric", "probes"}."""
+    begin, end = parse_ts(args.begin), parse_ts(args.end)
+    if begin is None or end is None:
+        raise ValueError("--begin and --end must each hold at least one grid index")
+    lo, hi = search_range(begin, end, args.steps, args.sigma_min, args.sigma_max)
+    metric = resolve_metric(args.metric, args.ref_batch)
+    if metric == "fid" and not os.path.exists(args.ref_batch):
+        raise FileNotFoundError(f"reference batch {args.ref_batch} does not exist")
+    if not args.model_path:
+        raise ValueError("no checkpoint given: pass --model_path (a consistency-model state dict)")
+    select_device(args.device)
+    dist_util.setup_dist()
+    log_dir = logger.configure(dir=args.log_dir or None, format_strs=["stdout", "log"])
+    rank = dist_util.get_rank()
+    device = dist_util.dev()
+    model, diffusion = load_sampling_model(args, device)
+    score = None
+    if rank == 0:
+        score = fid_scorer(args.ref_batch, args.inception_weights, device) if metric == "fid" else digits_scorer()
+    name = "fid" if metric == "fid" else "digits_fid"
+    logger.log(f"searching ts = {begin} + (p,) + {end} for p in [{lo}, {hi}] by {name}, {args.num_samples} samples per probe")
+
+    def objective(p):
+        ts = begin + (p,) + end
+        start = time.perf_counter()
+        images, _ = generate_samples(
+            diffusion, model, args.num_samples, args.batch_size, args.image_size,
+            get_generator(args.generator, args.num_samples, args.seed),
+            dict(sampler="multistep", ts=ts, steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                 clip_denoised=args.clip_denoised),
+            num_classes=args.num_classes if args.class_cond else None, progress=False,
+        )
+        value = dist_util.broadcast_object(float(score(images)) if rank == 0 else None)
+        logger.log(f"ts={','.join(map(str, ts))}: {name} {value:.4f} ({time.perf_counter() - start:.1f} s)")
+        return value
+
+    best, values = ternary_search(objective, lo, hi)
+    best_ts = begin + (best,) + end
+    logger.log(f"best ts: {','.join(map(str, best_ts))} ({name} {values[best]:.4f}, {len(values)} probes)")
+    result = {"best_ts": list(best_ts), "metric": name, "probes": {str(p): v for p, v in values.items()}}
+    if rank == 0:
+        with open(os.path.join(log_dir, "ternary_search.json"), "w") as f:
+            json.dump({**result, "config": json.loads(args_to_json(args))}, f, indent=2)
+    dist_util.barrier()
+    return result
+
+
+def main(argv=None):
+    """Parse flags (and --config); bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
+    args = parse_args_with_config(create_argparser(), argv)
+    if args.dry_run:
+        print(args_to_json(args))
+        return None
+    return run_or_exit(run, args)
+
+
+if __name__ == "__main__":
+    main()
