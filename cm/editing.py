@@ -76,12 +76,17 @@ class LinearConstraint:
     :param forward: x -> A x.
     :param inverse: z -> A^-1 z.
     :param known: 0/1 tensor broadcasting against A x: 1 where the coordinate of A y is kept (1 - Omega).
+    :param group_min: elementwise tensor -> its minimum over each group of pixels that A mixes (a pixel's
+        channels, a patch), broadcast back; None: A mixes nothing (elementwise).
+    :param anchor: y -> an image in [-1, 1] with the known part of y (default: the projection of y).
     """
 
-    def __init__(self, forward, inverse, known):
+    def __init__(self, forward, inverse, known, group_min=None, anchor=None):
         self.forward = forward
         self.inverse = inverse
         self.known = known
+        self.group_min = group_min or (lambda t: t)
+        self.anchor = anchor or self.project
 
     def project(self, y):
         """A^-1[(A y) * known]: y with its unknown coordinates zeroed (Alg. 4, line 2)."""
@@ -91,6 +96,18 @@ class LinearConstraint:
         """A^-1[(A y) * known + (A x) * (1 - known)]: x with the known part of y put back (Alg. 4, lines 5 and 9)."""
         known = self.known.to(x)
         return self.inverse(self.forward(y) * known + self.forward(x) * (1 - known))
+
+    def fit_range(self, x, y, lo=-1.0, hi=1.0):
+        """x brought into [lo, hi] with its known part unchanged.
+
+        x = a + u with a = anchor(y) in range and u free of known coordinates; u is scaled, per group, by the
+        largest c in [0, 1] that keeps every pixel of the group in range. Only a colour or detail that would
+        be clipped anyway is toned down; clamping instead would change the known part (e.g. the luminance).
+        """
+        a = self.anchor(y)
+        u = x - a
+        room = torch.where(u > 0, (hi - a) / u, torch.where(u < 0, (lo - a) / u, torch.full_like(u, math.inf)))
+        return a + self.group_min(room).clamp(0, 1) * u
 
 
 def inpaint_constraint(mask):
@@ -104,7 +121,9 @@ def colorize_constraint():
     q = orthogonal_basis(LUMA).float()
     forward = lambda x: torch.einsum("bchw,cd->bdhw", x, q.to(x))  # noqa: E731
     inverse = lambda z: torch.einsum("bdhw,cd->bchw", z, q.to(z))  # noqa: E731
-    return LinearConstraint(forward, inverse, torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+    known = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    gray = lambda y: grayscale(y) / sum(LUMA)  # noqa: E731  (the gray image of the same luminance)
+    return LinearConstraint(forward, inverse, known, lambda t: t.amin(dim=1, keepdim=True), gray)
 
 
 def to_patches(x, factor):
@@ -128,7 +147,11 @@ def superres_constraint(factor):
     inverse = lambda z: from_patches(z @ q.to(z).T, factor)  # noqa: E731
     known = torch.zeros(factor * factor)
     known[0] = 1.0
-    return LinearConstraint(forward, inverse, known)
+
+    def patch_min(t):
+        return from_patches(to_patches(t, factor).amin(dim=-1, keepdim=True).expand(-1, -1, -1, -1, factor * factor), factor)
+
+    return LinearConstraint(forward, inverse, known, patch_min)
 
 
 def check_factor(factor, image_size):
@@ -249,11 +272,13 @@ def edit_loop(denoiser, x, sigmas, generator, constraint=None, y=None, sigma_min
 def zero_shot_edit(denoiser, images, constraint, sigmas, generator, sigma_min=0.002):
     """CM paper Alg. 4: y = the known part of the images (line 2), x ~ N(y, t_1^2 I) (line 3), then the loop.
 
+    The result is brought into [-1, 1] without changing its known part (LinearConstraint.fit_range).
     Returns (edited images, y).
     """
     y = constraint.project(images)
     x = y + generator.randn_like(y) * float(sigmas[0])
-    return edit_loop(denoiser, x, sigmas, generator, constraint, y, sigma_min), y
+    x = edit_loop(denoiser, x, sigmas, generator, constraint, y, sigma_min)
+    return constraint.fit_range(x, images), y
 
 
 def inpaint(denoiser, images, mask, sigmas, generator, sigma_min=0.002):

@@ -138,7 +138,7 @@ def read_inputs(args):
     images = from_uint8(read_images(args.input, size))
     mask = None
     if args.task == "inpaint":
-        if args.mask in editing.MASKS:
+        if args.mask in editing.MASKS or not os.path.exists(args.mask):
             mask = editing.make_mask(args.mask, size, args.seed)
         else:
             mask = read_mask(args.mask, size)
