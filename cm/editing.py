@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from .sampling import sigmas_from_ts
 
@@ -141,7 +142,7 @@ def from_patches(p, factor):
 
 
 def superres_constraint(factor):
-    """A = Q^T on each f x f patch, Q's first column the constant 1/f (so A's first coordinate is f * the patch mean); that coordinate is known."""
+    """A = Q^T on each f x f patch, Q's first column constant (1/f); the first coordinate, f * patch mean, is known."""
     q = orthogonal_basis([1.0] * factor * factor).float()
     forward = lambda x: to_patches(x, factor) @ q.to(x)  # noqa: E731
     inverse = lambda z: from_patches(z @ q.to(z).T, factor)  # noqa: E731
@@ -149,7 +150,8 @@ def superres_constraint(factor):
     known[0] = 1.0
 
     def patch_min(t):
-        return from_patches(to_patches(t, factor).amin(dim=-1, keepdim=True).expand(-1, -1, -1, -1, factor * factor), factor)
+        least = to_patches(t, factor).amin(dim=-1, keepdim=True)
+        return from_patches(least.expand(-1, -1, -1, -1, factor * factor), factor)
 
     return LinearConstraint(forward, inverse, known, patch_min)
 
@@ -180,8 +182,6 @@ def make_mask(kind, image_size, seed=0):
     elif kind == "half":
         mask[:, s // 2 :] = 1
     else:
-        from PIL import Image, ImageDraw
-
         rng = np.random.default_rng(seed)
         canvas = Image.new("L", (s, s), 0)
         draw = ImageDraw.Draw(canvas)
@@ -287,7 +287,7 @@ def inpaint(denoiser, images, mask, sigmas, generator, sigma_min=0.002):
 
 
 def colorize(denoiser, images, sigmas, generator, sigma_min=0.002):
-    """Colour images, keeping their luminance (Alg. 4, A = luminance + orthogonal complement). Returns (edited, gray input)."""
+    """Colour images keeping their luminance (Alg. 4, A = luminance + orthogonal complement); (edited, gray input)."""
     edited, _ = zero_shot_edit(denoiser, images, colorize_constraint(), sigmas, generator, sigma_min)
     return edited, grayscale(images)
 
@@ -319,7 +319,7 @@ def interpolate(denoiser, z0, z1, num_frames, sigma_max):
 
 
 def noised_start(images, sigma, sigma_max, generator):
-    """SDEdit's start x = y + sigma z; at sigma = sigma_max the prior sample sigma_max z (SDEdit's t0 = 1: the image is ignored)."""
+    """SDEdit's start x = y + sigma z; at sigma = sigma_max the prior sample sigma_max z (t0 = 1: y is ignored)."""
     z = generator.randn_like(images)
     return z * sigma_max if sigma >= sigma_max else images + z * sigma
 

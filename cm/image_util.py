@@ -15,8 +15,12 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from . import dist_util
+from .image_datasets import center_crop_arr
+from .sampling import karras_sample
 from .script_util import (
     args_to_dict,
     create_model_and_diffusion,
@@ -69,8 +73,6 @@ def image_grid(images, ncols=None, pad=1):
 
 def save_png(array, path):
     """Write a uint8 [H, W, 3] (or [H, W, 1]) array as a PNG file."""
-    from PIL import Image
-
     array = np.asarray(array)
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
     return path
@@ -94,24 +96,19 @@ def grid_path(flag, log_dir, default_name):
 
 def _fit(image, size):
     """A uint8 HWC image center-cropped and resized to size x size (unchanged when it already is)."""
-    from PIL import Image
-
-    from .image_datasets import center_crop_arr
-
     if image.shape[0] == image.shape[1] == size:
         return image
     return center_crop_arr(Image.fromarray(image), size)
 
 
 def read_images(spec, size=None, keep_sizes=()):
-    """Images named by `spec` as uint8 [N, H, W, 3]: an .npz (arr_0, NHWC uint8, or float in [-1, 1]) or a comma list of files.
+    """Images named by `spec` as uint8 [N, H, W, 3].
 
-    :param spec: "batch.npz" or "a.png,b.jpg".
+    :param spec: "batch.npz" (arr_0: NHWC uint8, or float in [-1, 1]) or a comma list of image files.
+
     :param size: side to center-crop and resize each image to (None: keep; all must then agree).
     :param keep_sizes: sides that are kept as they are (e.g. the low resolution of a super-resolution input).
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not spec:
         raise ValueError("no input images: pass --input (image files, comma separated, or an .npz)")
     if spec.endswith(".npz"):
@@ -135,6 +132,8 @@ def read_images(spec, size=None, keep_sizes=()):
                 images.append(np.array(Image.open(path).convert("RGB")))
             except (UnidentifiedImageError, OSError) as e:
                 raise ValueError(f"input {path} is not a readable image: {e}") from None
+    if not images:
+        raise ValueError(f"--input {spec} names no images")
     if size is not None:
         images = [im if im.shape[0] == im.shape[1] and im.shape[0] in keep_sizes else _fit(im, size) for im in images]
     if len({im.shape for im in images}) > 1:
@@ -143,9 +142,7 @@ def read_images(spec, size=None, keep_sizes=()):
 
 
 def read_mask(path, image_size):
-    """A mask image file -> float32 [1, 1, S, S] with 1 where the pixel is to be generated (white, >= 128), 0 where kept."""
-    from PIL import Image, UnidentifiedImageError
-
+    """A mask image file -> float32 [1, 1, S, S]: 1 where the pixel is to be generated (white, >= 128), 0 where kept."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"mask {path} does not exist")
     try:
@@ -167,24 +164,26 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_flags(parser, defaults, help, choices=None):
+def add_flags(parser, defaults, help_text, choices=None):
     """Add --name flags typed like their defaults (bools via str2bool), with help text and allowed values.
 
     :param parser: the argparse parser.
     :param defaults: {name: default}.
-    :param help: {name: help text}; every flag must have one.
+    :param help_text: {name: help text}; every flag must have one.
     :param choices: {name: allowed values} for enum flags.
     """
     choices = choices or {}
     for name, default in defaults.items():
         kind = str2bool if isinstance(default, bool) else type(default)
-        parser.add_argument(
-            f"--{name}", default=default, type=kind, choices=choices.get(name), help=f"{help[name]} (default: %(default)s)"
-        )
+        text = f"{help_text[name]} (default: %(default)s)"
+        parser.add_argument(f"--{name}", default=default, type=kind, choices=choices.get(name), help=text)
 
 
 def run_or_exit(fn, *args):
-    """fn(*args); ValueError, FileNotFoundError or RuntimeError become one 'error:' line and exit status 1 (CM_DEBUG=1 re-raises)."""
+    """fn(*args); a ValueError, FileNotFoundError or RuntimeError becomes one 'error:' line and exit status 1.
+
+    CM_DEBUG=1 re-raises instead, with the traceback.
+    """
     try:
         return fn(*args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -255,7 +254,8 @@ def rank_batches(num_samples, batch_size, world_size):
 
 
 def generate_samples(
-    diffusion, model, num_samples, batch_size, image_size, generator, sample_kwargs=None, num_classes=None, progress=True
+    diffusion, model, num_samples, batch_size, image_size, generator, sample_kwargs=None, num_classes=None,
+    progress=True,
 ):
     """num_samples images from karras_sample over all ranks; rank 0 gets (uint8 [N, H, W, 3], labels [N] or None).
 
@@ -274,10 +274,6 @@ def generate_samples(
     :param num_classes: draw labels y in [0, num_classes) for a class-conditional model (None: unconditional).
     :param progress: tqdm bar on rank 0.
     """
-    from tqdm.auto import tqdm
-
-    from .sampling import karras_sample
-
     if num_samples <= 0 or batch_size <= 0:
         raise ValueError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
     rank, world = dist_util.get_rank(), dist_util.get_world_size()

@@ -216,7 +216,7 @@ def run_interpolation(args, model, diffusion, device):
 
 
 def run(args):
-    """Check the inputs, load the model, run the task, write {task}.png and the npz; returns their paths and the results."""
+    """Check the inputs, load the model, run the task, write {task}.png and the npz; returns paths and results."""
     editing.check_task(args.task)
     ts = parse_ts(args.ts)
     if ts is None:
@@ -237,12 +237,14 @@ def run(args):
         rows, after, before = run_interpolation(args, model, diffusion, device)
     else:
         levels = editing.levels_from(sigma, sigmas, args.sigma_min) if sigma else sigmas
-        logger.log(f"{args.task} with {args.model_path} on {device}; noise levels {', '.join(f'{s:.4g}' for s in levels.tolist())}")
+        shown = ", ".join(f"{s:.4g}" for s in levels.tolist())
+        logger.log(f"{args.task} with {args.model_path} on {device}; noise levels {shown}")
         rows, after, before = run_edits(args, inputs, model, diffusion, sigmas, sigma, device)
     size = args.image_size
     npz = os.path.join(log_dir, f"{args.task}_{len(after)}x{size}x{size}x3.npz")
     save_npz(npz, *([after] if before is None else [after, before]))
-    png = save_png(image_grid(rows.reshape(-1, size, size, 3), ncols=rows.shape[1]), os.path.join(log_dir, f"{args.task}.png"))
+    strip = image_grid(rows.reshape(-1, size, size, 3), ncols=rows.shape[1])
+    png = save_png(strip, os.path.join(log_dir, f"{args.task}.png"))
     logger.log(f"saved {png} and {npz}")
     return {"npz": npz, "png": png, "results": after, "given": before}
 

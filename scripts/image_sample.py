@@ -108,16 +108,14 @@ def create_argparser():
 
 def sample_kwargs(args):
     """karras_sample arguments from the flags; ts is checked against the grid before any model is built."""
-    ts = parse_ts(args.ts)
-    if args.sampler == "multistep":
-        if ts is None:
-            raise ValueError(
-                f"--sampler multistep needs --ts, increasing indices into the {args.steps}-point grid, "
-                f"e.g. --ts 0,{round(0.55 * (args.steps - 1))},{args.steps - 1}"
-            )
+    ts = parse_ts(args.ts) if args.sampler == "multistep" else None
+    if args.sampler == "multistep" and ts is None:
+        raise ValueError(
+            f"--sampler multistep needs --ts, increasing indices into the {args.steps}-point grid, "
+            f"e.g. --ts 0,{round(0.55 * (args.steps - 1))},{args.steps - 1}"
+        )
+    if ts is not None:
         sigmas_from_ts(ts, args.steps, args.sigma_min, args.sigma_max)
-    elif ts is not None:
-        ts = None
     return dict(
         steps=args.steps,
         clip_denoised=args.clip_denoised,
@@ -138,7 +136,7 @@ def npz_name(num_samples, image_size):
 
 
 def run(args):
-    """Load the model, sample num_samples images over all ranks, write the npz (and grid) on rank 0; returns its path."""
+    """Load the model, sample over all ranks, write the npz (and grid) on rank 0; returns the npz path there."""
     kwargs = sample_kwargs(args)
     if not args.model_path:
         raise ValueError("no checkpoint given: pass --model_path (e.g. ema_0.9999_NNNNNN.pt from a training log dir)")

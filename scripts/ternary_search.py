@@ -86,7 +86,7 @@ def search_range(begin, end, steps, sigma_min=0.002, sigma_max=80.0):
 
 
 def search_defaults():
-    """The reference's ternary_search.py flags (minus its unused sampler flags), CPU-sized, plus metric and output flags."""
+    """The reference's ternary_search.py flags (less its unused sampler flags), CPU-sized, plus metric and output."""
     return dict(
         begin="0",
         end="39",
@@ -199,7 +199,9 @@ def run(args):
     if rank == 0:
         score = fid_scorer(args.ref_batch, args.inception_weights, device) if metric == "fid" else digits_scorer()
     name = "fid" if metric == "fid" else "digits_fid"
-    logger.log(f"searching ts = {begin} + (p,) + {end} for p in [{lo}, {hi}] by {name}, {args.num_samples} samples per probe")
+    logger.log(
+        f"searching ts = {begin} + (p,) + {end} for p in [{lo}, {hi}] by {name}, {args.num_samples} samples per probe"
+    )
 
     def objective(p):
         ts = begin + (p,) + end

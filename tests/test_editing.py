@@ -104,7 +104,9 @@ def test_fit_range_tones_down_what_would_be_clipped_and_keeps_the_known_part():
     assert torch.allclose(c.fit_range(inside, y), inside, atol=1e-6)  # nothing to do
 
 
-@pytest.mark.parametrize("size, factor, fn", [(8, 2, None), (8, 4, None), (12, 3, smooth_denoiser), (10, 5, smooth_denoiser)])
+@pytest.mark.parametrize(
+    "size, factor, fn", [(8, 2, None), (8, 4, None), (12, 3, smooth_denoiser), (10, 5, smooth_denoiser)]
+)
 def test_superres_output_downsamples_to_the_input(denoiser, size, factor, fn):
     low = images(size=size // factor)
     out, up = editing.superres(fn or denoiser, low, factor, sigmas(), gen(3))
@@ -121,7 +123,8 @@ def test_orthogonal_bases_and_constraints_are_exact_projections():
         v = torch.tensor(first, dtype=torch.float64)
         assert torch.allclose(q[:, 0], v / v.norm())
     x, y = images(2, 12), images(2, 12, seed=1)
-    for c in (editing.colorize_constraint(), editing.superres_constraint(3), editing.inpaint_constraint(editing.make_mask("box", 12))):
+    box = editing.make_mask("box", 12)
+    for c in (editing.colorize_constraint(), editing.superres_constraint(3), editing.inpaint_constraint(box)):
         assert torch.allclose(c.inverse(c.forward(x)), x, atol=1e-6)
         mixed = c.replace(x, y)
         assert torch.allclose(c.project(mixed), c.project(y), atol=1e-5)
@@ -177,7 +180,8 @@ def test_edit_loop_without_a_constraint_is_multistep_sampling(tiny):
     g1, g2 = gen(2, seed=5), gen(2, seed=5)
     reference = karras_sample(diffusion, model, (2, 3, 8, 8), 40, sampler="multistep", ts=(0, 10, 39), generator=g1)
     x = g2.randn(2, 3, 8, 8) * SIGMA_MAX
-    ours = editing.edit_loop(editing.make_denoiser(diffusion, model), x, editing.editing_sigmas((0, 10, 39), 40, SIGMA_MIN, SIGMA_MAX), g2)
+    levels = editing.editing_sigmas((0, 10, 39), 40, SIGMA_MIN, SIGMA_MAX)
+    ours = editing.edit_loop(editing.make_denoiser(diffusion, model), x, levels, g2)
     assert torch.allclose(ours, reference, atol=1e-6)
 
 

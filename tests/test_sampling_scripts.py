@@ -154,6 +154,8 @@ def one_error_line(capsys, fn, argv, status=1):
         (["--sampler", "multistep"], "needs --ts"),
         (["--sampler", "unknown"], "invalid choice"),
         (["--generator", "random"], "invalid choice"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--use_fp16", "true", "--use_bf16", "true"], "choose one of"),
     ],
 )
 def test_bad_sampling_input_gives_one_error_line(tmp_path, capsys, class_cond_ckpt, extra, expected):
@@ -165,11 +167,24 @@ def test_bad_sampling_input_gives_one_error_line(tmp_path, capsys, class_cond_ck
 
 
 def test_checkpoint_that_does_not_fit_names_keys_and_shapes(tmp_path, capsys, class_cond_ckpt):
-    line = one_error_line(capsys, image_sample.main, MODEL_FLAGS + ["--model_path", class_cond_ckpt, "--log_dir", str(tmp_path)])
+    where = ["--model_path", class_cond_ckpt, "--log_dir", str(tmp_path)]
+    line = one_error_line(capsys, image_sample.main, MODEL_FLAGS + where)
     assert "unexpected keys: label_emb.weight" in line
     wide = [f for f in CC_FLAGS if not f.startswith("--num_channels")] + ["--num_channels=64"]
-    line = one_error_line(capsys, image_sample.main, wide + ["--model_path", class_cond_ckpt, "--log_dir", str(tmp_path)])
+    line = one_error_line(capsys, image_sample.main, wide + where)
     assert "shape mismatches: " in line and "vs model" in line
+
+
+def test_config_file_supplies_flags_and_the_command_line_wins(tmp_path, class_cond_ckpt):
+    config = tmp_path / "sample.yaml"
+    lines = [f"{k}: {v}" for k, v in TINY_MODEL.items()] + [
+        "class_cond: true", "num_classes: 10", "sampler: heun", "steps: 3", "num_samples: 4",
+        f"model_path: {class_cond_ckpt}",
+    ]
+    config.write_text("\n".join(lines) + "\n")
+    path = image_sample.main(["--config", str(config), "--sampler", "onestep", "--log_dir", str(tmp_path)])
+    assert os.path.basename(path) == "samples_4x8x8x3.npz"
+    assert json.loads((tmp_path / "sample_config.json").read_text())["sampler"] == "onestep"
 
 
 def test_dry_run_prints_the_configuration(capsys):
