@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the package importable from
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from cm import dist_util, editing, logger  # noqa: E402
 from cm.image_util import (  # noqa: E402
@@ -179,7 +180,7 @@ def run_edits(args, inputs, model, diffusion, sigmas, sigma, device):
     shown, given, mask = inputs
     generator = get_generator(args.generator, len(given), args.seed)
     befores, afters = [], []
-    for start in range(0, len(given), args.batch_size):
+    for start in tqdm(range(0, len(given), args.batch_size), desc=args.task, unit="batch"):
         generator.set_done_samples(start)
         images = given[start : start + args.batch_size].to(device)
         kwargs = draw_labels(args, generator, len(images), device)
@@ -228,6 +229,7 @@ def run(args):
         raise ValueError("no checkpoint given: pass --model_path (a consistency-model state dict)")
     select_device(args.device)
     log_dir = logger.configure(dir=args.log_dir or None, format_strs=["stdout", "log"])
+    torch.manual_seed(args.seed)  # the global RNG, used by --generator dummy
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
     with open(os.path.join(log_dir, f"{args.task}_config.json"), "w") as f:

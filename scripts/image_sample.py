@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+import torch
+
 if __package__ in (None, ""):  # run as a file: make the package importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -146,6 +148,7 @@ def run(args):
     rank = dist_util.get_rank()
     if args.ts and kwargs["ts"] is None:
         logger.log(f"note: --ts is used by --sampler multistep only; ignored for {args.sampler}")
+    torch.manual_seed(args.seed + rank)  # the global RNG (--generator dummy): seeded, different on every rank
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
     if args.use_fp16 and device.type == "cpu":

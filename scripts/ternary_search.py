@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+import torch
+
 if __package__ in (None, ""):  # run as a file: make the package importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -195,6 +197,7 @@ def run(args):
     rank = dist_util.get_rank()
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
+    rank_seed = args.seed + rank  # the global RNG (--generator dummy) differs between ranks
     score = None
     if rank == 0:
         score = fid_scorer(args.ref_batch, args.inception_weights, device) if metric == "fid" else digits_scorer()
@@ -206,6 +209,7 @@ def run(args):
     def objective(p):
         ts = begin + (p,) + end
         start = time.perf_counter()
+        torch.manual_seed(rank_seed)
         images, _ = generate_samples(
             diffusion, model, args.num_samples, args.batch_size, args.image_size,
             get_generator(args.generator, args.num_samples, args.seed),

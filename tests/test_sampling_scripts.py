@@ -98,6 +98,16 @@ def test_sample_k_depends_only_on_seed_and_k(tmp_path, class_cond_ckpt, generato
         assert not np.array_equal(data["arr_0"], runs[0][0])
 
 
+def test_dummy_generator_is_seeded(tmp_path, class_cond_ckpt):
+    runs = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        path = sample(tmp_path / name, class_cond_ckpt, "--num_samples", "3", "--generator", "dummy", "--seed", seed,
+                      "--sampler", "onestep", "--grid", "none")
+        with np.load(path) as data:
+            runs.append(data["arr_0"])
+    assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
+
+
 def test_mpiexec_two_ranks_write_one_npz_equal_to_one_process(tmp_path, class_cond_ckpt):
     exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     common = CC_FLAGS + [
