@@ -224,6 +224,10 @@ def run(args):
         raise ValueError("--ts is required: increasing indices of the editing levels, e.g. 0,5,10,15,20,25,30,35,39")
     sigmas = editing.editing_sigmas(ts, args.steps, args.sigma_min, args.sigma_max)
     sigma = task_sigma(args)
+    if args.task == "interpolate" and (args.num_frames < 2 or args.num_samples < 1):
+        raise ValueError(
+            f"interpolate needs num_frames >= 2 and num_samples >= 1, got {args.num_frames} and {args.num_samples}"
+        )
     inputs = None if args.task == "interpolate" else read_inputs(args)
     if not args.model_path:
         raise ValueError("no checkpoint given: pass --model_path (a consistency-model state dict)")
@@ -239,8 +243,8 @@ def run(args):
         rows, after, before = run_interpolation(args, model, diffusion, device)
     else:
         levels = editing.levels_from(sigma, sigmas, args.sigma_min) if sigma else sigmas
-        shown = ", ".join(f"{s:.4g}" for s in levels.tolist())
-        logger.log(f"{args.task} with {args.model_path} on {device}; noise levels {shown}")
+        listed = ", ".join(f"{s:.4g}" for s in levels.tolist())
+        logger.log(f"{args.task} with {args.model_path} on {device}; noise levels {listed}")
         rows, after, before = run_edits(args, inputs, model, diffusion, sigmas, sigma, device)
     size = args.image_size
     npz = os.path.join(log_dir, f"{args.task}_{len(after)}x{size}x{size}x3.npz")

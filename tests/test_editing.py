@@ -269,6 +269,7 @@ def test_script_mask_file(tmp_path, ckpt, inputs):
         (["--task", "denoise", "--sigma", "90"], "sigma must be in", 1),
         (["--ts", "0,50"], "strictly increasing", 1),
         (["--model_path", ""], "no checkpoint given", 1),
+        (["--task", "interpolate", "--num_frames", "1"], "num_frames >= 2", 1),
     ],
 )
 def test_bad_editing_input_gives_one_error_line(tmp_path, capsys, ckpt, inputs, extra, expected, status):
