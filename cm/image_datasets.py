@@ -289,7 +289,7 @@ class DataStream:
 
     def _finish(self, images, indices, position):
         """uint8 NCHW -> float [-1, 1], seeded flips, labels."""
-        x = images.float() / 127.5 - 1
+        x = (images.float() / 127.5 - 1).contiguous()  # NCHW; the trainer picks the memory format
         if self.random_flip:
             g = torch.Generator().manual_seed((self.seed * 7919 + self.epoch) * 100_003 + position)
             flip = torch.rand(len(x), generator=g) < 0.5

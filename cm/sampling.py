@@ -328,3 +328,36 @@ def karras_sample(
 
     x_0 = SAMPLERS[sampler](denoiser, x_T, sigmas, generator, progress=progress, callback=callback, **options)
     return x_0.clamp(-1, 1)
+
+
+def ternary_search(objective, lo, hi):
+    """Minimise a unimodal objective over the integers lo..hi (inclusive) by ternary search.
+
+    Each index is evaluated at most once. While more than three candidates remain, the thirds m1 < m2 are
+    compared and the side that cannot hold the minimum is dropped; the last two or three are all evaluated.
+    Used to pick the intermediate grid index of few-step consistency sampling (CM paper Sec. 6).
+
+    :param objective: callable index -> value to minimise.
+    :param lo: smallest candidate index.
+    :param hi: largest candidate index (>= lo).
+    :return: (index with the lowest value among those evaluated, {index: value} in evaluation order).
+    """
+    if hi < lo:
+        raise ValueError(f"empty search range [{lo}, {hi}]")
+    values = {}
+
+    def f(i):
+        if i not in values:
+            values[i] = objective(i)
+        return values[i]
+
+    while hi - lo > 2:
+        third = (hi - lo) // 3
+        m1, m2 = lo + third, hi - third
+        if f(m1) < f(m2):
+            hi = m2 - 1
+        else:
+            lo = m1 + 1
+    for i in range(lo, hi + 1):
+        f(i)
+    return min(values, key=values.get), values

@@ -196,6 +196,7 @@ def train_defaults():
         channels_last=True,
         random_flip=True,
         on_bad_image="skip",
+        max_minutes=0.0,
         dry_run=False,
     )
 
@@ -222,6 +223,7 @@ TRAIN_FLAG_HELP = dict(
     channels_last="channels_last memory format for images and networks",
     random_flip="random horizontal flips",
     on_bad_image="unreadable image: skip (with a warning naming it) or error",
+    max_minutes="checkpoint and stop after this many minutes of training (0: no limit)",
     dry_run="print the resolved configuration as JSON and exit",
 )
 TRAIN_FLAG_CHOICES = dict(
@@ -452,7 +454,8 @@ def load_config(path):
 def parse_args_with_config(parser, argv=None):
     """Parse argv with `--config FILE.yaml` supplying defaults; flags given on the command line win.
 
-    Unknown keys in the file, or values of the wrong type or outside the choices, stop with one error line.
+    Keys this parser lacks but another cm script has (training flags given to a sampling script) are skipped;
+    any other unknown key, or a value of the wrong type or outside the choices, stops with one error line.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(a.dest == "config" for a in parser._actions):
@@ -461,6 +464,8 @@ def parse_args_with_config(parser, argv=None):
     if pre.config:
         actions = {a.dest: a for a in parser._actions}
         values = load_config(pre.config)
+        # keys of other cm scripts (e.g. training flags in a file given to image_sample.py) are skipped
+        values = {k: v for k, v in values.items() if k in actions or k not in FLAG_HELP}
         unknown = sorted(k for k in values if k not in actions or k == "config")
         if unknown:
             parser.error(f"config file {pre.config} has unknown keys: {', '.join(unknown)}")

@@ -78,7 +78,15 @@ def _prepare(model, device, channels_last):
 
 
 def run(args):
-    """Build data, networks, teacher and target from flags, then train."""
+    """Build everything from flags, then train; returns the finished loop."""
+    loop = build_loop(args)
+    loop.run_loop()
+    logger.log(f"done at step {loop.step}; checkpoints in {logger.get_dir()}")
+    return loop
+
+
+def build_loop(args):
+    """Set up processes and logging, build data, networks, teacher and target from flags; return the loop."""
     mode = getattr(args, "training_mode", "edm")
     if mode not in TRAINING_MODES:
         raise ValueError(f"unknown training_mode {mode!r}; allowed: {', '.join(TRAINING_MODES)}")
@@ -166,6 +174,7 @@ def run(args):
         optimizer=args.optimizer,
         run_config=vars(args),
         channels_last=args.channels_last,
+        time_limit=args.max_minutes * 60,
     )
     if mode == "edm":
         loop = TrainLoop(
@@ -200,8 +209,6 @@ def run(args):
             **common,
         )
     logger.log(f"training ({mode}) on {device}, {dist_util.get_world_size()} rank(s), batch {batch_size} per rank")
-    loop.run_loop()
-    logger.log(f"done at step {loop.step}; checkpoints in {log_dir}")
     return loop
 
 

@@ -197,6 +197,7 @@ class TrainLoop:
     :param run_config: dict recorded in every checkpoint (the resolved flags).
     :param max_consecutive_skips: stop with an error after this many steps in a row with non-finite gradients.
     :param channels_last: feed images in channels_last memory format.
+    :param time_limit: seconds of training after which to checkpoint and stop (0: none).
     :param progress: tqdm progress bar on rank 0.
     """
 
@@ -226,6 +227,7 @@ class TrainLoop:
         run_config=None,
         max_consecutive_skips=100,
         channels_last=False,
+        time_limit=0.0,
         progress=True,
     ):
         self.model = model
@@ -246,6 +248,7 @@ class TrainLoop:
         self.run_config = run_config or {}
         self.max_consecutive_skips = max_consecutive_skips
         self.channels_last = channels_last
+        self.time_limit = time_limit
         self.progress = progress
         self.device = dist_util.dev()
         self.global_batch = batch_size * dist_util.get_world_size()
@@ -333,22 +336,27 @@ class TrainLoop:
 
             bar = tqdm(total=self.total_training_steps or None, initial=self.step, desc="train", dynamic_ncols=True)
         self._interval_start = (time.time(), self.step)
+        deadline = time.time() + self.time_limit if self.time_limit else float("inf")
         with StopRequest() as stop:
             while not self.done():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
                 if bar is not None:
                     bar.update(1)
+                should_stop = stop.requested or time.time() > deadline
                 if self.step % self.log_interval == 0:
                     self.dump_logs(bar)
-                    if self._agree(stop.requested):
-                        logger.log(f"stop requested: checkpointing step {self.step}")
-                        break
-                elif stop.requested and dist_util.get_world_size() == 1:
-                    logger.log(f"stop requested: checkpointing step {self.step}")
+                    should_stop = self._agree(should_stop)
+                elif dist_util.get_world_size() > 1:
+                    should_stop = False  # ranks agree on stopping only at log steps
+                if should_stop:
+                    reason = "stop requested" if stop.requested else "time limit reached"
+                    logger.log(f"{reason}: checkpointing step {self.step}")
                     break
                 if self.save_interval > 0 and self.step % self.save_interval == 0:
                     self.save()
+        if self.step % self.log_interval:
+            self.dump_logs(bar)
         if self.last_saved_step != self.step:
             self.save()
         if bar is not None:

@@ -178,7 +178,8 @@ def split_qkv(qkv, num_heads, layout):
         q, k, v = qkv.reshape(b, 3, num_heads, d, length).unbind(1)
     else:
         q, k, v = qkv.reshape(b, num_heads, 3, d, length).unbind(2)
-    return q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+    # contiguous [B, H, T, D] lets SDPA use its fast kernel
+    return q.transpose(-1, -2).contiguous(), k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous()
 
 
 def qkv_attention(qkv, num_heads, layout="flash"):

@@ -34,7 +34,7 @@ from cm.image_util import (  # noqa: E402
     select_device,
 )
 from cm.random_util import GENERATORS, get_generator  # noqa: E402
-from cm.sampling import sigmas_from_ts  # noqa: E402
+from cm.sampling import sigmas_from_ts, ternary_search  # noqa: E402
 from cm.script_util import (  # noqa: E402
     TRAINING_MODES,
     add_dict_to_argparser,
@@ -44,38 +44,6 @@ from cm.script_util import (  # noqa: E402
 )
 
 METRICS = ("auto", "fid", "digits")
-
-
-def ternary_search(objective, lo, hi):
-    """Minimise a unimodal objective over the integers lo..hi (inclusive) by ternary search.
-
-    Each index is evaluated at most once. While more than three candidates remain, the thirds m1 < m2 are
-    compared and the side that cannot hold the minimum is dropped; the last two or three are all evaluated.
-
-    :param objective: callable index -> value to minimise.
-    :param lo: smallest candidate index.
-    :param hi: largest candidate index (>= lo).
-    :return: (index with the lowest value among those evaluated, {index: value} in evaluation order).
-    """
-    if hi < lo:
-        raise ValueError(f"empty search range [{lo}, {hi}]")
-    values = {}
-
-    def f(i):
-        if i not in values:
-            values[i] = objective(i)
-        return values[i]
-
-    while hi - lo > 2:
-        third = (hi - lo) // 3
-        m1, m2 = lo + third, hi - third
-        if f(m1) < f(m2):
-            hi = m2 - 1
-        else:
-            lo = m1 + 1
-    for i in range(lo, hi + 1):
-        f(i)
-    return min(values, key=values.get), values
 
 
 def search_range(begin, end, steps, sigma_min=0.002, sigma_max=80.0):
