@@ -1,0 +1,36 @@
+import importlib.util
+import json
+import os
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_quickstart():
+    path = os.path.join(HERE, "..", "scripts", "quickstart.py")
+    spec = importlib.util.spec_from_file_location("quickstart", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cm-cache"))
+
+
+@pytest.mark.parametrize("mode", ["ct", "cd"])
+def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode):
+    metrics = load_quickstart().main(["--mode", mode, "--steps", "8", "--out", str(tmp_path), "--num_samples", "64"])
+    names = set(os.listdir(tmp_path))
+    for name in ("onestep_grid.png", "twostep_grid.png", "real_grid.png", "training_curves.png", "metrics.json",
+                 "samples_onestep_64x16x16x3.npz", "samples_twostep_64x16x16x3.npz"):
+        assert name in names, name
+    with open(tmp_path / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved["steps"] == 8 and saved["mode"] == mode
+    floor = saved["real digits (floor)"]["digits_fid"]
+    assert metrics["one-step"]["digits_fid"] > floor  # 8 steps are far from the data
+    stage = "ct" if mode == "ct" else "cd"
+    assert "model000008.pt" in os.listdir(tmp_path / stage)
