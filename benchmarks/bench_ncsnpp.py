@@ -15,27 +15,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cm.ncsnpp import NCSNpp
+from cm.ncsnpp import CIFAR10_CONFIG, NCSNpp
 from cm.unet import UNetModel
 
 # openai/consistency_models_cifar10 (configs/cifar10_ve_cd.py): 56.4M parameters
-NCSNPP_CIFAR10 = dict(
-    image_size=32,
-    nf=128,
-    ch_mult=(2, 2, 2),
-    num_res_blocks=4,
-    attn_resolutions=(16,),
-    fir=True,
-    fir_kernel=(1, 3, 3, 1),
-    skip_rescale=True,
-    resblock_type="biggan",
-    progressive="none",
-    progressive_input="residual",
-    progressive_combine="sum",
-    embedding_type="fourier",
-    fourier_scale=16.0,
-    init_scale=0.0,
-)
+NCSNPP_CIFAR10 = CIFAR10_CONFIG
 
 # An ADM UNet at 32 px of about the same size: 57.1M parameters
 ADM_SIMILAR = dict(

@@ -25,6 +25,30 @@ def convert_module_to_f32(module):
             module.bias.data = module.bias.data.float()
 
 
+class HalfPrecisionBody:
+    """convert_to_fp16 / convert_to_bf16 / convert_to_fp32 for a network whose body() lists the parts to convert.
+
+    Like the reference's UNet: only convolutions change dtype (normalisations compute in float32), and
+    forward casts its input to self.dtype.
+    """
+
+    def convert_to_fp16(self, dtype=torch.float16):
+        """Run the body's convolutions in half precision (float16 or bfloat16)."""
+        for part in self.body():
+            part.apply(lambda m: convert_module_to_f16(m, dtype))
+        self.dtype = dtype
+
+    def convert_to_bf16(self):
+        """Run the body in bfloat16."""
+        self.convert_to_fp16(torch.bfloat16)
+
+    def convert_to_fp32(self):
+        """Undo convert_to_fp16 / convert_to_bf16."""
+        for part in self.body():
+            part.apply(convert_module_to_f32)
+        self.dtype = torch.float32
+
+
 INITIAL_LOG_LOSS_SCALE = 20.0
 PRECISIONS = ("fp32", "fp16", "bf16")
 

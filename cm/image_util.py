@@ -2,16 +2,13 @@
 
 * images: [-1, 1] NCHW tensors <-> uint8 NHWC arrays (the reference's conversion), PNG grids, reading
   image files / .npz batches / masks.
-* command line: flags with help text and choices, an argument parser whose errors are one line, and
-  `run_or_exit`, which turns bad input into one `error:` line.
+* command line: flags with help text and choices, `parse_ts`, `select_device`.
 * `load_sampling_model` builds a network from the model flags and loads a checkpoint into it;
   `generate_samples` splits num_samples over the ranks and gathers them on rank 0.
 """
 
-import argparse
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -157,13 +154,6 @@ def read_mask(path, image_size):
 # ----- command line ------------------------------------------------------------------------------
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (the usage of ~60 flags is left to --help)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def add_flags(parser, defaults, help_text, choices=None):
     """Add --name flags typed like their defaults (bools via str2bool), with help text and allowed values.
 
@@ -177,20 +167,6 @@ def add_flags(parser, defaults, help_text, choices=None):
         kind = str2bool if isinstance(default, bool) else type(default)
         text = f"{help_text[name]} (default: %(default)s)"
         parser.add_argument(f"--{name}", default=default, type=kind, choices=choices.get(name), help=text)
-
-
-def run_or_exit(fn, *args):
-    """fn(*args); a ValueError, FileNotFoundError or RuntimeError becomes one 'error:' line and exit status 1.
-
-    CM_DEBUG=1 re-raises instead, with the traceback.
-    """
-    try:
-        return fn(*args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if os.environ.get("CM_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def parse_ts(text):

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp16_util import convert_module_to_f16, convert_module_to_f32
+from .fp16_util import HalfPrecisionBody
 from .nn import GroupNorm32
 
 RESBLOCK_TYPES = ("biggan", "ddpm")
@@ -549,7 +549,30 @@ def ncsnpp_config_errors(
 # ----- the network ------------------------------------------------------------------------------
 
 
-class NCSNpp(nn.Module):
+# The CIFAR-10 network of openai/consistency_models_cifar10 (configs/cifar10_ve_cd.py, cifar10_ve_ct_*.py):
+# NCSNpp keyword arguments, also the NCSN++ flag defaults of cm.script_util.
+CIFAR10_CONFIG = dict(
+    image_size=32,
+    nf=128,
+    ch_mult=(2, 2, 2),
+    num_res_blocks=4,
+    attn_resolutions=(16,),
+    dropout=0.0,
+    resamp_with_conv=True,
+    fir=True,
+    fir_kernel=(1, 3, 3, 1),
+    skip_rescale=True,
+    resblock_type="biggan",
+    progressive="none",
+    progressive_input="residual",
+    progressive_combine="sum",
+    embedding_type="fourier",
+    fourier_scale=16.0,
+    init_scale=0.0,
+)
+
+
+class NCSNpp(HalfPrecisionBody, nn.Module):
     """NCSN++ (score_sde `ncsnpp`): a UNet of BigGAN / DDPM residual blocks with FIR resampling,
     optional progressive input / output pyramids, and a Fourier or positional noise embedding.
 
@@ -705,22 +728,6 @@ class NCSNpp(nn.Module):
     def body(self):
         """The parts that run in half precision under convert_to_fp16."""
         return (self.stem, self.encoder, self.middle, self.decoder)
-
-    def convert_to_fp16(self, dtype=torch.float16):
-        """Run the body's convolutions in half precision (float16 or bfloat16); GroupNorm stays float32."""
-        for part in self.body():
-            part.apply(lambda m: convert_module_to_f16(m, dtype))
-        self.dtype = dtype
-
-    def convert_to_bf16(self):
-        """Run the body in bfloat16."""
-        self.convert_to_fp16(torch.bfloat16)
-
-    def convert_to_fp32(self):
-        """Undo convert_to_fp16 / convert_to_bf16."""
-        for part in self.body():
-            part.apply(convert_module_to_f32)
-        self.dtype = torch.float32
 
     def embed(self, timesteps, y, batch):
         """The conditioning vector temb [B, 4 nf] (or None when neither noise- nor class-conditional)."""

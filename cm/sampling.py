@@ -87,9 +87,14 @@ def _steps(n, progress):
     return indices
 
 
-def _churn_gamma(sigma, n_steps, s_churn, s_tmin, s_tmax):
-    """EDM Alg. 2's gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0."""
-    return min(s_churn / n_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+def _churn(x, t_cur, n_steps, generator, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM Alg. 2, lines 4-6: raise the noise from t_cur to t_hat = (1 + gamma) t_cur with fresh noise,
+    gamma = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0. Returns (x_hat, t_hat)."""
+    gamma = min(s_churn / n_steps, 2**0.5 - 1) if s_tmin <= t_cur <= s_tmax else 0.0
+    t_hat = t_cur * (gamma + 1)
+    if gamma > 0:
+        x = x + generator.randn_like(x) * s_noise * math.sqrt(t_hat**2 - t_cur**2)
+    return x, t_hat
 
 
 @torch.no_grad()
@@ -168,10 +173,7 @@ def sample_heun(
     for i in _steps(n, progress):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         # increase noise temporarily
-        gamma = _churn_gamma(t_cur, n, s_churn, s_tmin, s_tmax)
-        t_hat = t_cur * (gamma + 1)
-        if gamma > 0:
-            x = x + generator.randn_like(x) * s_noise * math.sqrt(t_hat**2 - t_cur**2)
+        x, t_hat = _churn(x, t_cur, n, generator, s_churn, s_tmin, s_tmax, s_noise)
         # Euler step from t_hat to t_next
         denoised = denoiser(x, _batch_sigma(t_hat, x))
         if callback is not None:
@@ -205,10 +207,7 @@ def sample_dpm(
     n = len(sigmas) - 1
     for i in _steps(n, progress):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
-        gamma = _churn_gamma(t_cur, n, s_churn, s_tmin, s_tmax)
-        t_hat = t_cur * (gamma + 1)
-        if gamma > 0:
-            x = x + generator.randn_like(x) * s_noise * math.sqrt(t_hat**2 - t_cur**2)
+        x, t_hat = _churn(x, t_cur, n, generator, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, _batch_sigma(t_hat, x))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised})

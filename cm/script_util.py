@@ -7,6 +7,7 @@ flag names, flags on the command line win).
 
 import argparse
 import json
+import os
 import sys
 
 from .karras_diffusion import INDEX_SAMPLERS, TEACHER_SOLVERS, WEIGHT_SCHEDULES, KarrasDenoiser
@@ -61,19 +62,13 @@ def model_and_diffusion_defaults():
 
 def ncsnpp_defaults():
     """NCSN++-only flags (score_sde names), defaulting to the CIFAR-10 configuration; ignored by the ADM UNet."""
-    return dict(
-        fir=True,
-        fir_kernel="1,3,3,1",
-        skip_rescale=True,
-        resblock_type="biggan",
-        progressive="none",
-        progressive_input="residual",
-        progressive_combine="sum",
-        embedding_type="fourier",
-        fourier_scale=16.0,
-        init_scale=0.0,
-        resamp_with_conv=True,
-    )
+    from .ncsnpp import CIFAR10_CONFIG
+
+    flags = ("fir", "skip_rescale", "resblock_type", "progressive", "progressive_input", "progressive_combine",
+             "embedding_type", "fourier_scale", "init_scale", "resamp_with_conv")
+    res = {k: CIFAR10_CONFIG[k] for k in flags}
+    res["fir_kernel"] = ",".join(str(t) for t in CIFAR10_CONFIG["fir_kernel"])
+    return res
 
 
 def cm_train_defaults():
@@ -179,6 +174,7 @@ def train_defaults():
         lr=1e-4,
         weight_decay=0.0,
         lr_anneal_steps=0,
+        lr_warmup_steps=0,
         global_batch_size=2048,
         batch_size=-1,
         microbatch=-1,
@@ -207,6 +203,7 @@ TRAIN_FLAG_HELP = dict(
     lr="learning rate",
     weight_decay="optimizer weight decay",
     lr_anneal_steps="anneal lr linearly to 0 over this many steps (0: constant)",
+    lr_warmup_steps="raise lr linearly over the first steps (0: no warm-up)",
     global_batch_size="images per step over all ranks (used when batch_size is -1)",
     batch_size="images per step on each rank (-1: global_batch_size / ranks)",
     microbatch="images per forward/backward, gradients accumulated (-1: whole batch)",
@@ -405,6 +402,13 @@ def create_model(
 # ----- command line ------------------------------------------------------------------------------
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (the usage of ~60 flags is left to --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def str2bool(v):
     """Parse yes/no, true/false, t/f, y/n, 1/0 into a bool."""
     if isinstance(v, bool):
@@ -483,6 +487,28 @@ def parse_args_with_config(parser, argv=None):
                 )
         parser.set_defaults(**converted)
     return parser.parse_args(argv)
+
+
+def run_or_exit(fn, *args):
+    """fn(*args); bad input (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) becomes one
+    'error:' line on stderr and exit status 1. CM_DEBUG=1 re-raises instead, with the traceback."""
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        if os.environ.get("CM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def run_script(parser, run, argv=None):
+    """The body of every script's main(): flags and --config, --dry_run prints them, else run(args) with
+    bad input reported in one line."""
+    args = parse_args_with_config(parser, argv)
+    if getattr(args, "dry_run", False):
+        print(args_to_json(args))
+        return None
+    return run_or_exit(run, args)
 
 
 def args_to_json(args):

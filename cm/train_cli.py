@@ -1,9 +1,6 @@
 """Command-line entry of the training scripts (edm_train, cd_train, ct_train, cm_train)."""
 
-import argparse
-import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -14,6 +11,7 @@ from .resample import create_named_schedule_sampler
 from .schedules import create_ema_and_scales_fn
 from .script_util import (
     TRAINING_MODES,
+    OneLineArgumentParser,
     add_dict_to_argparser,
     args_to_dict,
     args_to_json,
@@ -21,7 +19,7 @@ from .script_util import (
     create_model_and_diffusion,
     load_model_checkpoint,
     model_and_diffusion_defaults,
-    parse_args_with_config,
+    run_script,
     train_defaults,
 )
 from .train_util import CMTrainLoop, TrainLoop
@@ -50,7 +48,7 @@ def create_argparser(training_mode):
         defaults["training_mode"] = training_mode
         if training_mode == "consistency_training":
             defaults.update(CT_DEFAULTS)
-    parser = argparse.ArgumentParser(description=f"Train ({training_mode}).")
+    parser = OneLineArgumentParser(description=f"Train ({training_mode}).")
     add_dict_to_argparser(parser, defaults)
     return parser
 
@@ -171,6 +169,7 @@ def build_loop(args):
         fp16_scale_growth=args.fp16_scale_growth,
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
+        lr_warmup_steps=args.lr_warmup_steps,
         optimizer=args.optimizer,
         run_config=vars(args),
         channels_last=args.channels_last,
@@ -214,20 +213,4 @@ def build_loop(args):
 
 def main(training_mode="consistency_distillation", argv=None):
     """Parse flags (and --config), then train; bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
-    parser = create_argparser(training_mode)
-    args = parse_args_with_config(parser, argv)
-    if args.dry_run:
-        print(args_to_json(args))
-        return None
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-        if os.environ.get("CM_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def dump_config(args):
-    """The resolved configuration as a dict (for tests and tools)."""
-    return json.loads(args_to_json(args))
+    return run_script(create_argparser(training_mode), run, argv)

@@ -191,6 +191,7 @@ class TrainLoop:
     :param schedule_sampler: sigma sampler for the EDM loss (default lognormal P_mean -1.2, P_std 1.2).
     :param weight_decay: optimizer weight decay.
     :param lr_anneal_steps: linearly anneal lr to 0 over this many steps (0: constant).
+    :param lr_warmup_steps: raise lr linearly from lr / lr_warmup_steps to lr over the first steps (0: none).
     :param use_bf16: bfloat16 autocast.
     :param optimizer: radam (reference) | adam | adamw.
     :param total_training_steps: stop after this many steps (0: run until interrupted).
@@ -221,6 +222,7 @@ class TrainLoop:
         schedule_sampler=None,
         weight_decay=0.0,
         lr_anneal_steps=0,
+        lr_warmup_steps=0,
         use_bf16=False,
         optimizer="radam",
         total_training_steps=0,
@@ -243,6 +245,7 @@ class TrainLoop:
         self.schedule_sampler = schedule_sampler or LogNormalSampler()
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
+        self.lr_warmup_steps = lr_warmup_steps
         self.optimizer_name = optimizer
         self.total_training_steps = total_training_steps
         self.run_config = run_config or {}
@@ -267,6 +270,7 @@ class TrainLoop:
         dist_util.sync_params(self.model.parameters())
         dist_util.sync_params(self.model.buffers())
         self._resume()
+        self._anneal_lr()  # the learning rate of the first step (warm-up, or where a resumed run was)
 
         if dist_util.get_world_size() > 1:
             self.ddp_model = DDP(
@@ -407,9 +411,14 @@ class TrainLoop:
             update_ema(params, self.mp_trainer.master_params, rate=rate + (1 - rate) * found_inf)
 
     def _anneal_lr(self):
-        if not self.lr_anneal_steps:
+        """lr for the next step: linear warm-up over lr_warmup_steps, linear decay to 0 at lr_anneal_steps."""
+        if not (self.lr_anneal_steps or self.lr_warmup_steps):
             return
-        lr = self.lr * max(0.0, 1 - self.step / self.lr_anneal_steps)
+        lr = self.lr
+        if self.lr_warmup_steps:
+            lr *= min(1.0, (self.step + 1) / self.lr_warmup_steps)
+        if self.lr_anneal_steps:
+            lr *= max(0.0, 1 - self.step / self.lr_anneal_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
 
@@ -599,6 +608,7 @@ class CMTrainLoop(TrainLoop):
         with torch.no_grad():
             torch._foreach_copy_(list(self.teacher_model.parameters()), list(self.model.parameters()))
         self.opt = make_optimizer(self.optimizer_name, self.mp_trainer.master_params, self.lr, self.weight_decay)
+        self._anneal_lr()
         for params in self.ema_params:
             torch._foreach_copy_(params, [p.detach() for p in self.mp_trainer.master_params])
 

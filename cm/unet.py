@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp16_util import convert_module_to_f16, convert_module_to_f32
+from .fp16_util import HalfPrecisionBody
 from .nn import avg_pool_nd, checkpoint, conv_nd, linear, normalization, timestep_embedding, zero_module
 
 ATTENTION_TYPES = ("flash", "legacy")
@@ -273,7 +273,7 @@ def downsample_rates(channel_mult):
     return [2**i for i in range(len(channel_mult))]
 
 
-class UNetModel(nn.Module):
+class UNetModel(HalfPrecisionBody, nn.Module):
     """The ADM UNet with timestep (and optional class) conditioning.
 
     :param image_size: input resolution (used for validation and bookkeeping).
@@ -440,22 +440,9 @@ class UNetModel(nn.Module):
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )
 
-    def convert_to_fp16(self, dtype=torch.float16):
-        """Run the body (input, middle, output blocks) in half precision (float16 or bfloat16)."""
-        convert = lambda m: convert_module_to_f16(m, dtype)  # noqa: E731
-        for part in (self.input_blocks, self.middle_block, self.output_blocks):
-            part.apply(convert)
-        self.dtype = dtype
-
-    def convert_to_bf16(self):
-        """Run the body in bfloat16."""
-        self.convert_to_fp16(torch.bfloat16)
-
-    def convert_to_fp32(self):
-        """Undo convert_to_fp16 / convert_to_bf16."""
-        for part in (self.input_blocks, self.middle_block, self.output_blocks):
-            part.apply(convert_module_to_f32)
-        self.dtype = torch.float32
+    def body(self):
+        """The parts that convert_to_fp16 runs in half precision (the embeddings and the output head stay)."""
+        return (self.input_blocks, self.middle_block, self.output_blocks)
 
     def forward(self, x, timesteps, y=None):
         """Apply the UNet to x [N, C, ...] at timesteps [N] (rescaled noise levels), labels y [N]."""

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from cm import dist_util, editing, logger  # noqa: E402
 from cm.image_util import (  # noqa: E402
     DEVICES,
-    OneLineArgumentParser,
     add_flags,
     from_uint8,
     image_grid,
@@ -34,7 +33,6 @@ from cm.image_util import (  # noqa: E402
     parse_ts,
     read_images,
     read_mask,
-    run_or_exit,
     save_npz,
     save_png,
     select_device,
@@ -42,11 +40,12 @@ from cm.image_util import (  # noqa: E402
 )
 from cm.random_util import GENERATORS, get_generator  # noqa: E402
 from cm.script_util import (  # noqa: E402
-    TRAINING_MODES,
     add_dict_to_argparser,
     args_to_json,
     model_and_diffusion_defaults,
-    parse_args_with_config,
+    OneLineArgumentParser,
+    run_script,
+    TRAINING_MODES,
 )
 
 DEFAULT_SIGMA = {"stroke": 5.0, "denoise": 0.3}
@@ -257,11 +256,7 @@ def run(args):
 
 def main(argv=None):
     """Parse flags (and --config); bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
-    args = parse_args_with_config(create_argparser(), argv)
-    if args.dry_run:
-        print(args_to_json(args))
-        return None
-    return run_or_exit(run, args)
+    return run_script(create_argparser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ from cm import dist_util, logger  # noqa: E402
 from cm.image_util import (  # noqa: E402
     DEVICES,
     GRID_IMAGES,
-    OneLineArgumentParser,
     add_flags,
     generate_samples,
     grid_path,
     image_grid,
     load_sampling_model,
     parse_ts,
-    run_or_exit,
     save_npz,
     save_png,
     select_device,
@@ -36,11 +34,12 @@ from cm.image_util import (  # noqa: E402
 from cm.random_util import GENERATORS, get_generator  # noqa: E402
 from cm.sampling import SAMPLER_NAMES, sigmas_from_ts  # noqa: E402
 from cm.script_util import (  # noqa: E402
-    TRAINING_MODES,
     add_dict_to_argparser,
     args_to_json,
     model_and_diffusion_defaults,
-    parse_args_with_config,
+    OneLineArgumentParser,
+    run_script,
+    TRAINING_MODES,
 )
 
 
@@ -187,11 +186,7 @@ def run(args):
 
 def main(argv=None):
     """Parse flags (and --config); bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
-    args = parse_args_with_config(create_argparser(), argv)
-    if args.dry_run:
-        print(args_to_json(args))
-        return None
-    return run_or_exit(run, args)
+    return run_script(create_argparser(), run, argv)
 
 
 if __name__ == "__main__":

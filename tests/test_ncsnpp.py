@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cm.karras_diffusion import KarrasDenoiser
 from cm.ncsnpp import (
+    CIFAR10_CONFIG,
     FirConv2d,
     NCSNpp,
     create_ncsnpp_model,
@@ -18,6 +19,7 @@ from cm.ncsnpp import (
     parse_fir_kernel,
 )
 from cm.script_util import (
+    train_defaults,
     cm_train_defaults,
     create_model,
     create_model_and_diffusion,
@@ -26,26 +28,7 @@ from cm.script_util import (
     ncsnpp_defaults,
 )
 
-# The CIFAR-10 network of openai/consistency_models_cifar10 (configs/cifar10_ve_cd.py, cifar10_ve_ct_*.py).
-CIFAR10 = dict(
-    image_size=32,
-    nf=128,
-    ch_mult=(2, 2, 2),
-    num_res_blocks=4,
-    attn_resolutions=(16,),
-    dropout=0.0,
-    resamp_with_conv=True,
-    fir=True,
-    fir_kernel=(1, 3, 3, 1),
-    skip_rescale=True,
-    resblock_type="biggan",
-    progressive="none",
-    progressive_input="residual",
-    progressive_combine="sum",
-    embedding_type="fourier",
-    fourier_scale=16.0,
-    init_scale=0.0,
-)
+CIFAR10 = CIFAR10_CONFIG
 
 # Parameter counts of yang-song/score_sde_pytorch `models/ncsnpp.py` NCSNpp (conditional=True, swish,
 # 3 data channels), instantiated from its own code with the options below. Its GaussianFourierProjection
@@ -319,11 +302,7 @@ def test_labels_must_match_the_conditioning():
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-TRAINING_FLAGS = {
-    "data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "global_batch_size", "batch_size",
-    "microbatch", "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16",
-    "fp16_scale_growth", "optimizer", "seed",
-}  # fmt: skip
+TRAINING_FLAGS = set(train_defaults())
 
 
 @pytest.mark.parametrize("name", ["edm", "cd_lpips", "cd_l2", "ct"])

@@ -6,7 +6,6 @@ give one-step samples whose mode weights and means match the data.
 
 import copy
 
-import pytest
 import torch
 
 from cm import logger

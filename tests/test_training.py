@@ -255,3 +255,13 @@ def test_bf16_autocast_trains(tmp_path):
     loop = cm_loop(tmp_path, 2, use_bf16=True)
     loop.run_loop()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in loop.model.parameters())
+
+
+def test_learning_rate_warms_up_then_decays(tmp_path):
+    loop = cm_loop(tmp_path, 6, lr_warmup_steps=3, lr_anneal_steps=6)
+    seen = []
+    for _ in range(6):
+        seen.append(loop.opt.param_groups[0]["lr"])
+        loop.run_step(*next(loop.data))
+    expected = [1e-3 * min(1, (k + 1) / 3) * (1 - k / 6) for k in range(6)]
+    assert seen == pytest.approx(expected)
