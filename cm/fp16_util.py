@@ -57,6 +57,20 @@ def _device_type(params):
     return params[0].device.type if params else "cpu"
 
 
+def bf16_is_native(device):
+    """True when `device` computes bfloat16 in hardware (CUDA with bf16; a CPU with AVX512-BF16 or AMX).
+
+    Elsewhere bfloat16 autocast is emulated and slower than float32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 class MixedPrecisionTrainer:
     """Backward and optimizer steps for fp32, fp16 (dynamic loss scaling) or bf16 training.
 

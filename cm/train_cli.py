@@ -194,21 +194,26 @@ def build_loop(args):
             teacher_model=teacher,
             teacher_diffusion=teacher_diffusion,
             training_mode=mode,
-            ema_scale_fn=create_ema_and_scales_fn(
-                target_ema_mode=args.target_ema_mode,
-                start_ema=args.start_ema,
-                scale_mode=args.scale_mode,
-                start_scales=args.start_scales,
-                end_scales=args.end_scales,
-                total_steps=args.total_training_steps,
-                distill_steps_per_iter=args.distill_steps_per_iter,
-            ),
+            ema_scale_fn=ema_and_scales_fn(args),
             total_training_steps=args.total_training_steps,
             teacher_solver=args.teacher_solver,
             **common,
         )
     logger.log(f"training ({mode}) on {device}, {dist_util.get_world_size()} rank(s), batch {batch_size} per rank")
     return loop
+
+
+def ema_and_scales_fn(args, total_steps=None):
+    """step -> (mu(k), N(k)) from the schedule flags; total_steps overrides --total_training_steps."""
+    return create_ema_and_scales_fn(
+        target_ema_mode=args.target_ema_mode,
+        start_ema=args.start_ema,
+        scale_mode=args.scale_mode,
+        start_scales=args.start_scales,
+        end_scales=args.end_scales,
+        total_steps=args.total_training_steps if total_steps is None else total_steps,
+        distill_steps_per_iter=args.distill_steps_per_iter,
+    )
 
 
 def main(training_mode="consistency_distillation", argv=None):

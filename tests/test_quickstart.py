@@ -34,3 +34,27 @@ def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode):
     assert metrics["one-step"]["digits_fid"] > floor  # 8 steps are far from the data
     stage = "ct" if mode == "ct" else "cd"
     assert "model000008.pt" in os.listdir(tmp_path / stage)
+
+
+def test_time_budget_replans_steps_and_schedules_to_end_on_time(tmp_path, monkeypatch):
+    quickstart = load_quickstart()
+    monkeypatch.setattr(quickstart, "TIMING_STEPS", 4)
+    monkeypatch.setattr(quickstart, "FINAL_STRETCH", 6)
+    opts = quickstart.parse_args(["--out", str(tmp_path), "--precision", "fp32"])
+    args = quickstart.training_args("digits_ct.yaml", "consistency_training", str(tmp_path / "ct"), opts,
+                                    ["--batch_size", "4"])
+    assert not args.use_bf16
+    loop = quickstart.train_stage(args, budget_s=3.0, fixed_steps=0)
+    assert loop.step == loop.total_training_steps == loop.lr_anneal_steps == args.total_training_steps > 4
+    # the schedule was re-planned for the final step count: N(k) reaches end_scales + 1 on the last step
+    assert loop.ema_scale_fn(loop.step - 1)[1] == args.end_scales + 1
+    assert loop.opt.param_groups[0]["lr"] == 0.0
+
+
+def test_precision_auto_follows_the_hardware():
+    quickstart = load_quickstart()
+    from cm.fp16_util import bf16_is_native
+
+    opts = quickstart.parse_args(["--device", "cpu"])
+    assert quickstart.use_bf16(opts) == bf16_is_native("cpu")
+    assert quickstart.use_bf16(quickstart.parse_args(["--precision", "bf16"]))
