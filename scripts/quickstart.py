@@ -92,6 +92,8 @@ def train_stage(args, budget_s, fixed_steps):
     while True:
         timed_from, first = time.time(), loop.step
         loop.run_loop()
+        if loop.step < loop.total_training_steps:  # Ctrl-C or the safety stop: sample what was trained
+            return loop
         per_step = (time.time() - timed_from) / (loop.step - first) * STEP_TIME_MARGIN
         steps = loop.step + max(0, int((budget_s - (time.time() - start)) / per_step))
         print(f"{args.training_mode}: {per_step:.3f} s/step -> {steps} steps in {budget_s / 60:.1f} min", flush=True)
