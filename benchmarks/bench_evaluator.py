@@ -7,28 +7,13 @@ nothing here is asserted. CUDA is timed too when available.
 """
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
 from evaluations.inception import POOL_DIM, load_inception
 from evaluations.metrics import FIDStatistics, ManifoldEstimator
-
-
-def synchronize(device):
-    """Wait for queued kernels so that wall-clock times are complete."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device):
-    """Seconds one call of `fn` takes on `device`."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
+from timing import time_call
 
 
 def feature_throughput(device, batch_size, image_size, num_batches, channels_last):

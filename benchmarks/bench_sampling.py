@@ -12,13 +12,13 @@ Prints one line per setting and sampler; never run by the tests.
 
 import argparse
 import json
-import time
 
 import torch
 
 from cm.image_util import to_uint8
 from cm.sampling import karras_sample
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from timing import interleaved_seconds
 
 CONFIGS = {
     # the DESIGN benchmark network: 32 px, 64 channels, multipliers 1,2,2, 2 res blocks, attention at 16 and 8
@@ -79,19 +79,11 @@ def main():
         "fp32 channels_last": build(config, args.device, True, None),
         f"{'fp16' if cuda else 'bf16'} channels_last": build(config, args.device, True, half),
     }
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     results = {}
     for sampler in SAMPLERS:
-        seconds = dict.fromkeys(settings, 0.0)
-        for name, (model, diffusion, kwargs) in settings.items():
-            sample_batch(model, diffusion, kwargs, batch, sampler, seed=0)  # warm-up
-        for r in range(repeats):
-            for name, (model, diffusion, kwargs) in settings.items():
-                sync()
-                start = time.perf_counter()
-                sample_batch(model, diffusion, kwargs, batch, sampler, seed=r)
-                sync()
-                seconds[name] += time.perf_counter() - start
+        calls = {name: (lambda r, setting=setting: sample_batch(*setting, batch, sampler, seed=r))
+                 for name, setting in settings.items()}
+        seconds = interleaved_seconds(calls, repeats, args.device)
         for name in settings:
             results[f"{sampler} {name}"] = batch * repeats / seconds[name]
             print(f"{config} {sampler:8s} {name:22s} {results[f'{sampler} {name}']:9.2f} img/s  (batch {batch}, "

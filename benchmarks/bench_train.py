@@ -15,7 +15,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 SMALL = dict(image_size=32, num_channels=64, num_res_blocks=2, attention_resolutions="16,8", channel_mult="1,2,2",
              num_heads=4, dropout=0.0)
@@ -29,6 +28,7 @@ def run_case(case):
     from cm import logger
     from cm.schedules import create_ema_and_scales_fn
     from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from timing import time_call
     from cm.train_util import CMTrainLoop
 
     torch.manual_seed(0)
@@ -71,13 +71,7 @@ def run_case(case):
     times = []
     for _ in range(case["steps"]):
         x, cond = next(loop.data)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loop.run_step(x, cond)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(time_call(lambda: loop.run_step(x, cond), device))
     warm = sorted(times[2:])
     step = warm[len(warm) // 2]
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"

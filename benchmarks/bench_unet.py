@@ -8,12 +8,12 @@ Prints images/s for both attention paths and their ratio; it asserts nothing.
 
 import argparse
 import math
-import time
 
 import torch
 
 import cm.unet as unet
 from cm.script_util import create_model
+from timing import time_call
 
 CONFIGS = {
     "small-16px": dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
@@ -49,14 +49,8 @@ def images_per_second(model, batch, size, device, dtype, steps):
 
     for _ in range(2):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+    seconds = time_call(lambda: [step() for _ in range(steps)], device)
+    return batch * steps / seconds
 
 
 def main():
