@@ -9,6 +9,7 @@ frequent, 0.1 when only one digit appears.
 
 import math
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -39,7 +40,9 @@ def to_classifier_inputs(images):
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if images.dtype == torch.uint8:
-        images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+        from .image_util import from_uint8
+
+        images = from_uint8(images)
     gray = images.float().mean(dim=1, keepdim=True)
     if gray.shape[-1] != 8:
         gray = F.interpolate(gray, size=8, mode="area")
@@ -49,9 +52,10 @@ def to_classifier_inputs(images):
 def digits_split(image_size=8):
     """(train, test) images in [-1, 1] (N, 3, S, S) and labels, split by a fixed seeded permutation."""
     from .image_datasets import digits_arrays
+    from .image_util import from_uint8
 
     images, labels = digits_arrays(image_size)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = from_uint8(images)
     y = torch.from_numpy(labels)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     cut = int(len(x) * TRAIN_FRACTION)
@@ -122,13 +126,27 @@ def _image_size(images):
     return images.shape[1] if images.dtype in (np.uint8, torch.uint8) and images.shape[-1] in (1, 3) else images.shape[-1]
 
 
+_REFERENCE_FEATURES = weakref.WeakKeyDictionary()  # classifier -> {image size: features of the training split}
+
+
+def _reference_features(classifier, image_size):
+    """Classifier features of the training split at image_size, computed once per (classifier, size)."""
+    per_size = _REFERENCE_FEATURES.setdefault(classifier, {})
+    if image_size not in per_size:
+        (train_x, _), _ = digits_split(image_size)
+        per_size[image_size], _ = classifier_outputs(train_x, classifier)
+    return per_size[image_size]
+
+
 def digits_metrics(samples, classifier=None):
-    """digits-FID of samples against the training split at the samples' resolution, coverage, class histogram."""
+    """digits-FID of samples against the training split at the samples' resolution, coverage, class histogram.
+
+    The training split's features are cached per (classifier, size): a classifier must not change after use.
+    """
     from evaluations.metrics import frechet_distance
 
     classifier = classifier or load_digits_classifier()
-    (train_x, _), _ = digits_split(_image_size(samples))
-    ref_feats, _ = classifier_outputs(train_x, classifier)
+    ref_feats = _reference_features(classifier, _image_size(samples))
     feats, classes = classifier_outputs(samples, classifier)
     return {
         "digits_fid": float(frechet_distance(feats, ref_feats)),

@@ -123,12 +123,6 @@ def dev():
     return torch.device("cpu")
 
 
-def print0(*args, **kwargs):
-    """print on rank 0 only."""
-    if get_rank() == 0:
-        print(*args, **kwargs)
-
-
 def broadcast_object(obj, src=0):
     """obj from rank `src` on every rank (pickled through the process group)."""
     if not is_distributed():

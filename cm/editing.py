@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .sampling import sigmas_from_ts
+from . import sampling
+from .sampling import _batch_sigma, sigmas_from_ts
 
 TASKS = ("inpaint", "colorize", "superres", "interpolate", "stroke", "denoise")
 MASKS = ("box", "half", "strokes")
@@ -95,8 +96,13 @@ class LinearConstraint:
 
     def replace(self, x, y):
         """A^-1[(A y) * known + (A x) * (1 - known)]: x with the known part of y put back (Alg. 4, lines 5 and 9)."""
-        known = self.known.to(x)
-        return self.inverse(self.forward(y) * known + self.forward(x) * (1 - known))
+        return self.replacer(y)(x)
+
+    def replacer(self, y):
+        """x -> replace(x, y), with the fixed known part (A y) * known computed once (for the editing loop)."""
+        known = self.known.to(y)
+        fixed = self.forward(y) * known
+        return lambda x: self.inverse(fixed + self.forward(x) * (1 - known))
 
     def fit_range(self, x, y, lo=-1.0, hi=1.0):
         """x brought into [lo, hi] with its known part unchanged.
@@ -117,12 +123,20 @@ def inpaint_constraint(mask):
     return LinearConstraint(identity, identity, 1 - mask)
 
 
-def colorize_constraint():
-    """A = Q^T per pixel, Q's first column the normalised luminance weights; the luminance axis is known."""
-    q = orthogonal_basis(LUMA).float()
+def _like(t, like):
+    """t on the device and in the dtype of the tensor `like` (unchanged when like is None)."""
+    return t if like is None else t.to(like)
+
+
+def colorize_constraint(like=None):
+    """A = Q^T per pixel, Q's first column the normalised luminance weights; the luminance axis is known.
+
+    :param like: a tensor whose device and dtype the constraint's tensors take once (default: CPU float32).
+    """
+    q = _like(orthogonal_basis(LUMA).float(), like)
     forward = lambda x: torch.einsum("bchw,cd->bdhw", x, q.to(x))  # noqa: E731
     inverse = lambda z: torch.einsum("bdhw,cd->bchw", z, q.to(z))  # noqa: E731
-    known = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    known = _like(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1), like)
     gray = lambda y: grayscale(y) / sum(LUMA)  # noqa: E731  (the gray image of the same luminance)
     return LinearConstraint(forward, inverse, known, lambda t: t.amin(dim=1, keepdim=True), gray)
 
@@ -141,13 +155,17 @@ def from_patches(p, factor):
     return p.reshape(b, c, hp * factor, wp * factor)
 
 
-def superres_constraint(factor):
-    """A = Q^T on each f x f patch, Q's first column constant (1/f); the first coordinate, f * patch mean, is known."""
-    q = orthogonal_basis([1.0] * factor * factor).float()
+def superres_constraint(factor, like=None):
+    """A = Q^T on each f x f patch, Q's first column constant (1/f); the first coordinate, f * patch mean, is known.
+
+    :param like: a tensor whose device and dtype the constraint's tensors take once (default: CPU float32).
+    """
+    q = _like(orthogonal_basis([1.0] * factor * factor).float(), like)
     forward = lambda x: to_patches(x, factor) @ q.to(x)  # noqa: E731
     inverse = lambda z: from_patches(z @ q.to(z).T, factor)  # noqa: E731
     known = torch.zeros(factor * factor)
     known[0] = 1.0
+    known = _like(known, like)
 
     def patch_min(t):
         least = to_patches(t, factor).amin(dim=-1, keepdim=True)
@@ -228,15 +246,7 @@ def slerp(z0, z1, alpha):
 # ----- the editing loop and the tasks ------------------------------------------------------------
 
 
-def make_denoiser(diffusion, model, clip_denoised=True, model_kwargs=None):
-    """x0 = D(x, sigma [B]) of a network wrapped by a KarrasDenoiser, clamped to [-1, 1] when clip_denoised."""
-    model_kwargs = model_kwargs or {}
-
-    def denoiser(x, sigma):
-        x0 = diffusion.denoise(model, x, sigma, **model_kwargs)[1]
-        return x0.clamp(-1, 1) if clip_denoised else x0
-
-    return denoiser
+make_denoiser = sampling.make_denoiser  # re-exported: x0 = D(x, sigma [B]) of a KarrasDenoiser-wrapped network
 
 
 @torch.no_grad()
@@ -255,14 +265,15 @@ def edit_loop(denoiser, x, sigmas, generator, constraint=None, y=None, sigma_min
     :param callback: called with {"i", "sigma", "x", "denoised"} after each denoising.
     """
     sigmas = sigmas.tolist() if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
+    put_back = (lambda x0: x0) if constraint is None else constraint.replacer(y)
     for i, t_cur in enumerate(sigmas):
         if i > 0:
             # re-noise to t_cur (line 7)
             x = x + generator.randn_like(x) * math.sqrt(t_cur**2 - sigma_min**2)
         # denoise to x0 (line 8)
-        x0 = denoiser(x, x.new_full((x.shape[0],), t_cur))
+        x0 = denoiser(x, _batch_sigma(t_cur, x))
         # put the known part of y back (line 9)
-        x = x0 if constraint is None else constraint.replace(x0, y)
+        x = put_back(x0)
         if callback is not None:
             callback({"i": i, "sigma": t_cur, "x": x, "denoised": x0})
     return x
@@ -288,7 +299,7 @@ def inpaint(denoiser, images, mask, sigmas, generator, sigma_min=0.002):
 
 def colorize(denoiser, images, sigmas, generator, sigma_min=0.002):
     """Colour images keeping their luminance (Alg. 4, A = luminance + orthogonal complement); (edited, gray input)."""
-    edited, _ = zero_shot_edit(denoiser, images, colorize_constraint(), sigmas, generator, sigma_min)
+    edited, _ = zero_shot_edit(denoiser, images, colorize_constraint(images), sigmas, generator, sigma_min)
     return edited, grayscale(images)
 
 
@@ -298,7 +309,7 @@ def superres(denoiser, low_res, factor, sigmas, generator, sigma_min=0.002):
     Returns (edited [B, C, H, W], the nearest-neighbour up-sampled input).
     """
     y = upsample(low_res, factor)
-    edited, _ = zero_shot_edit(denoiser, y, superres_constraint(factor), sigmas, generator, sigma_min)
+    edited, _ = zero_shot_edit(denoiser, y, superres_constraint(factor, y), sigmas, generator, sigma_min)
     return edited, y
 
 
@@ -314,7 +325,7 @@ def interpolate(denoiser, z0, z1, num_frames, sigma_max):
     alphas = torch.linspace(0, 1, num_frames, dtype=torch.float64).tolist()
     frames = torch.stack([slerp(z0, z1, a) for a in alphas], dim=1)
     x = frames.flatten(0, 1) * sigma_max
-    out = denoiser(x, x.new_full((x.shape[0],), float(sigma_max)))
+    out = denoiser(x, _batch_sigma(sigma_max, x))
     return out.view(frames.shape)
 
 

@@ -1,7 +1,6 @@
 """Mixed precision: half-precision network bodies (inference) and the MixedPrecisionTrainer (training)."""
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
@@ -50,7 +49,6 @@ class HalfPrecisionBody:
 
 
 INITIAL_LOG_LOSS_SCALE = 20.0
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def _device_type(params):
@@ -102,22 +100,22 @@ class MixedPrecisionTrainer:
         self.precision = "fp16" if use_fp16 else "bf16" if use_bf16 else "fp32"
         self.use_fp16 = use_fp16
         self.fp16_scale_growth = fp16_scale_growth
-        self.model_params = [p for p in model.parameters() if p.requires_grad]
-        self.master_params = self.model_params
-        device = self.model_params[0].device if self.model_params else torch.device("cpu")
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in trained]  # names of master_params, in order
+        self.master_params = [p for _, p in trained]
+        device = self.master_params[0].device if self.master_params else torch.device("cpu")
         self.lg_loss_scale = torch.tensor(initial_lg_loss_scale if use_fp16 else 0.0, device=device)
         self.grad_norm = torch.zeros((), device=device)
-        self.found_inf = torch.zeros((), device=device)
 
     def autocast(self):
         """Context for the forward pass: autocast to float16 / bfloat16, or nothing for fp32."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-        return torch.autocast(_device_type(self.model_params), dtype=dtype)
+        return torch.autocast(_device_type(self.master_params), dtype=dtype)
 
     def zero_grad(self):
-        for p in self.model_params:
+        for p in self.master_params:
             p.grad = None
 
     def backward(self, loss):
@@ -135,7 +133,7 @@ class MixedPrecisionTrainer:
         if self.use_fp16:
             grad_norm = grad_norm / scale
         found_inf = (~torch.isfinite(grad_norm)).float()
-        self.grad_norm, self.found_inf = grad_norm, found_inf
+        self.grad_norm = grad_norm
         if getattr(opt, "defaults", {}).get("fused"):
             # the fused kernel divides by grad_scale and skips the whole update when found_inf is 1
             opt.grad_scale = scale if self.use_fp16 else None
@@ -155,20 +153,13 @@ class MixedPrecisionTrainer:
     def master_params_to_state_dict(self, master_params):
         """A model state dict whose parameters are `master_params` (e.g. an EMA copy)."""
         state_dict = self.model.state_dict()
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        for name, value in zip(names, master_params):
+        for name, value in zip(self.param_names, master_params):
             state_dict[name] = value.detach()
         return state_dict
 
     def state_dict_to_master_params(self, state_dict):
         """The parameter tensors of a model state dict, in master_params order."""
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        missing = [n for n in names if n not in state_dict]
+        missing = [n for n in self.param_names if n not in state_dict]
         if missing:
             raise ValueError(f"state dict lacks {len(missing)} parameters, e.g. {missing[0]}")
-        return [state_dict[n].detach().clone().float() for n in names]
-
-
-def check_overflow(value):
-    """True when value is inf, -inf or NaN."""
-    return not math.isfinite(value)
+        return [state_dict[n].detach().clone().float() for n in self.param_names]

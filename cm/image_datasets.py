@@ -139,13 +139,18 @@ def class_labels(files):
     return np.array([index[n] for n in names], dtype=np.int64)
 
 
+def _resize_short_side(pil_image, side):
+    """Halve with BOX filtering while at least 2x too large, then BICUBIC-resize the short side to `side`; an array."""
+    while min(*pil_image.size) >= 2 * side:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = side / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    return np.array(pil_image)
+
+
 def center_crop_arr(pil_image, image_size):
     """Halve with BOX filtering while at least 2x too large, BICUBIC-resize the short side, center-crop."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
+    arr = _resize_short_side(pil_image, image_size)
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
     return arr[top : top + image_size, left : left + image_size]
@@ -156,11 +161,7 @@ def random_crop_arr(pil_image, image_size, rng, min_crop_frac=0.8, max_crop_frac
     smallest = math.ceil(image_size / max_crop_frac)
     largest = math.ceil(image_size / min_crop_frac)
     side = int(rng.integers(smallest, largest + 1))
-    while min(*pil_image.size) >= 2 * side:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = side / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
+    arr = _resize_short_side(pil_image, side)
     top = int(rng.integers(arr.shape[0] - image_size + 1))
     left = int(rng.integers(arr.shape[1] - image_size + 1))
     return arr[top : top + image_size, left : left + image_size]

@@ -2,7 +2,7 @@
 
 * images: [-1, 1] NCHW tensors <-> uint8 NHWC arrays (the reference's conversion), PNG grids, reading
   image files / .npz batches / masks.
-* command line: flags with help text and choices, `parse_ts`, `select_device`.
+* command line: `parse_ts`, `select_device` (flags: cm.script_util.add_dict_to_argparser).
 * `load_sampling_model` builds a network from the model flags and loads a checkpoint into it;
   `generate_samples` splits num_samples over the ranks and gathers them on rank 0.
 """
@@ -23,7 +23,6 @@ from .script_util import (
     create_model_and_diffusion,
     load_model_checkpoint,
     model_and_diffusion_defaults,
-    str2bool,
 )
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -152,21 +151,6 @@ def read_mask(path, image_size):
 
 
 # ----- command line ------------------------------------------------------------------------------
-
-
-def add_flags(parser, defaults, help_text, choices=None):
-    """Add --name flags typed like their defaults (bools via str2bool), with help text and allowed values.
-
-    :param parser: the argparse parser.
-    :param defaults: {name: default}.
-    :param help_text: {name: help text}; every flag must have one.
-    :param choices: {name: allowed values} for enum flags.
-    """
-    choices = choices or {}
-    for name, default in defaults.items():
-        kind = str2bool if isinstance(default, bool) else type(default)
-        text = f"{help_text[name]} (default: %(default)s)"
-        parser.add_argument(f"--{name}", default=default, type=kind, choices=choices.get(name), help=text)
 
 
 def parse_ts(text):

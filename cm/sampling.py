@@ -59,8 +59,10 @@ def to_d(x, sigma, denoised):
 
 
 def _batch_sigma(sigma, x):
-    """A noise level broadcast to the batch, in the image dtype."""
-    return torch.as_tensor(sigma, device=x.device).to(x.dtype) * x.new_ones([x.shape[0]])
+    """A noise level (number or tensor) broadcast to the batch [B], in the image dtype and on its device."""
+    if torch.is_tensor(sigma):
+        return torch.as_tensor(sigma, device=x.device).to(x.dtype) * x.new_ones([x.shape[0]])
+    return x.new_full((x.shape[0],), float(sigma))  # no host-to-device copy
 
 
 def euler_step(denoiser, x, t_cur, t_next):
@@ -255,6 +257,17 @@ def sample_progdist(denoiser, x, sigmas, generator=None, progress=False, callbac
     return sample_euler(denoiser, x, sigmas, generator, progress=progress, callback=callback)
 
 
+def make_denoiser(diffusion, model, clip_denoised=True, model_kwargs=None):
+    """x0 = D(x, sigma [B]) of a network wrapped by a KarrasDenoiser, clamped to [-1, 1] when clip_denoised."""
+    model_kwargs = model_kwargs or {}
+
+    def denoiser(x, sigma):
+        x0 = diffusion.denoise(model, x, sigma, **model_kwargs)[1]
+        return x0.clamp(-1, 1) if clip_denoised else x0
+
+    return denoiser
+
+
 SAMPLERS = {
     "onestep": sample_onestep,
     "multistep": stochastic_iterative_sampler,
@@ -299,7 +312,6 @@ def karras_sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
-    model_kwargs = {} if model_kwargs is None else model_kwargs
     generator = generator or get_generator("dummy")
     if device is None:
         device = next(model.parameters()).device
@@ -321,10 +333,7 @@ def karras_sample(
     elif sampler == "multistep":
         options = dict(t_min=sigma_min, t_max=sigma_max, rho=rho, steps=steps)
 
-    def denoiser(x_t, sigma):
-        denoised = diffusion.denoise(model, x_t, sigma, **model_kwargs)[1]
-        return denoised.clamp(-1, 1) if clip_denoised else denoised
-
+    denoiser = make_denoiser(diffusion, model, clip_denoised, model_kwargs)
     x_0 = SAMPLERS[sampler](denoiser, x_T, sigmas, generator, progress=progress, callback=callback, **options)
     return x_0.clamp(-1, 1)
 

@@ -10,10 +10,13 @@ import json
 import os
 import sys
 
+from . import schedules
 from .karras_diffusion import INDEX_SAMPLERS, TEACHER_SOLVERS, WEIGHT_SCHEDULES, KarrasDenoiser
 from .metrics import LOSS_NORMS
-from .schedules import SCALE_MODES, TARGET_EMA_MODES, create_ema_and_scales_fn  # noqa: F401  (reference location)
+from .schedules import SCALE_MODES, TARGET_EMA_MODES
 from .unet import ATTENTION_TYPES, UNetModel
+
+create_ema_and_scales_fn = schedules.create_ema_and_scales_fn  # re-exported at the reference's location
 
 NUM_CLASSES = 1000
 MODEL_TYPES = ("adm", "ncsnpp")
@@ -145,6 +148,31 @@ FLAG_HELP = {
     "p_mean": "lognormal index sampler mean of log sigma (iCT: -1.1)",
     "p_std": "lognormal index sampler std of log sigma (iCT: 2.0)",
     "lpips_vgg_path": "local torchvision VGG16 weights for LPIPS (or set CM_LPIPS_VGG_PATH)",
+    # train_defaults
+    "data_dir": "image folder, .npz file (arr_0 NHWC uint8) or 'digits' (embedded scikit-learn digits)",
+    "schedule_sampler": "EDM noise-level distribution (lognormal: P_mean -1.2, P_std 1.2)",
+    "lr": "learning rate",
+    "weight_decay": "optimizer weight decay",
+    "lr_anneal_steps": "anneal lr linearly to 0 over this many steps (0: constant)",
+    "lr_warmup_steps": "raise lr linearly over the first steps (0: no warm-up)",
+    "global_batch_size": "images per step over all ranks (used when batch_size is -1)",
+    "batch_size": "images per step on each rank (-1: global_batch_size / ranks)",
+    "microbatch": "images per forward/backward, gradients accumulated (-1: whole batch)",
+    "ema_rate": "comma list of EMA decays of the saved EMA models",
+    "log_interval": "steps between log lines",
+    "save_interval": "steps between checkpoints (-1: only at the end)",
+    "resume_checkpoint": "modelNNNNNN.pt to start from when log_dir holds no checkpoint",
+    "fp16_scale_growth": "increase of lg_loss_scale per good fp16 step",
+    "use_bf16": "bfloat16 autocast",
+    "optimizer": "radam (the reference's), adam or adamw (fused)",
+    "seed": "random seed (same seed and flags give the same run)",
+    "log_dir": "directory for logs and checkpoints (default OPENAI_LOGDIR, else a new temp dir); reruns resume from it",
+    "device": "auto (GPU of this rank if any), cpu or cuda",
+    "channels_last": "channels_last memory format for images and networks",
+    "random_flip": "random horizontal flips",
+    "on_bad_image": "unreadable image: skip (with a warning naming it) or error",
+    "max_minutes": "checkpoint and stop after this many minutes of training (0: no limit)",
+    "dry_run": "print the resolved configuration as JSON and exit",
 }
 
 FLAG_CHOICES = {
@@ -163,6 +191,11 @@ FLAG_CHOICES = {
     "loss_norm": LOSS_NORMS,
     "index_sampler": INDEX_SAMPLERS,
     "init_from_teacher": ("auto", "true", "false"),
+    # train_defaults
+    "schedule_sampler": ("lognormal", "uniform"),
+    "optimizer": ("radam", "adam", "adamw"),
+    "device": ("auto", "cpu", "cuda"),
+    "on_bad_image": ("skip", "error"),
 }
 
 
@@ -195,42 +228,6 @@ def train_defaults():
         max_minutes=0.0,
         dry_run=False,
     )
-
-
-TRAIN_FLAG_HELP = dict(
-    data_dir="image folder, .npz file (arr_0 NHWC uint8) or 'digits' (embedded scikit-learn digits)",
-    schedule_sampler="EDM noise-level distribution (lognormal: P_mean -1.2, P_std 1.2)",
-    lr="learning rate",
-    weight_decay="optimizer weight decay",
-    lr_anneal_steps="anneal lr linearly to 0 over this many steps (0: constant)",
-    lr_warmup_steps="raise lr linearly over the first steps (0: no warm-up)",
-    global_batch_size="images per step over all ranks (used when batch_size is -1)",
-    batch_size="images per step on each rank (-1: global_batch_size / ranks)",
-    microbatch="images per forward/backward, gradients accumulated (-1: whole batch)",
-    ema_rate="comma list of EMA decays of the saved EMA models",
-    log_interval="steps between log lines",
-    save_interval="steps between checkpoints (-1: only at the end)",
-    resume_checkpoint="modelNNNNNN.pt to start from when log_dir holds no checkpoint",
-    fp16_scale_growth="increase of lg_loss_scale per good fp16 step",
-    use_bf16="bfloat16 autocast",
-    optimizer="radam (the reference's), adam or adamw (fused)",
-    seed="random seed (same seed and flags give the same run)",
-    log_dir="directory for logs and checkpoints (default OPENAI_LOGDIR, else a new temp dir); reruns resume from it",
-    device="auto (GPU of this rank if any), cpu or cuda",
-    channels_last="channels_last memory format for images and networks",
-    random_flip="random horizontal flips",
-    on_bad_image="unreadable image: skip (with a warning naming it) or error",
-    max_minutes="checkpoint and stop after this many minutes of training (0: no limit)",
-    dry_run="print the resolved configuration as JSON and exit",
-)
-TRAIN_FLAG_CHOICES = dict(
-    schedule_sampler=("lognormal", "uniform"),
-    optimizer=("radam", "adam", "adamw"),
-    device=("auto", "cpu", "cuda"),
-    on_bad_image=("skip", "error"),
-)
-FLAG_HELP.update(TRAIN_FLAG_HELP)
-FLAG_CHOICES.update(TRAIN_FLAG_CHOICES)
 
 
 def parse_int_list(text, name):
@@ -420,17 +417,23 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
 
 
-def add_dict_to_argparser(parser, default_dict):
-    """Add --key flags with the default's type, FLAG_HELP text and FLAG_CHOICES."""
+def add_dict_to_argparser(parser, default_dict, help_text=None, choices=None):
+    """Add --key flags typed like their defaults (bools via str2bool), with help text and allowed values.
+
+    :param help_text: {key: help text} (default FLAG_HELP).
+    :param choices: {key: allowed values} of enum flags (default FLAG_CHOICES).
+    """
+    help_text = FLAG_HELP if help_text is None else help_text
+    choices = FLAG_CHOICES if choices is None else choices
     for k, v in default_dict.items():
         v_type = type(v)
         if v is None:
             v_type = str
         elif isinstance(v, bool):
             v_type = str2bool
-        kwargs = dict(default=v, type=v_type, help=FLAG_HELP.get(k, "") + " (default: %(default)s)")
-        if k in FLAG_CHOICES:
-            kwargs["choices"] = FLAG_CHOICES[k]
+        kwargs = dict(default=v, type=v_type, help=help_text.get(k, "") + " (default: %(default)s)")
+        if k in choices:
+            kwargs["choices"] = choices[k]
         parser.add_argument(f"--{k}", **kwargs)
 
 

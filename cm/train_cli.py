@@ -132,13 +132,11 @@ def build_loop(args):
     if mode != "edm" and _init_from_teacher(args.init_from_teacher, mode):
         if not args.teacher_model_path:
             raise ValueError("--init_from_teacher true needs --teacher_model_path")
-        if teacher is None:
-            teacher_for_init, _ = create_model_and_diffusion(**model_kwargs)
-            teacher = load_model_checkpoint(teacher_for_init, args.teacher_model_path, "teacher checkpoint")
-            model.load_state_dict(teacher.state_dict())
-            teacher = None
-        else:
-            model.load_state_dict(teacher.state_dict())
+        source = teacher
+        if source is None:  # a throwaway copy (building it advances the RNG, which the run's streams rely on)
+            source, _ = create_model_and_diffusion(**model_kwargs)
+            load_model_checkpoint(source, args.teacher_model_path, "teacher checkpoint")
+        model.load_state_dict(source.state_dict())
         logger.log(f"student starts from the teacher's weights ({args.teacher_model_path})")
     elif mode != "edm":
         logger.log(f"student starts from a random initialisation (seed {args.seed})")

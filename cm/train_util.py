@@ -12,6 +12,7 @@ written to a temporary name and renamed, the model file last; a restart resumes 
 whose files are all present.
 """
 
+import math
 import os
 import re
 import signal
@@ -58,22 +59,26 @@ def parse_ema_rates(ema_rate):
 
 def sigma_quartile(sigmas, sigma_min, sigma_max):
     """Index 0..3 of sigma's quarter of [log sigma_min, log sigma_max] (for per-quartile loss logs)."""
-    frac = (torch.log(sigmas) - torch.log(torch.tensor(sigma_min))) / (torch.log(torch.tensor(sigma_max / sigma_min)))
+    frac = (torch.log(sigmas) - math.log(sigma_min)) / math.log(sigma_max / sigma_min)
     return (4 * frac).floor().clamp(0, 3).long()
 
 
-def log_loss_dict(diffusion, sigmas, losses, weight=1.0):
+def log_loss_dict(diffusion, sigmas, losses):
     """Log the mean of every loss term and its mean per quartile of log sigma (keys like loss_q0), on the device."""
     quartile = sigma_quartile(sigmas.detach().float(), diffusion.sigma_min, diffusion.sigma_max)
     counts = torch.bincount(quartile, minlength=4).float()
+    divisors = counts.clamp(min=1)
     for key, values in losses.items():
-        if key == "sigma":
-            continue
         values = values.detach().float()
-        logger.logkv_mean(key, values.mean(), weight)
-        sums = torch.zeros(4, device=values.device).index_add_(0, quartile, values)
+        logger.logkv_mean(key, values.mean())
+        means = torch.zeros(4, device=values.device).index_add_(0, quartile, values) / divisors
         for q in range(4):
-            logger.logkv_mean(f"{key}_q{q}", sums[q] / counts[q].clamp(min=1), counts[q])
+            logger.logkv_mean(f"{key}_q{q}", means[q], counts[q])
+
+
+def skip_aware_rate(rate, found_inf):
+    """EMA rate for a step: `rate`, or 1 (the average stays) when the step was skipped (found_inf = 1)."""
+    return rate + (1 - rate) * found_inf
 
 
 def get_blob_logdir():
@@ -202,7 +207,10 @@ class TrainLoop:
     :param progress: tqdm progress bar on rank 0.
     """
 
-    extra_checkpoint_names = ()
+    @property
+    def extra_checkpoint_names(self):
+        """File prefixes of the extra networks in a checkpoint (from _extra_checkpoints)."""
+        return tuple(name for name, _ in self._extra_checkpoints())
 
     def __init__(
         self,
@@ -264,11 +272,10 @@ class TrainLoop:
             model=model, use_fp16=use_fp16, use_bf16=use_bf16, fp16_scale_growth=fp16_scale_growth
         )
         self.opt = make_optimizer(optimizer, self.mp_trainer.master_params, lr, weight_decay)
-        self.ema_params = [[p.detach().clone() for p in self.mp_trainer.master_params] for _ in self.ema_rate]
-        self.skip_run = torch.zeros((), device=self.device)
-
         dist_util.sync_params(self.model.parameters())
         dist_util.sync_params(self.model.buffers())
+        self.ema_params = [[p.detach().clone() for p in self.mp_trainer.master_params] for _ in self.ema_rate]
+        self.skip_run = torch.zeros((), device=self.device)
         self._resume()
         self._anneal_lr()  # the learning rate of the first step (warm-up, or where a resumed run was)
 
@@ -298,8 +305,7 @@ class TrainLoop:
             ema_path = find_ema_checkpoint(path, self.step, rate)
             source = dist_util.load_state_dict(ema_path, map_location=self.device) if ema_path else None
             values = self.mp_trainer.state_dict_to_master_params(source) if source else self.mp_trainer.master_params
-            with torch.no_grad():
-                torch._foreach_copy_(params, [v.to(self.device) for v in values])
+            update_ema(params, [v.to(self.device) for v in values], rate=0.0)
         opt_path = bf.join(directory, f"opt{self.step:06d}.pt")
         if bf.exists(opt_path):
             self.opt.load_state_dict(dist_util.load_state_dict(opt_path, map_location=self.device))
@@ -395,9 +401,10 @@ class TrainLoop:
             with dist_util.ddp_sync(self.ddp_model, sync=last):
                 with self.mp_trainer.autocast():
                     losses, weights = self.compute_losses(micro, micro_cond)
-                loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n)
-                log_loss_dict(self.diffusion, losses["sigma"], {k: v * weights for k, v in losses.items()})
-                self.mp_trainer.backward(loss)
+                weighted = losses["loss"].float() * weights
+                terms = {k: weighted if k == "loss" else v * weights for k, v in losses.items() if k != "sigma"}
+                log_loss_dict(self.diffusion, losses["sigma"], terms)
+                self.mp_trainer.backward(weighted.mean() * (micro.shape[0] / n))
 
     def compute_losses(self, micro, micro_cond):
         """EDM loss at sigmas from the schedule sampler; returns (terms, per-sample weights)."""
@@ -408,7 +415,7 @@ class TrainLoop:
 
     def _update_ema(self, found_inf):
         for rate, params in zip(self.ema_rate, self.ema_params):
-            update_ema(params, self.mp_trainer.master_params, rate=rate + (1 - rate) * found_inf)
+            update_ema(params, self.mp_trainer.master_params, rate=skip_aware_rate(rate, found_inf))
 
     def _anneal_lr(self):
         """lr for the next step: linear warm-up over lr_warmup_steps, linear decay to 0 at lr_anneal_steps."""
@@ -492,7 +499,8 @@ class CMTrainLoop(TrainLoop):
     """Consistency distillation / training (CM paper Alg. 2 / 3) and progressive distillation.
 
     :param target_model: the target network theta- (a copy of the model; None for progdist).
-    :param teacher_model: frozen teacher (consistency_distillation, progdist).
+    :param teacher_model: frozen teacher (consistency_distillation, progdist); the same weights on every rank
+        (e.g. loaded from one file), as it is not broadcast.
     :param teacher_diffusion: the teacher's KarrasDenoiser.
     :param training_mode: consistency_distillation | consistency_training | progdist.
     :param ema_scale_fn: step -> (mu(k), N(k)) from cm.schedules.create_ema_and_scales_fn.
@@ -526,24 +534,17 @@ class CMTrainLoop(TrainLoop):
         self.teacher_model = teacher_model
         self.teacher_diffusion = teacher_diffusion
         self.teacher_solver = teacher_solver
-        names = []
         if target_model is not None:
-            names.append("target_model")
             target_model.requires_grad_(False)
             target_model.train()
         if teacher_model is not None:
             teacher_model.requires_grad_(False)
-            if training_mode == "progdist":
-                names.append("teacher_model")
-        self.extra_checkpoint_names = tuple(names)
         super().__init__(total_training_steps=total_training_steps, **kwargs)
-        for module in (target_model, teacher_model):
-            if module is not None:
-                dist_util.sync_params(module.parameters())
         if target_model is not None:
+            dist_util.sync_params(target_model.parameters())
             named = dict(target_model.named_parameters())
-            self.target_params = [named[n] for n, p in self.model.named_parameters() if p.requires_grad]
-        self.global_step = self.step
+            self.target_params = [named[n] for n in self.mp_trainer.param_names]
+        self._update_schedule()
 
     def _load_extra_checkpoints(self, directory, step):
         for name, module in self._extra_checkpoints():
@@ -562,19 +563,22 @@ class CMTrainLoop(TrainLoop):
             pairs.append(("teacher_model", self.teacher_model))
         return pairs
 
+    def _update_schedule(self):
+        """(mu(k), N(k)) of this step from the current ema_scale_fn (which a caller may replace between steps)."""
+        self.target_ema, self.num_scales = self.ema_scale_fn(self.step)
+
     def run_step(self, batch, cond):
+        self._update_schedule()
         if self.training_mode == "progdist":
             self._maybe_start_progdist_stage()
         super().run_step(batch, cond)
-        self.global_step = self.step
 
     def compute_losses(self, micro, micro_cond):
-        _, num_scales = self.ema_scale_fn(self.step)
         if self.training_mode == "progdist":
             losses = self.diffusion.progdist_losses(
                 self.ddp_model,
                 micro,
-                num_scales,
+                self.num_scales,
                 model_kwargs=micro_cond,
                 teacher_model=self.teacher_model,
                 teacher_diffusion=self.teacher_diffusion,
@@ -583,7 +587,7 @@ class CMTrainLoop(TrainLoop):
             losses = self.diffusion.consistency_losses(
                 self.ddp_model,
                 micro,
-                num_scales,
+                self.num_scales,
                 model_kwargs=micro_cond,
                 target_model=self.target_model,
                 teacher_model=self.teacher_model if self.training_mode == "consistency_distillation" else None,
@@ -595,25 +599,22 @@ class CMTrainLoop(TrainLoop):
     def _after_optimize(self, found_inf):
         if self.target_model is None:
             return
-        target_ema, _ = self.ema_scale_fn(self.step)
-        rate = target_ema + (1 - target_ema) * found_inf
+        rate = skip_aware_rate(self.target_ema, found_inf)
         update_ema(self.target_params, self.mp_trainer.master_params, rate=rate)
 
     def _maybe_start_progdist_stage(self):
         """At a change of N: the student becomes the teacher; optimizer and EMAs restart."""
-        if self.step == 0 or self.ema_scale_fn(self.step)[1] == self.ema_scale_fn(self.step - 1)[1]:
+        n = self.num_scales
+        if self.step == 0 or n == self.ema_scale_fn(self.step - 1)[1]:
             return
-        n = self.ema_scale_fn(self.step)[1]
         logger.log(f"progressive distillation: step {self.step}, N = {n}; the student becomes the teacher")
-        with torch.no_grad():
-            torch._foreach_copy_(list(self.teacher_model.parameters()), list(self.model.parameters()))
+        update_ema(self.teacher_model.parameters(), self.model.parameters(), rate=0.0)
         self.opt = make_optimizer(self.optimizer_name, self.mp_trainer.master_params, self.lr, self.weight_decay)
         self._anneal_lr()
         for params in self.ema_params:
-            torch._foreach_copy_(params, [p.detach() for p in self.mp_trainer.master_params])
+            update_ema(params, self.mp_trainer.master_params, rate=0.0)
 
     def log_step(self, found_inf):
         super().log_step(found_inf)
-        target_ema, num_scales = self.ema_scale_fn(self.step - 1)  # the values this step used
-        logger.logkv("num_scales", num_scales)
-        logger.logkv("target_ema", target_ema)
+        logger.logkv("num_scales", self.num_scales)  # the values this step used
+        logger.logkv("target_ema", self.target_ema)

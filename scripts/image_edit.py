@@ -26,7 +26,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from cm import dist_util, editing, logger  # noqa: E402
 from cm.image_util import (  # noqa: E402
     DEVICES,
-    add_flags,
     from_uint8,
     image_grid,
     load_sampling_model,
@@ -112,7 +111,7 @@ EDIT_FLAG_CHOICES = dict(task=editing.TASKS, training_mode=TRAINING_MODES, gener
 def create_argparser():
     """Editing flags (help text, choices) plus every model flag of model_and_diffusion_defaults."""
     parser = OneLineArgumentParser(description="Zero-shot image editing with a consistency model.")
-    add_flags(parser, edit_defaults(), EDIT_FLAG_HELP, EDIT_FLAG_CHOICES)
+    add_dict_to_argparser(parser, edit_defaults(), EDIT_FLAG_HELP, EDIT_FLAG_CHOICES)
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
     return parser
 

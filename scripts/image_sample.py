@@ -21,7 +21,6 @@ from cm import dist_util, logger  # noqa: E402
 from cm.image_util import (  # noqa: E402
     DEVICES,
     GRID_IMAGES,
-    add_flags,
     generate_samples,
     grid_path,
     image_grid,
@@ -102,7 +101,7 @@ SAMPLE_FLAG_CHOICES = dict(
 def create_argparser():
     """Sampling flags (help text, choices) plus every model flag of model_and_diffusion_defaults."""
     parser = OneLineArgumentParser(description="Generate samples from a model into an npz file.")
-    add_flags(parser, sample_defaults(), SAMPLE_FLAG_HELP, SAMPLE_FLAG_CHOICES)
+    add_dict_to_argparser(parser, sample_defaults(), SAMPLE_FLAG_HELP, SAMPLE_FLAG_CHOICES)
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
     return parser
 

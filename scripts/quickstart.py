@@ -223,7 +223,7 @@ def main(argv=None):
         "train_minutes": round(train_s / 60, 2),
         "total_minutes": round((time.time() - start) / 60, 2),
         "two_step_ts": list(ts),
-        **{k: {m: v for m, v in r.items()} for k, r in rows.items()},
+        **rows,
     }
     with open(os.path.join(opts.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

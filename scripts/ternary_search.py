@@ -25,7 +25,6 @@ if __package__ in (None, ""):  # run as a file: make the package importable from
 from cm import dist_util, logger  # noqa: E402
 from cm.image_util import (  # noqa: E402
     DEVICES,
-    add_flags,
     generate_samples,
     load_sampling_model,
     parse_ts,
@@ -105,7 +104,7 @@ SEARCH_FLAG_CHOICES = dict(training_mode=TRAINING_MODES, generator=GENERATORS, m
 def create_argparser():
     """Search flags (help text, choices) plus every model flag of model_and_diffusion_defaults."""
     parser = OneLineArgumentParser(description="Ternary search of the intermediate index of few-step sampling.")
-    add_flags(parser, search_defaults(), SEARCH_FLAG_HELP, SEARCH_FLAG_CHOICES)
+    add_dict_to_argparser(parser, search_defaults(), SEARCH_FLAG_HELP, SEARCH_FLAG_CHOICES)
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
     return parser
 
