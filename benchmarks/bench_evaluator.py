@@ -52,7 +52,7 @@ def precision_recall_seconds(device, num, dim, backend, fp16):
     real, fake = pool_like_features(num, dim, 0), pool_like_features(num, dim, 1)
     estimator = ManifoldEstimator(device=device, backend=backend, fp16=fp16)
     result = {}
-    seconds = time_call(lambda: result.update(pr=estimator.evaluate_pr(real, fake)), device)
+    seconds = time_call(lambda: result.update(pr=estimator.evaluate_pr(real, None, fake, None)), device)
     return seconds, result["pr"]
 
 

@@ -51,7 +51,7 @@ def to_classifier_inputs(images):
 
 def digits_split(image_size=8):
     """(train, test) images in [-1, 1] (N, 3, S, S) and labels, split by a fixed seeded permutation."""
-    from .image_datasets import digits_arrays
+    from .digits_data import digits_arrays
     from .image_util import from_uint8
 
     images, labels = digits_arrays(image_size)

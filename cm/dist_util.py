@@ -6,21 +6,34 @@
 * single process: no process group at all; every helper here still works.
 
 Backend: nccl on CUDA (one GPU per local rank), gloo on CPU. Start-up and collectives time out after
-CM_DIST_TIMEOUT seconds (default 600) instead of hanging, so a dead rank stops the others.
+CM_DIST_TIMEOUT seconds (default 600) instead of hanging. Failures end every rank within seconds: rank 0
+shares the outcome of what it does alone (`share_outcome`, e.g. a checkpoint write), and a failing rank
+exits at once (cm.errors), so the others' collectives fail on the closed connection.
 """
 
 import contextlib
 import datetime
 import io
 import os
+import pickle
+import re
 import socket
+import zipfile
 
 import blobfile as bf
 import torch
 import torch.distributed as dist
 
+from . import checkpoint_io
+from .errors import CheckpointError, PeerFailure, SetupError
+
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 _LOCAL_RANK = 0
+
+# The reference's module constants, kept importable: it gave rank r the GPU r % GPUS_PER_NODE and never read
+# SETUP_RETRY_COUNT; here a rank takes the GPU of its local rank, whatever the node size.
+GPUS_PER_NODE = 8
+SETUP_RETRY_COUNT = 3
 
 
 def _timeout():
@@ -54,7 +67,13 @@ def _reachable_address(same_host):
 
 def _mpi_environment():
     """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from MPI (rank 0 chooses and broadcasts)."""
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as e:
+        raise SetupError(
+            f'launched by mpiexec but no MPI library could be loaded ({type(e).__name__}: {e}); install one with '
+            'pip install -e ".[mpi]" (or pip install mpi4py to use the cluster\'s own MPI)'
+        ) from None
 
     comm = MPI.COMM_WORLD
     local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
@@ -89,7 +108,7 @@ def setup_dist(backend=None):
     try:
         dist.init_process_group(backend=backend, init_method="env://", timeout=_timeout())
     except Exception as e:  # noqa: BLE001 - turn any rendezvous failure into one sentence
-        raise RuntimeError(
+        raise SetupError(
             f"rank {os.environ.get('RANK')} could not join the process group at {address} within "
             f"{_timeout().total_seconds():.0f} s ({type(e).__name__}: {e}); set CM_MASTER_ADDR to an address "
             "every node can reach, or raise CM_DIST_TIMEOUT"
@@ -111,6 +130,17 @@ def get_world_size():
 def barrier():
     if is_distributed():
         dist.barrier()
+
+
+def share_outcome(error, what):
+    """Tell every rank whether rank 0's solo work (`what`, e.g. writing a checkpoint) failed; use after it
+    instead of a barrier. Rank 0 passes the exception it caught, or None; the other ranks raise PeerFailure
+    when it failed, so all ranks stop at once rather than after the distributed time-out."""
+    if not is_distributed():
+        return
+    message = broadcast_object(None if error is None else _first_line(error))
+    if message is not None and get_rank() != 0:
+        raise PeerFailure(f"rank 0 failed {what}: {message}")
 
 
 def dev():
@@ -151,10 +181,42 @@ def load_state_dict(path, **kwargs):
                 data = f.read()
         except FileNotFoundError:
             data = FileNotFoundError(f"checkpoint {path} does not exist")
+        except OSError as e:
+            data = CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}")
     data = broadcast_object(data)
     if isinstance(data, Exception):
         raise data
-    return torch.load(io.BytesIO(data), **kwargs)
+    if checkpoint_io.is_safetensors(path):
+        return checkpoint_io.load_safetensors_bytes(data, kwargs.get("map_location"))
+    return torch_load_bytes(data, path, **kwargs)
+
+
+def torch_load_bytes(data, path, **kwargs):
+    """torch.load of a checkpoint's bytes; an empty, truncated, corrupt or code-carrying file is one line naming it."""
+    if not data:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was cut off before anything was written")
+    if data[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(io.BytesIO(data)):
+        raise CheckpointError(f"checkpoint {path} is truncated: its {len(data):,} bytes lack the end of the file")
+    try:
+        return torch.load(io.BytesIO(data), **kwargs)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"checkpoint {path} is corrupt ({_first_line(e)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"refers to {found.group(1)}, which is" if found else "holds objects that are"
+        raise CheckpointError(
+            f"checkpoint {path} {what} not tensor data and could run code when loaded; it was refused without "
+            "running anything (load only files you trust)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - the unpickler fails in many ways on a damaged file
+        if isinstance(e, RuntimeError) and ("device" in str(e) or "CUDA" in str(e)):
+            raise  # a map_location problem, not a damaged file
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(exc):
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 @torch.no_grad()
@@ -171,3 +233,13 @@ def ddp_sync(module, sync):
     if sync or not hasattr(module, "no_sync"):
         return contextlib.nullcontext()
     return module.no_sync()
+
+
+def launch_world_size():
+    """The number of ranks this process was launched with (torchrun or mpiexec), before setup_dist."""
+    if is_distributed():
+        return get_world_size()
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1

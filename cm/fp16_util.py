@@ -47,8 +47,109 @@ class HalfPrecisionBody:
             part.apply(convert_module_to_f32)
         self.dtype = torch.float32
 
+    def body_dtype(self):
+        """The dtype of the body's convolutions now; forward casts its input to it (the reference casts to
+        self.dtype, which breaks a use_fp16 network not yet converted with convert_to_fp16)."""
+        for part in self.body():
+            for module in part.modules():
+                if isinstance(module, _CONVS):
+                    return module.weight.dtype
+        return self.dtype
+
 
 INITIAL_LOG_LOSS_SCALE = 20.0
+
+
+# ----- the reference's flattened fp32 master parameters ----------------------------------------------
+# MixedPrecisionTrainer keeps float32 parameters and autocasts instead; these helpers convert between a
+# model's parameters and the reference's layout (one flat tensor for the <= 1-D parameters, shape -1,
+# and one for the matrices, shape (1, -1)), e.g. to read or write its fp16 training state.
+
+
+def get_param_groups_and_shapes(named_model_params):
+    """[(named <= 1-D parameters, -1), (named matrices, (1, -1))]: the reference's two master groups and their shapes."""
+    named = list(named_model_params)
+    vectors = [(n, p) for n, p in named if p.ndim <= 1]
+    matrices = [(n, p) for n, p in named if p.ndim > 1]
+    return [(vectors, (-1)), (matrices, (1, -1))]
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+
+
+def make_master_params(param_groups_and_shapes):
+    """One float32 nn.Parameter per group: its parameters flattened and concatenated, viewed as the group's shape."""
+    masters = []
+    for group, shape in param_groups_and_shapes:
+        flat = _flat([p.detach().float() for _, p in group]).view(shape)
+        masters.append(nn.Parameter(flat, requires_grad=True))
+    return masters
+
+
+def param_grad_or_zeros(param):
+    """The parameter's gradient (detached), or zeros shaped like it when it has none."""
+    return param.grad.detach() if param.grad is not None else torch.zeros_like(param)
+
+
+def model_grads_to_master_grads(param_groups_and_shapes, master_params):
+    """Set each master's .grad to its group's gradients, flattened (zeros for parameters without one)."""
+    for master, (group, shape) in zip(master_params, param_groups_and_shapes):
+        master.grad = _flat([param_grad_or_zeros(p).float() for _, p in group]).view(shape)
+
+
+def unflatten_master_params(param_group, master_param):
+    """Split a flat master tensor into views shaped like the group's parameters."""
+    sizes = [p.numel() for _, p in param_group]
+    pieces = master_param.reshape(-1).split(sizes)
+    return [piece.view(p.shape) for piece, (_, p) in zip(pieces, param_group)]
+
+
+def master_params_to_model_params(param_groups_and_shapes, master_params):
+    """Copy the master values back into the model's parameters (cast to their dtype)."""
+    for master, (group, _) in zip(master_params, param_groups_and_shapes):
+        for (_, param), value in zip(group, unflatten_master_params(group, master)):
+            param.detach().copy_(value)
+
+
+def master_params_to_state_dict(model, param_groups_and_shapes, master_params, use_fp16):
+    """model.state_dict() with its parameters replaced by master_params (flat groups when use_fp16, else a list)."""
+    state_dict = model.state_dict()
+    if use_fp16:
+        for master, (group, _) in zip(master_params, param_groups_and_shapes):
+            for (name, _), value in zip(group, unflatten_master_params(group, master)):
+                state_dict[name] = value
+    else:
+        for (name, _), value in zip(model.named_parameters(), master_params):
+            state_dict[name] = value
+    return state_dict
+
+
+def state_dict_to_master_params(model, state_dict, use_fp16):
+    """Master parameters from a state dict: flat float32 groups when use_fp16, else the tensors in parameter order."""
+    if use_fp16:
+        named = [(name, state_dict[name]) for name, _ in model.named_parameters()]
+        return make_master_params(get_param_groups_and_shapes(named))
+    return [state_dict[name] for name, _ in model.named_parameters()]
+
+
+def zero_master_grads(master_params):
+    """Drop the masters' gradients."""
+    for param in master_params:
+        param.grad = None
+
+
+def zero_grad(model_params):
+    """Zero the gradients of model parameters in place (those that have one)."""
+    for param in model_params:
+        if param.grad is not None:
+            param.grad.detach_()
+            param.grad.zero_()
+
+
+def check_overflow(value):
+    """True when value is +inf, -inf or NaN (the fp16 loss-scale test)."""
+    return value == float("inf") or value == -float("inf") or value != value
 
 
 def _device_type(params):
@@ -106,6 +207,7 @@ class MixedPrecisionTrainer:
         device = self.master_params[0].device if self.master_params else torch.device("cpu")
         self.lg_loss_scale = torch.tensor(initial_lg_loss_scale if use_fp16 else 0.0, device=device)
         self.grad_norm = torch.zeros((), device=device)
+        self.found_inf = torch.zeros((), device=device)  # 1.0 after a skipped step (non-finite gradients)
 
     def autocast(self):
         """Context for the forward pass: autocast to float16 / bfloat16, or nothing for fp32."""
@@ -125,7 +227,8 @@ class MixedPrecisionTrainer:
         loss.backward()
 
     def optimize(self, opt):
-        """Unscale, check, step. Returns found_inf, a 0-d device tensor: 1.0 when the step was skipped."""
+        """Unscale, check, step. Returns True when the step was taken (the reference's meaning) as a 0-d bool
+        device tensor, read only when used as a bool; self.found_inf holds 1.0 (float) when it was skipped."""
         grads = [p.grad for p in self.master_params if p.grad is not None]
         scale = torch.exp2(self.lg_loss_scale)
         norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=scale.device)]
@@ -134,6 +237,7 @@ class MixedPrecisionTrainer:
             grad_norm = grad_norm / scale
         found_inf = (~torch.isfinite(grad_norm)).float()
         self.grad_norm = grad_norm
+        self.found_inf = found_inf
         if getattr(opt, "defaults", {}).get("fused"):
             # the fused kernel divides by grad_scale and skips the whole update when found_inf is 1
             opt.grad_scale = scale if self.use_fp16 else None
@@ -148,7 +252,7 @@ class MixedPrecisionTrainer:
             self.lg_loss_scale = torch.where(
                 found_inf > 0, self.lg_loss_scale - 1, self.lg_loss_scale + self.fp16_scale_growth
             )
-        return found_inf
+        return found_inf == 0
 
     def master_params_to_state_dict(self, master_params):
         """A model state dict whose parameters are `master_params` (e.g. an EMA copy)."""

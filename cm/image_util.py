@@ -18,14 +18,10 @@ from tqdm.auto import tqdm
 from . import dist_util
 from .image_datasets import center_crop_arr
 from .sampling import karras_sample
-from .script_util import (
-    args_to_dict,
-    create_model_and_diffusion,
-    load_model_checkpoint,
-    model_and_diffusion_defaults,
-)
-
-DEVICES = ("auto", "cpu", "cuda")
+from .config import resolve_model_config
+from .flags import DEVICES
+from .karras_diffusion import KarrasDenoiser
+from .script_util import create_model, load_model_checkpoint
 GRID_IMAGES = 64
 
 
@@ -179,17 +175,16 @@ def select_device(name):
 def load_sampling_model(args, device):
     """(network, KarrasDenoiser) from the model flags in `args`, with args.model_path loaded, ready for inference.
 
-    Consistency models (training_mode consistency_*) get the boundary-condition scalings. The network is moved
-    to `device`, optionally to channels_last, and its body to float16 (use_fp16, as the reference) or bfloat16.
+    Checkpoints of consistency modes (cm.training_modes) get the boundary-condition scalings. The network is
+    moved to `device`, optionally to channels_last, and its body to float16 (use_fp16, as the reference) or
+    bfloat16.
     """
     if not args.model_path:
         raise ValueError("no checkpoint given: pass --model_path (e.g. ema_0.9999_NNNNNN.pt from a training log dir)")
     if getattr(args, "use_fp16", False) and getattr(args, "use_bf16", False):
         raise ValueError("choose one of --use_fp16 and --use_bf16")
-    model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys()),
-        distillation="consistency" in args.training_mode,
-    )
+    config = resolve_model_config(args)
+    model, diffusion = create_model(**config["network"]), KarrasDenoiser(**config["denoiser"])
     load_model_checkpoint(model, args.model_path)
     model.to(device)
     if getattr(args, "channels_last", False):

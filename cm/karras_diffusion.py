@@ -7,7 +7,8 @@ f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with c_skip(eps) = 1, 
 import torch
 
 from .metrics import check_loss_norm, get_distance_fn
-from .nn import append_dims, mean_flat
+from .nn import append_dims, mean_flat, noise_conditioning
+from .random_util import DeviceRNG
 from .sampling import euler_step, heun_step, karras_sample, karras_sigma  # noqa: F401  (karras_sample re-exported)
 
 WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform", "ict")
@@ -127,7 +128,7 @@ class KarrasDenoiser:
         sigmas = sigmas.to(x_t.dtype)
         scalings = self.get_scalings_for_boundary_condition if self.distillation else self.get_scalings
         c_skip, c_out, c_in = [append_dims(c, x_t.ndim) for c in scalings(sigmas)]
-        c_noise = 1000 * 0.25 * torch.log(sigmas + 1e-44)
+        c_noise = noise_conditioning(sigmas)
         model_output = model(c_in * x_t, c_noise, **model_kwargs)
         denoised = c_out * model_output + c_skip * x_t
         return model_output, denoised
@@ -229,9 +230,12 @@ class KarrasDenoiser:
                 teacher = (teacher_diffusion or self)._denoiser_fn(teacher_model, model_kwargs)
                 step = heun_step if teacher_solver == "heun" else euler_step
                 x_next = step(teacher, x_t, t, t_next)
-            # target network at (x_next, t_(n+1)) with the same dropout masks
+            # target network at (x_next, t_(n+1)) with the online pass's dropout masks; afterwards the RNG
+            # continues past every draw of this step (a stochastic teacher's included), never replaying them
+            rng_after = rng.get_state()
             rng.set_state(rng_state)
             target = self.denoise(target_model, x_next, t_next, **model_kwargs)[1]
+            rng.set_state(rng_after)
 
         loss = self.distance(distiller, target) * self.loss_weights(t, t_next)
         return {"loss": loss, "sigma": t}
@@ -275,19 +279,124 @@ class KarrasDenoiser:
         return {"loss": loss, "sigma": t}
 
 
-class DeviceRNG:
-    """Snapshot and restore the RNG that dropout on `device` draws from (CPU or the CUDA device's)."""
+# ----- the reference's module-level sampling and editing names --------------------------------------
+# openai/consistency_models defines its samplers and zero-shot editing loops in this module; here they live
+# in cm.sampling and cm.editing. The names below keep reference imports and keyword calls working: the
+# first group has the reference's signatures already, the wrappers only rename arguments or follow the
+# reference's editing demos on top of cm.editing's constraints.
 
-    def __init__(self, device):
-        self.device = torch.device(device)
+from . import editing as _editing  # noqa: E402
+from . import sampling as _sampling  # noqa: E402
+from .sampling import (  # noqa: E402,F401  (re-exported under the reference's names)
+    get_ancestral_step,
+    get_sigmas_karras,
+    sample_dpm,
+    sample_euler,
+    sample_heun,
+    sample_progdist,
+    to_d,
+)
 
-    def get_state(self):
-        if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
 
-    def set_state(self, state):
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
+def sample_euler_ancestral(model, x, sigmas, generator, progress=False, callback=None):
+    """cm.sampling.sample_euler_ancestral under the reference's argument names (`model` is the denoiser)."""
+    return _sampling.sample_euler_ancestral(model, x, sigmas, generator, progress=progress, callback=callback)
+
+
+def sample_onestep(distiller, x, sigmas, generator=None, progress=False, callback=None):
+    """cm.sampling.sample_onestep under the reference's argument names: distiller(x, sigmas[0])."""
+    return _sampling.sample_onestep(distiller, x, sigmas, generator, progress=progress, callback=callback)
+
+
+def stochastic_iterative_sampler(
+    distiller, x, sigmas, generator, ts, progress=False, callback=None, t_min=0.002, t_max=80.0, rho=7.0, steps=40
+):
+    """cm.sampling.stochastic_iterative_sampler (CM paper Alg. 1) under the reference's argument names."""
+    return _sampling.stochastic_iterative_sampler(
+        distiller, x, sigmas, generator, ts=ts, progress=progress, callback=callback,
+        t_min=t_min, t_max=t_max, rho=rho, steps=steps,
+    )
+
+
+@torch.no_grad()
+def sample_midpoint_ancestral(model, x, ts, generator, progress=False, callback=None):
+    """The reference's sample_midpoint_ancestral: for each t in ts one explicit midpoint step of size 1/len(ts)
+    of dx/dt = model(x, t); despite the name it draws no noise (generator is unused, as in the reference)."""
+    ones = x.new_ones([x.shape[0]])
+    h = 1 / len(ts)
+    times = ts
+    if progress:
+        from tqdm.auto import tqdm
+
+        times = tqdm(ts)
+    for t in times:
+        slope = model(x, t * ones)
+        slope_mid = model(x + (h / 2) * slope, (t + h / 2) * ones)
+        x = x + h * slope_mid
+        if callback is not None:
+            callback({"x": x, "tn": t, "dn": slope, "dn_2": slope_mid})
+    return x
+
+
+def _reference_edit_loop(distiller, constraint, known, x, ts, t_min, t_max, rho, steps, generator):
+    """The reference's iterative_* loop (CM paper Alg. 4): at each level of ts denoise, clamp to [-1, 1], put the
+    known part back, re-noise to the next level; noise is drawn after every denoising, the last included."""
+    put_back = constraint.replacer(known)
+
+    def denoise_and_put_back(x_t, sigma):
+        return put_back(distiller(x_t, sigma).clamp(-1.0, 1.0))
+
+    return _sampling.stochastic_iterative_sampler(
+        denoise_and_put_back, x, None, generator, ts=ts, t_min=t_min, t_max=t_max, rho=rho, steps=steps
+    )
+
+
+@torch.no_grad()
+def iterative_colorization(distiller, images, x, ts, t_min=0.002, t_max=80.0, rho=7.0, steps=40, generator=None):
+    """The reference's colorization from the start x: keeps the luminance of `images`; returns (x, gray known part)."""
+    constraint = _editing.colorize_constraint(images)
+    known = constraint.project(images)
+    return _reference_edit_loop(distiller, constraint, known, x, ts, t_min, t_max, rho, steps, generator), known
+
+
+def reference_letter_mask(batch, image_size, device="cpu"):
+    """The reference's inpainting mask (1 = keep): an "S" drawn black at (50, 0) in 250-pt Arial on white; the
+    batch is groups of 7, even groups keep the background (the letter is generated), odd groups the letter.
+
+    The reference fails without arial.ttf; here PIL's default font stands in when Arial cannot be found.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    if batch % 7:
+        raise ValueError(f"iterative_inpainting (the reference's demo) needs a batch that is a multiple of 7, got {batch}")
+    try:
+        font = ImageFont.truetype("arial.ttf", 250)
+    except OSError:
+        font = ImageFont.load_default(size=250)
+    canvas = Image.new("RGB", (image_size, image_size), color="white")
+    ImageDraw.Draw(canvas).text((50, 0), "S", font=font, fill=(0, 0, 0))
+    light = torch.from_numpy(np.array(canvas)).permute(2, 0, 1).to(device) > 0.5  # [3, H, W]
+    even = (torch.arange(batch // 7, device=device) % 2 == 0).view(-1, 1, 1, 1, 1)
+    keep = torch.where(even, light, ~light).expand(-1, 7, -1, -1, -1)
+    return keep.reshape(batch, 3, image_size, image_size).float()
+
+
+@torch.no_grad()
+def iterative_inpainting(distiller, images, x, ts, t_min=0.002, t_max=80.0, rho=7.0, steps=40, generator=None):
+    """The reference's inpainting demo from the start x with reference_letter_mask; returns (x, images with the
+    generated region set to -1)."""
+    keep = reference_letter_mask(x.shape[0], x.shape[-1], x.device).to(images)
+    constraint = _editing.inpaint_constraint(1 - keep)
+    known = images * keep - (1 - keep)
+    return _reference_edit_loop(distiller, constraint, known, x, ts, t_min, t_max, rho, steps, generator), known
+
+
+@torch.no_grad()
+def iterative_superres(distiller, images, x, ts, t_min=0.002, t_max=80.0, rho=7.0, steps=40, generator=None):
+    """The reference's 8x super-resolution from the start x: keeps the 8x8 patch means of `images`; returns
+    (x, images averaged over each patch)."""
+    _editing.check_factor(8, x.shape[-1])
+    constraint = _editing.superres_constraint(8, images)
+    known = constraint.project(images)
+    return _reference_edit_loop(distiller, constraint, known, x, ts, t_min, t_max, rho, steps, generator), known

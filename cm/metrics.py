@@ -73,8 +73,33 @@ def load_vgg16_into_lpips(lpips_model, path):
             param.copy_(state[key])
 
 
+# piq's LPIPS standardises [0, 1] images with the ImageNet statistics (equal to lpips' ScalingLayer on [-1, 1])
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def replace_max_pooling(module):
+    """Swap every MaxPool2d for AvgPool2d(2, 2) in place, recursively (piq's `replace_pooling=True`, as the reference)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            setattr(module, name, nn.AvgPool2d(kernel_size=2, stride=2, padding=0))
+        else:
+            replace_max_pooling(child)
+    return module
+
+
+def unit_normalize(features, eps=1e-10):
+    """Scale each feature vector (over channels) to unit length, as LPIPS does (Zhang et al. 2018, Eq. 1)."""
+    return features / (features.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
 class LPIPSDistance(nn.Module):
-    """LPIPS(VGG) between images in [-1, 1], resized bilinearly to 224 when smaller than 256 (as the reference).
+    """The reference's LPIPS: piq `LPIPS(replace_pooling=True, reduction="none")` on images in [-1, 1].
+
+    VGG16 with every max-pool replaced by a 2x2 average pool, features relu1_2 .. relu5_3 unit-normalised
+    over channels, squared differences weighted by the LPIPS linear heads, averaged over space and
+    summed over layers; one value per sample. Images smaller than 256 px are first resized bilinearly
+    to 224 (as the reference). Computed in float32 outside autocast, as the reference did.
 
     :param vgg_path: torchvision VGG16 weights file; default from CM_LPIPS_VGG_PATH or the torch hub cache.
     :param pretrained: False gives a randomly initialised backbone (tests only: the distance is then
@@ -90,16 +115,29 @@ class LPIPSDistance(nn.Module):
             self.model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if pretrained:
             load_vgg16_into_lpips(self.model, _vgg16_path(vgg_path))
+        replace_max_pooling(self.model.net)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.model.eval().requires_grad_(False)
 
     def train(self, mode=True):
         return super().train(False)
 
+    def features(self, x01):
+        """The five VGG16 feature maps (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) of images in [0, 1]."""
+        return self.model.net((x01 - self.mean) / self.std)
+
     def forward(self, x, y):
-        if x.shape[-1] < 256:
-            x = F.interpolate(x, size=224, mode="bilinear")
-            y = F.interpolate(y, size=224, mode="bilinear")
-        return self.model((x + 1) / 2.0, (y + 1) / 2.0, normalize=True).flatten()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x, y = x.float(), y.float()
+            if x.shape[-1] < 256:
+                x = F.interpolate(x, size=224, mode="bilinear")
+                y = F.interpolate(y, size=224, mode="bilinear")
+            total = 0.0
+            for fx, fy, lin in zip(self.features((x + 1) / 2), self.features((y + 1) / 2), self.model.lins):
+                diff = (unit_normalize(fx) - unit_normalize(fy)) ** 2
+                total = total + lin(diff).mean(dim=(2, 3))
+            return total.flatten()
 
 
 def check_loss_norm(loss_norm):

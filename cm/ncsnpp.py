@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fp16_util import HalfPrecisionBody
-from .nn import GroupNorm32
+from .nn import C_NOISE_SCALE, GroupNorm32, scaled_dot_product_attention
 
 RESBLOCK_TYPES = ("biggan", "ddpm")
 PROGRESSIVE_MODES = ("none", "output_skip", "residual")
@@ -36,7 +36,6 @@ PROGRESSIVE_COMBINES = ("sum", "cat")
 EMBEDDING_TYPES = ("fourier", "positional")
 
 SKIP_SCALE = 1 / math.sqrt(2)  # skip_rescale: (x + h) / sqrt(2) keeps the variance of a residual sum
-C_NOISE_SCALE = 1000.0  # rescaled_t = C_NOISE_SCALE * 0.25 * log(sigma)
 
 
 # ----- initialisation --------------------------------------------------------------------------
@@ -319,7 +318,7 @@ class AttnBlock(nn.Module):
     def forward(self, x, temb=None):
         b, c, height, width = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, height * width).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
+        h = scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         h = h.transpose(-1, -2).reshape(b, c, height, width)
         return (x + self.proj(h)) * self.skip_scale
 
@@ -445,7 +444,7 @@ class Level(nn.Module):
 
 def fourier_features(x, weight):
     """Gaussian Fourier features [sin(2 pi x W), cos(2 pi x W)] (Tancik et al. 2020; score_sde, App. H)."""
-    proj = x.float()[:, None] * weight[None, :] * (2 * math.pi)
+    proj = x.to(weight.dtype)[:, None] * weight[None, :] * (2 * math.pi)
     return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
 

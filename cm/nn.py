@@ -3,17 +3,26 @@
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (stable under fp16/bf16)."""
+    """GroupNorm computed in at least float32 (stable under fp16/bf16; float64 stays float64)."""
 
     def forward(self, x):
-        if x.dtype == torch.float32:
+        if x.dtype not in (torch.float16, torch.bfloat16):
             return super().forward(x)
         return super().forward(x.float()).type(x.dtype)
+
+
+class SiLU(nn.SiLU):
+    """x * sigmoid(x), under the reference's name (torch's nn.SiLU)."""
+
+    def forward(self, x):
+        return super().forward(x)
 
 
 def normalization(channels):
@@ -95,10 +104,9 @@ def append_zero(x):
 def timestep_embedding(timesteps, dim, max_period=10000):
     """Sinusoidal embedding [cos(t f), sin(t f)] with f_i = max_period^(-i / (dim / 2)) (ADM)."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    )
-    args = timesteps[:, None].float() * freqs[None]
+    dtype = torch.float64 if timesteps.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=timesteps.device) / half)
+    args = timesteps[:, None].to(dtype) * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
@@ -111,6 +119,126 @@ def checkpoint(func, inputs, params, flag):
     `params` is accepted for the reference's signature; autograd finds the parameters itself.
     """
     del params
-    if flag and torch.is_grad_enabled():
+    # recomputation in backward does not replay forward-mode tangents, so a JVP pass runs unchecked
+    if flag and torch.is_grad_enabled() and not has_tangent(*inputs):
         return _torch_checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """The reference's gradient checkpointing as an autograd Function: CheckpointFunction.apply(fn, n, *inputs, *params).
+
+    Forward runs fn on the first n arguments without recording a graph; backward runs it again with
+    gradients on and differentiates with respect to the inputs and the parameters that follow them.
+    (`checkpoint` above uses torch.utils.checkpoint instead.)
+    """
+
+    @staticmethod
+    def forward(ctx, run_function, length, *args):
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        with torch.no_grad():
+            return run_function(*ctx.input_tensors)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        inputs = [t.detach().requires_grad_(True) for t in ctx.input_tensors]
+        with torch.enable_grad():
+            # views, so an in-place first op of run_function does not modify the detached leaves
+            outputs = ctx.run_function(*[t.view_as(t) for t in inputs])
+        if torch.is_tensor(outputs):
+            outputs = (outputs,)
+        grads = torch.autograd.grad(outputs, inputs + ctx.input_params, output_grads, allow_unused=True)
+        del ctx.input_tensors, ctx.input_params
+        return (None, None) + tuple(grads)
+
+
+# ----- forward-mode derivatives (JVP) ------------------------------------------------------------
+
+
+def has_tangent(*tensors):
+    """True when any tensor carries a forward-mode tangent (inside torch.func.jvp or a forward_ad dual level)."""
+    return any(torch.is_tensor(t) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def math_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v on [..., T, D] with plain matrix products (softmax in at least float32)."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    return probs.to(v.dtype) @ v
+
+
+class _AttentionWithJVP(torch.autograd.Function):
+    """Attention whose value comes from the fused SDPA kernel and whose tangent has an explicit rule.
+
+    With P = softmax(S), S = q k^T / sqrt(d), o = P v: dS = (dq k^T + q dk^T) / sqrt(d) and
+    do = (P * dS) v - rowsum(P * dS) o + P dv. Backward recomputes math_attention.
+    """
+
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*inputs, output)
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv):
+        q, k, v, out = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        scores = (q @ k.transpose(-1, -2)) * scale
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+        d_scores = torch.zeros_like(scores)
+        if dq is not None:
+            d_scores = d_scores + (dq @ k.transpose(-1, -2)) * scale
+        if dk is not None:
+            d_scores = d_scores + (q @ dk.transpose(-1, -2)) * scale
+        weighted = probs * d_scores
+        d_out = weighted @ v - weighted.sum(-1, keepdim=True) * out
+        if dv is not None:
+            d_out = d_out + probs @ dv
+        return d_out.to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            return torch.autograd.grad(math_attention(q, k, v), (q, k, v), grad_out)
+
+
+def scaled_dot_product_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v on [B, H, T, D]: the fused SDPA kernel, with an explicit JVP rule under forward AD.
+
+    PyTorch's fused attention kernels have no forward-mode derivative; this is the networks' one attention call.
+    """
+    if has_tangent(q, k, v):
+        return _AttentionWithJVP.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def network_jvp(fn, primals, tangents):
+    """(fn(*primals), J_fn(primals) tangents): forward-mode derivative of a network call (torch.func.jvp).
+
+    Dropout draws its masks once and applies them to value and tangent alike; attention uses the JVP rule above
+    and gradient checkpointing is skipped. Wrap the call in torch.no_grad() when the tangent needs no gradient.
+    """
+    primals, tangents = tuple(primals), tuple(tangents)
+    if len(primals) != len(tangents):
+        raise ValueError(f"network_jvp needs one tangent per primal, got {len(primals)} and {len(tangents)}")
+    for p, t in zip(primals, tangents):
+        if p.shape != t.shape:
+            raise ValueError(f"tangent shape {tuple(t.shape)} does not match its primal's {tuple(p.shape)}")
+    tangents = tuple(t.to(p.dtype) for p, t in zip(primals, tangents))
+    return torch.func.jvp(fn, primals, tangents)
+
+
+C_NOISE_SCALE = 1000.0  # the reference's rescaled time: c_noise = C_NOISE_SCALE * 0.25 * log(sigma)
+
+
+def noise_conditioning(sigmas):
+    """The networks' noise-level input c_noise(sigma) = 1000 * 0.25 * log(sigma) (the reference's rescaled_t)."""
+    return C_NOISE_SCALE * 0.25 * torch.log(sigmas + 1e-44)

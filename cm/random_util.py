@@ -37,8 +37,8 @@ class DummyGenerator:
     def randint(self, *args, **kwargs):
         return torch.randint(*args, **kwargs)
 
-    def randn_like(self, tensor):
-        return torch.randn_like(tensor)
+    def randn_like(self, *args, **kwargs):
+        return torch.randn_like(*args, **kwargs)
 
     def set_done_samples(self, done_samples):
         pass
@@ -61,6 +61,14 @@ class _IndexedGenerator:
         idx = torch.arange(start, start + self.world_size * int(batch_size), self.world_size)
         return idx.clamp(0, self.num_samples - 1)
 
+    def get_global_size_and_indices(self, size):
+        """The reference's helper: (shape of the draw for all num_samples, this batch's global indices)."""
+        return (self.num_samples, *size[1:]), self.indices(size[0])
+
+    def get_size_and_indices(self, size):
+        """The reference's helper: (shape of one sample's draw, this batch's global indices)."""
+        return (1, *size[1:]), self.indices(size[0])
+
     def randn_like(self, tensor):
         return self.randn(*tensor.shape, dtype=tensor.dtype, device=tensor.device)
 
@@ -81,6 +89,10 @@ class DeterministicGenerator(_IndexedGenerator):
         if key not in self._generators:
             self._generators[key] = torch.Generator(device).manual_seed(self.seed)
         return self._generators[key]
+
+    def get_generator(self, device):
+        """The seeded torch.Generator this generator draws from on `device`."""
+        return self._generator(device)
 
     def randn(self, *size, dtype=torch.float32, device="cpu"):
         full = torch.randn(self.num_samples, *size[1:], generator=self._generator(device), dtype=dtype, device=device)
@@ -103,6 +115,21 @@ class DeterministicGenerator(_IndexedGenerator):
             g.manual_seed(seed)
 
 
+class _PerSampleGenerators:
+    """A read-only sequence of one generator's per-sample streams on one device."""
+
+    def __init__(self, owner, device):
+        self.owner, self.device = owner, device
+
+    def __len__(self):
+        return self.owner.num_samples
+
+    def __getitem__(self, index):
+        if not 0 <= int(index) < len(self):
+            raise IndexError(f"sample index {int(index)} out of range for {len(self)} samples")
+        return self.owner._generator(index, self.device)
+
+
 class DeterministicIndividualGenerator(_IndexedGenerator):
     """One stream per sample k, seeded with k + num_samples * seed: memory independent of num_samples."""
 
@@ -115,6 +142,10 @@ class DeterministicIndividualGenerator(_IndexedGenerator):
         if key not in self._generators:
             self._generators[key] = torch.Generator(device).manual_seed(int(index) + self.num_samples * self.seed)
         return self._generators[key]
+
+    def get_generator(self, device):
+        """Sample k's torch.Generator on `device` at index k (created on first use), as the reference's list."""
+        return _PerSampleGenerators(self, device)
 
     def randn(self, *size, dtype=torch.float32, device="cpu"):
         rows = [
@@ -138,3 +169,22 @@ class DeterministicIndividualGenerator(_IndexedGenerator):
     def set_seed(self, seed):
         self.seed = seed
         self._generators = {}
+
+
+class DeviceRNG:
+    """Snapshot and restore the RNG state a device draws from: the CPU generator, plus the CUDA device's
+    when `device` is a GPU (dropout masks there come from it). Used to replay dropout masks and in checkpoints."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def get_state(self):
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_state(self, state):
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)

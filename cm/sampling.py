@@ -13,6 +13,7 @@ import torch
 
 from .nn import append_dims, append_zero
 from .random_util import get_generator
+from .trigflow import sample_trigflow_onestep, sample_trigflow_twostep
 
 
 def karras_sigma(i, n, sigma_min, sigma_max, rho=7.0):
@@ -91,11 +92,15 @@ def _steps(n, progress):
 
 def _churn(x, t_cur, n_steps, generator, s_churn, s_tmin, s_tmax, s_noise):
     """EDM Alg. 2, lines 4-6: raise the noise from t_cur to t_hat = (1 + gamma) t_cur with fresh noise,
-    gamma = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0. Returns (x_hat, t_hat)."""
+    gamma = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0. Returns (x_hat, t_hat).
+
+    The noise is drawn at every step, also when gamma is 0, as the reference does, so a seeded
+    generator gives the reference's samples and is left in the reference's state."""
     gamma = min(s_churn / n_steps, 2**0.5 - 1) if s_tmin <= t_cur <= s_tmax else 0.0
+    eps = generator.randn_like(x) * s_noise
     t_hat = t_cur * (gamma + 1)
     if gamma > 0:
-        x = x + generator.randn_like(x) * s_noise * math.sqrt(t_hat**2 - t_cur**2)
+        x = x + eps * math.sqrt(t_hat**2 - t_cur**2)
     return x, t_hat
 
 
@@ -203,7 +208,9 @@ def sample_dpm(
     s_tmax=float("inf"),
     s_noise=1.0,
 ):
-    """DPM-Solver-2-like midpoint sampler with EDM churn (k-diffusion's sample_dpm_2); midpoint on a rho=3 grid."""
+    """DPM-Solver-2-like midpoint sampler with EDM churn (k-diffusion's sample_dpm_2); midpoint on a rho=3 grid.
+
+    Like the reference (unlike k-diffusion), the step to sigma = 0 is a midpoint step too."""
     generator = generator or get_generator("dummy")
     sigmas = sigmas.tolist()
     n = len(sigmas) - 1
@@ -214,9 +221,6 @@ def sample_dpm(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised})
         d = to_d(x, t_hat, denoised)
-        if t_next == 0:
-            x = x + d * (t_next - t_hat)
-            continue
         # midpoint step: evaluate at t_mid, move the whole way with that slope
         t_mid = ((t_hat ** (1 / 3) + t_next ** (1 / 3)) / 2) ** 3
         x_mid = x + d * (t_mid - t_hat)
@@ -234,7 +238,8 @@ def get_ancestral_step(sigma_from, sigma_to):
 
 @torch.no_grad()
 def sample_euler_ancestral(denoiser, x, sigmas, generator=None, progress=False, callback=None):
-    """Ancestral sampling with Euler steps (k-diffusion's sample_euler_ancestral)."""
+    """Ancestral sampling with Euler steps (k-diffusion's sample_euler_ancestral); draws noise at every step,
+    the last (sigma_up = 0) included, as the reference does."""
     generator = generator or get_generator("dummy")
     sigmas = sigmas.tolist()
     for i in _steps(len(sigmas) - 1, progress):
@@ -244,8 +249,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, generator=None, progress=False, 
             callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": denoised})
         sigma_down, sigma_up = get_ancestral_step(t_cur, t_next)
         x = x + to_d(x, t_cur, denoised) * (sigma_down - t_cur)
-        if t_next > 0:
-            x = x + generator.randn_like(x) * sigma_up
+        x = x + generator.randn_like(x) * sigma_up
     return x
 
 
@@ -277,8 +281,12 @@ SAMPLERS = {
     "ancestral": sample_euler_ancestral,
     "dpm": sample_dpm,
     "progdist": sample_progdist,
+    "trigflow_onestep": sample_trigflow_onestep,
+    "trigflow_twostep": sample_trigflow_twostep,
 }
-SAMPLER_NAMES = ("onestep", "multistep", "heun", "euler", "euler_ancestral", "dpm", "progdist")
+SAMPLER_NAMES = (
+    "onestep", "multistep", "heun", "euler", "euler_ancestral", "dpm", "progdist", "trigflow_onestep", "trigflow_twostep"
+)
 
 
 def karras_sample(

@@ -1,4 +1,9 @@
-"""Command-line entry of the training scripts (edm_train, cd_train, ct_train, cm_train)."""
+"""Command-line entry of the training scripts (edm_train, cd_train, ct_train, cm_train): resolve, then build.
+
+`create_argparser(mode)` builds a training script's flags from cm.flags; `cm.config.resolve_training_config`
+turns the parsed flags into the grouped configuration; `build_training(config)` builds the data,
+networks, teacher, target and loop from it, reading the mode's entry of cm.training_modes.
+"""
 
 import os
 
@@ -6,73 +11,26 @@ import numpy as np
 import torch
 
 from . import dist_util, logger
+from .config import config_to_json, resolve_training_config
 from .image_datasets import load_data
+from .karras_diffusion import KarrasDenoiser
 from .resample import create_named_schedule_sampler
 from .schedules import create_ema_and_scales_fn
-from .script_util import (
-    TRAINING_MODES,
-    OneLineArgumentParser,
-    add_dict_to_argparser,
-    args_to_dict,
-    args_to_json,
-    cm_train_defaults,
-    create_model_and_diffusion,
-    load_model_checkpoint,
-    model_and_diffusion_defaults,
-    run_script,
-    train_defaults,
-)
+from .script_util import create_model, create_parser, load_model_checkpoint, run_script
 from .train_util import CMTrainLoop, TrainLoop
+from .training_modes import get_training_mode
 
 
-CT_DEFAULTS = dict(
-    training_mode="consistency_training",
-    target_ema_mode="adaptive",
-    scale_mode="progressive",
-    start_ema=0.95,
-    start_scales=2,
-    end_scales=200,
-    total_training_steps=800000,
-)
+def create_argparser(training_mode=None):
+    """The flags of a training script; training_mode fixes the mode and its defaults (None: cm_train.py,
+    the reference's defaults for every mode)."""
+    what = get_training_mode(training_mode).description if training_mode else "any --training_mode"
+    return create_parser("train", f"Train: {what}.", training_mode)
 
 
-def create_argparser(training_mode):
-    """The flags of a training script: train + model/diffusion (+ consistency flags unless EDM)."""
-    defaults = train_defaults()
-    defaults.update(model_and_diffusion_defaults())
-    if training_mode == "edm":
-        defaults["total_training_steps"] = 0
-        defaults["training_mode"] = "edm"
-    else:
-        defaults.update(cm_train_defaults())
-        defaults["training_mode"] = training_mode
-        if training_mode == "consistency_training":
-            defaults.update(CT_DEFAULTS)
-    parser = OneLineArgumentParser(description=f"Train ({training_mode}).")
-    add_dict_to_argparser(parser, defaults)
-    return parser
-
-
-def _init_from_teacher(flag, training_mode):
-    if flag == "auto":
-        return training_mode in ("consistency_distillation", "progdist")
-    return flag == "true"
-
-
-def _batch_size(args):
-    if args.batch_size > 0:
-        return args.batch_size
-    world = dist_util.get_world_size()
-    if args.global_batch_size % world:
-        logger.log(f"warning: global_batch_size {args.global_batch_size} is not divisible by {world} ranks")
-    return max(1, args.global_batch_size // world)
-
-
-def _prepare(model, device, channels_last):
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
+def resolve(args):
+    """The resolved configuration of parsed training flags, for the ranks this process was launched with."""
+    return resolve_training_config(args, dist_util.launch_world_size())
 
 
 def run(args):
@@ -84,136 +42,145 @@ def run(args):
 
 
 def build_loop(args):
-    """Set up processes and logging, build data, networks, teacher and target from flags; return the loop."""
-    mode = getattr(args, "training_mode", "edm")
-    if mode not in TRAINING_MODES:
-        raise ValueError(f"unknown training_mode {mode!r}; allowed: {', '.join(TRAINING_MODES)}")
+    """Set up processes, resolve the flags into the configuration, build the loop from it."""
     if args.device != "auto":
         os.environ["CM_DEVICE"] = args.device
     dist_util.setup_dist()
+    return build_training(resolve_training_config(args, dist_util.get_world_size()))
+
+
+def _prepare(model, device, channels_last):
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_teacher(config):
+    """(teacher network, its EDM KarrasDenoiser) loaded from the teacher checkpoint, in eval mode unless the
+    configuration asks for a stochastic teacher."""
+    teacher_config = config["teacher"]
+    teacher = create_model(**teacher_config["network"])
+    load_model_checkpoint(teacher, teacher_config["model_path"], "teacher checkpoint")
+    teacher.train(teacher_config["stochastic"])
+    return teacher, KarrasDenoiser(**{**config["denoiser"], "distillation": False})
+
+
+def describe_teacher(teacher_config):
+    """One log line on the teacher: its file, solver and whether its dropout is active."""
+    dropout = teacher_config["network"]["dropout"]
+    if teacher_config["stochastic"]:
+        how = f"train mode, dropout {dropout} active (--teacher_stochastic true)"
+    else:
+        how = "eval mode, no dropout, as the reference"
+    return f"teacher: {teacher_config['model_path']} ({how}; {teacher_config['solver']} steps)"
+
+
+def init_student(model, config, teacher):
+    """Copy the teacher's weights into the student when the configuration decided so, and say which it was."""
+    mode = get_training_mode(config["training_mode"])
+    if config["student_init"] != "teacher":
+        if mode.teacher != "none":
+            logger.log(f"student starts from a random initialisation (seed {config['run']['seed']})")
+        return
+    source = teacher
+    if source is None:  # a throwaway copy (building it advances the RNG, which the run's streams rely on)
+        source = create_model(**config["network"])
+        load_model_checkpoint(source, config["teacher"]["model_path"], "teacher checkpoint")
+    model.load_state_dict(source.state_dict())
+    why = "" if mode.teacher == "required" else " (the reference's behaviour for --teacher_model_path; " \
+        "--init_from_teacher false starts from scratch)"
+    logger.log(f"student starts from the teacher's weights ({config['teacher']['model_path']}){why}")
+
+
+def build_training(config):
+    """Logging, seeds, data, networks, teacher, target and the loop, from a resolved configuration."""
+    mode = get_training_mode(config["training_mode"])
+    run_config = config["run"]
+    log_dir = logger.configure(dir=run_config["log_dir"] or None)
     rank = dist_util.get_rank()
-    log_dir = logger.configure(dir=args.log_dir or None)
     if rank == 0:
         with open(os.path.join(log_dir, "config.json"), "w") as f:
-            f.write(args_to_json(args) + "\n")
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
+            f.write(config_to_json(config) + "\n")
+    torch.manual_seed(run_config["seed"] + rank)
+    np.random.seed(run_config["seed"] + rank)
     device = dist_util.dev()
+    channels_last = config["loop"]["channels_last"]
 
-    model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
-    loss_kwargs = {}
-    if mode != "edm":
-        loss_kwargs = dict(
-            loss_norm=args.loss_norm,
-            index_sampler=args.index_sampler,
-            p_mean=args.p_mean,
-            p_std=args.p_std,
-            lpips_vgg_path=args.lpips_vgg_path,
-        )
-    distillation = mode in ("consistency_distillation", "consistency_training")
-    model, diffusion = create_model_and_diffusion(**model_kwargs, distillation=distillation, **loss_kwargs)
-    if mode in ("consistency_distillation", "consistency_training", "progdist"):
-        diffusion.build_distance()
-    logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({args.model_type})")
+    model = create_model(**config["network"])
+    diffusion = KarrasDenoiser(**config["denoiser"])
+    if mode.uses_distance:
+        diffusion.build_distance()  # LPIPS weights load now, so a missing file fails before training
+    logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({config['network']['model_type']})")
 
     teacher, teacher_diffusion = None, None
-    if mode in ("consistency_distillation", "progdist"):
-        if not args.teacher_model_path:
-            raise ValueError(f"training_mode {mode} needs --teacher_model_path (an EDM checkpoint)")
-        teacher, teacher_diffusion = create_model_and_diffusion(
-            **{**model_kwargs, "dropout": args.teacher_dropout}, distillation=False
-        )
-        load_model_checkpoint(teacher, args.teacher_model_path, "teacher checkpoint")
-        teacher.train(args.teacher_dropout > 0)
-        logger.log(f"teacher: {args.teacher_model_path} (dropout {args.teacher_dropout}, {args.teacher_solver} steps)")
-    elif mode == "consistency_training" and args.teacher_model_path and not _init_from_teacher(args.init_from_teacher, mode):
-        logger.log("note: consistency training ignores --teacher_model_path unless --init_from_teacher true")
+    if config["teacher"] is not None and config["teacher"]["in_loss"]:
+        teacher, teacher_diffusion = build_teacher(config)
+        logger.log(describe_teacher(config["teacher"]))
+    init_student(model, config, teacher)
 
-    if mode != "edm" and _init_from_teacher(args.init_from_teacher, mode):
-        if not args.teacher_model_path:
-            raise ValueError("--init_from_teacher true needs --teacher_model_path")
-        source = teacher
-        if source is None:  # a throwaway copy (building it advances the RNG, which the run's streams rely on)
-            source, _ = create_model_and_diffusion(**model_kwargs)
-            load_model_checkpoint(source, args.teacher_model_path, "teacher checkpoint")
-        model.load_state_dict(source.state_dict())
-        logger.log(f"student starts from the teacher's weights ({args.teacher_model_path})")
-    elif mode != "edm":
-        logger.log(f"student starts from a random initialisation (seed {args.seed})")
-
-    batch_size = _batch_size(args)
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-        seed=args.seed,
-        on_bad_image=args.on_bad_image,
-    )
+    batch_size = config["loop"]["batch_size"]
+    if run_config["batch_size"] <= 0 and batch_size * run_config["world_size"] != run_config["global_batch_size"]:
+        logger.log(f"warning: global_batch_size {run_config['global_batch_size']} is not divisible by "
+                   f"{run_config['world_size']} ranks; using {batch_size * run_config['world_size']}")
+    data = load_data(**config["data"])
     common = dict(
-        model=_prepare(model, device, args.channels_last),
+        model=_prepare(model, device, channels_last),
         diffusion=diffusion,
         data=data,
-        batch_size=batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        lr_warmup_steps=args.lr_warmup_steps,
-        optimizer=args.optimizer,
-        run_config=vars(args),
-        channels_last=args.channels_last,
-        time_limit=args.max_minutes * 60,
+        run_config=config,
+        seed=run_config["seed"],
+        **config["optimizer"],
+        **config["loop"],
     )
-    if mode == "edm":
-        loop = TrainLoop(
-            schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
-            total_training_steps=args.total_training_steps,
-            **common,
-        )
+    if mode.schedule == "schedule_sampler":
+        sampler = create_named_schedule_sampler(config["schedule"]["schedule_sampler"], diffusion)
+        loop = TrainLoop(schedule_sampler=sampler, **common)
     else:
         target = None
-        if mode != "progdist":
-            target, _ = create_model_and_diffusion(**model_kwargs)
+        if mode.target:
+            target = create_model(**config["network"])
             target.load_state_dict(model.state_dict())
-            _prepare(target, device, args.channels_last)
+            _prepare(target, device, channels_last)
         if teacher is not None:
-            _prepare(teacher, device, args.channels_last)
+            _prepare(teacher, device, channels_last)
         loop = CMTrainLoop(
             target_model=target,
             teacher_model=teacher,
             teacher_diffusion=teacher_diffusion,
-            training_mode=mode,
-            ema_scale_fn=ema_and_scales_fn(args),
-            total_training_steps=args.total_training_steps,
-            teacher_solver=args.teacher_solver,
+            training_mode=mode.name,
+            ema_scale_fn=create_ema_and_scales_fn(**config["schedule"]),
+            teacher_solver=config["teacher"]["solver"] if config["teacher"] else "heun",
             **common,
         )
-    logger.log(f"training ({mode}) on {device}, {dist_util.get_world_size()} rank(s), batch {batch_size} per rank")
+    logger.log(f"training ({mode.name}) on {device}, {run_config['world_size']} rank(s), batch {batch_size} per rank")
     return loop
 
 
-def ema_and_scales_fn(args, total_steps=None):
-    """step -> (mu(k), N(k)) from the schedule flags; total_steps overrides --total_training_steps."""
-    return create_ema_and_scales_fn(
-        target_ema_mode=args.target_ema_mode,
-        start_ema=args.start_ema,
-        scale_mode=args.scale_mode,
-        start_scales=args.start_scales,
-        end_scales=args.end_scales,
-        total_steps=args.total_training_steps if total_steps is None else total_steps,
-        distill_steps_per_iter=args.distill_steps_per_iter,
-    )
+def ema_and_scales_fn(config, total_steps=None):
+    """step -> (mu(k), N(k)) from a resolved configuration; total_steps overrides the schedule's span."""
+    schedule = dict(config["schedule"])
+    if total_steps is not None:
+        schedule["total_steps"] = total_steps
+    return create_ema_and_scales_fn(**schedule)
 
 
-def main(training_mode="consistency_distillation", argv=None):
-    """Parse flags (and --config), then train; bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
-    return run_script(create_argparser(training_mode), run, argv)
+def main(training_mode=None, argv=None):
+    """Parse flags (and --config), then train; bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks).
+
+    training_mode: the mode a *_train.py script trains (its defaults apply; --training_mode must agree), or
+    None for cm_train.py (any --training_mode, the reference's defaults).
+    """
+    def checked_run(args):
+        _check_script_mode(training_mode, args.training_mode)
+        return run(args)
+
+    return run_script(create_argparser(training_mode), checked_run, argv, resolve=resolve)
+
+
+def _check_script_mode(script_mode, flag_mode):
+    if script_mode is not None and flag_mode != script_mode:
+        raise ValueError(
+            f"this script trains {script_mode}, but --training_mode is {flag_mode}; "
+            f"use scripts/cm_train.py --training_mode {flag_mode}"
+        )

@@ -9,9 +9,11 @@ Checkpoints keep the reference's file names in the log dir (modelNNNNNN.pt, ema_
 optNNNNNN.pt, target_modelNNNNNN.pt, teacher_modelNNNNNN.pt) plus stateNNNNNN.pt with everything else a
 resumed run needs (RNG states of every rank, data position, loss scale, configuration). Files are
 written to a temporary name and renamed, the model file last; a restart resumes from the newest step
-whose files are all present.
+whose files are all present. A write that fails (disk full) removes its step's files and stops every
+rank with one line; temporary files of a killed process are removed at the next checkpoint.
 """
 
+import contextlib
 import math
 import os
 import re
@@ -23,12 +25,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from .errors import CheckpointError, CheckpointWriteError
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
+from .random_util import DeviceRNG
 from .resample import LogNormalSampler
+from .training_modes import LossNetworks, get_training_mode
 
 OPTIMIZERS = ("radam", "adam", "adamw")
 _MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
+_TEMPORARY_FILE = re.compile(r"\d{6}\.pt\.tmp\d+$")
 
 
 # ----- small pieces ----------------------------------------------------------------------------
@@ -122,31 +128,41 @@ def find_ema_checkpoint(main_checkpoint, step, rate):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, flush it to disk, then rename: readers never see a partial file."""
+    """torch.save to a temporary file, flush it to disk, then rename: readers never see a partial file, and a
+    failed write (disk full) leaves no temporary file behind."""
     if "://" in path:  # object stores publish a blob only once it is fully written
         with bf.BlobFile(path, "wb") as f:
             torch.save(obj, f)
         return
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
-def rng_state(device):
-    """This process's CPU and (if used) CUDA RNG states."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def remove_stale_temporaries(directory):
+    """Delete temporary checkpoint files (NNNNNN.pt.tmpPID) that a killed process left in directory."""
+    if "://" in directory or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if _TEMPORARY_FILE.search(name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
 
 
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def remove_files(paths):
+    """Delete the files that exist among paths (local or blobfile)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if bf.exists(path):
+                bf.remove(path)
 
 
 class StopRequest:
@@ -200,7 +216,8 @@ class TrainLoop:
     :param use_bf16: bfloat16 autocast.
     :param optimizer: radam (reference) | adam | adamw.
     :param total_training_steps: stop after this many steps (0: run until interrupted).
-    :param run_config: dict recorded in every checkpoint (the resolved flags).
+    :param run_config: dict recorded in every checkpoint (the resolved configuration, cm.config).
+    :param seed: the run's seed (restarts the RNG streams when a checkpoint of another world size is resumed).
     :param max_consecutive_skips: stop with an error after this many steps in a row with non-finite gradients.
     :param channels_last: feed images in channels_last memory format.
     :param time_limit: seconds of training after which to checkpoint and stop (0: none).
@@ -235,6 +252,7 @@ class TrainLoop:
         optimizer="radam",
         total_training_steps=0,
         run_config=None,
+        seed=0,
         max_consecutive_skips=100,
         channels_last=False,
         time_limit=0.0,
@@ -257,6 +275,7 @@ class TrainLoop:
         self.optimizer_name = optimizer
         self.total_training_steps = total_training_steps
         self.run_config = run_config or {}
+        self.seed = seed
         self.max_consecutive_skips = max_consecutive_skips
         self.channels_last = channels_last
         self.time_limit = time_limit
@@ -276,6 +295,8 @@ class TrainLoop:
         dist_util.sync_params(self.model.buffers())
         self.ema_params = [[p.detach().clone() for p in self.mp_trainer.master_params] for _ in self.ema_rate]
         self.skip_run = torch.zeros((), device=self.device)
+        self.num_scales = None  # N(k) of the step (consistency modes)
+        self.loss_fn = self._bind_loss()
         self._resume()
         self._anneal_lr()  # the learning rate of the first step (warm-up, or where a resumed run was)
 
@@ -300,21 +321,28 @@ class TrainLoop:
         self.step = parse_resume_step_from_filename(path)
         directory = bf.dirname(path)
         logger.log(f"resuming from {path} (step {self.step})")
-        self.model.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
-        for rate, params in zip(self.ema_rate, self.ema_params):
-            ema_path = find_ema_checkpoint(path, self.step, rate)
-            source = dist_util.load_state_dict(ema_path, map_location=self.device) if ema_path else None
-            values = self.mp_trainer.state_dict_to_master_params(source) if source else self.mp_trainer.master_params
-            update_ema(params, [v.to(self.device) for v in values], rate=0.0)
-        opt_path = bf.join(directory, f"opt{self.step:06d}.pt")
-        if bf.exists(opt_path):
-            self.opt.load_state_dict(dist_util.load_state_dict(opt_path, map_location=self.device))
-        self._load_extra_checkpoints(directory, self.step)
-        state_path = bf.join(directory, f"state{self.step:06d}.pt")
-        if bf.exists(state_path):
-            self._load_state(dist_util.load_state_dict(state_path, map_location="cpu"))
-        else:
-            logger.log(f"{state_path} not found: RNG and data order restart (the run continues, not bit-exactly)")
+        try:
+            self.model.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
+            for rate, params in zip(self.ema_rate, self.ema_params):
+                ema_path = find_ema_checkpoint(path, self.step, rate)
+                source = dist_util.load_state_dict(ema_path, map_location=self.device) if ema_path else None
+                values = self.mp_trainer.state_dict_to_master_params(source) if source else self.mp_trainer.master_params
+                update_ema(params, [v.to(self.device) for v in values], rate=0.0)
+            opt_path = bf.join(directory, f"opt{self.step:06d}.pt")
+            if bf.exists(opt_path):
+                self.opt.load_state_dict(dist_util.load_state_dict(opt_path, map_location=self.device))
+            self._load_extra_checkpoints(directory, self.step)
+            state_path = bf.join(directory, f"state{self.step:06d}.pt")
+            if bf.exists(state_path):
+                self._load_state(dist_util.load_state_dict(state_path, map_location="cpu"))
+            else:
+                logger.log(f"{state_path} not found: RNG and data order restart (the run continues, not bit-exactly)")
+        except CheckpointError as e:
+            if not found:
+                raise
+            raise CheckpointError(
+                f"{e}; to resume from the checkpoint before it, move the files of step {self.step} out of {directory}"
+            ) from None
         self.last_saved_step = self.step
 
     def _load_state(self, state):
@@ -322,10 +350,10 @@ class TrainLoop:
         rngs = state["rng"]
         rank, world = dist_util.get_rank(), dist_util.get_world_size()
         if len(rngs) == world:
-            set_rng_state(rngs[rank], self.device)
+            DeviceRNG(self.device).set_state(rngs[rank])
         else:
             logger.log(f"checkpoint was written by {len(rngs)} ranks, this run has {world}: RNG streams restart")
-            torch.manual_seed(int(state.get("seed", 0)) + 1000 * self.step + rank)
+            torch.manual_seed(int(state.get("seed", self.seed)) + 1000 * self.step + rank)
         if hasattr(self.data, "load_state_dict") and "data" in state:
             self.data.load_state_dict(state["data"])
 
@@ -369,6 +397,8 @@ class TrainLoop:
             self.dump_logs(bar)
         if self.last_saved_step != self.step:
             self.save()
+        if hasattr(self.data, "log_summary"):
+            self.data.log_summary()  # unreadable images skipped over the run
         if bar is not None:
             bar.close()
 
@@ -378,7 +408,8 @@ class TrainLoop:
 
     def run_step(self, batch, cond):
         self.forward_backward(batch, cond)
-        found_inf = self.mp_trainer.optimize(self.opt)
+        self.mp_trainer.optimize(self.opt)
+        found_inf = self.mp_trainer.found_inf
         self._update_ema(found_inf)
         self._after_optimize(found_inf)
         self.skip_run = (self.skip_run + found_inf) * found_inf
@@ -406,12 +437,13 @@ class TrainLoop:
                 log_loss_dict(self.diffusion, losses["sigma"], terms)
                 self.mp_trainer.backward(weighted.mean() * (micro.shape[0] / n))
 
+    def _bind_loss(self):
+        """The EDM loss with this loop's noise-level sampler (CMTrainLoop binds its mode's loss instead)."""
+        return get_training_mode("edm").bind_loss(self.diffusion, LossNetworks(), self.schedule_sampler)
+
     def compute_losses(self, micro, micro_cond):
-        """EDM loss at sigmas from the schedule sampler; returns (terms, per-sample weights)."""
-        sigmas, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
-        losses = self.diffusion.training_losses(self.ddp_model, micro, sigmas, model_kwargs=micro_cond)
-        losses["sigma"] = sigmas
-        return losses, weights
+        """The bound loss on one micro-batch; returns (terms with "loss" and "sigma", per-sample weights)."""
+        return self.loss_fn(self.ddp_model, micro, micro_cond, self.num_scales)
 
     def _update_ema(self, found_inf):
         for rate, params in zip(self.ema_rate, self.ema_params):
@@ -463,29 +495,66 @@ class TrainLoop:
 
     # ----- checkpoints --------------------------------------------------------------------------
     def save(self):
-        """Write the reference's files plus stateNNNNNN.pt atomically (rank 0), the model file last."""
+        """Write the reference's files plus stateNNNNNN.pt atomically (rank 0), the model file last.
+
+        A failed write (disk full, quota, permissions) removes this step's files, leaves the previous
+        checkpoint as it was and stops every rank with one line: rank 0 shares the outcome (instead of a
+        barrier), so the other ranks do not wait for the distributed time-out.
+        """
         step = self.step
-        rngs = dist_util.all_gather_object(rng_state(self.device))
+        rngs = dist_util.all_gather_object(DeviceRNG(self.device).get_state())
+        error = None
         if dist_util.get_rank() == 0:
-            directory = get_blob_logdir()
-            for rate, params in zip(self.ema_rate, self.ema_params):
-                atomic_save(self.mp_trainer.master_params_to_state_dict(params), bf.join(directory, f"ema_{rate}_{step:06d}.pt"))
-            atomic_save(self.opt.state_dict(), bf.join(directory, f"opt{step:06d}.pt"))
-            for name, module in self._extra_checkpoints():
-                atomic_save(module.state_dict(), bf.join(directory, f"{name}{step:06d}.pt"))
-            state = {
+            try:
+                self._write_checkpoint(step, rngs)
+            except Exception as e:  # noqa: BLE001 - every rank must learn of any failure
+                error = e
+        dist_util.share_outcome(error, f"to write the checkpoint of step {step}")
+        if error is not None:
+            raise error
+        self.last_saved_step = step
+
+    def _write_checkpoint(self, step, rngs):
+        """Rank 0's part of save(): every file of `step`, the model file last; on failure none of them stays."""
+        directory = get_blob_logdir()
+        remove_stale_temporaries(directory)
+        written = []
+        try:
+            for name, make in self._checkpoint_contents(step, rngs):
+                path = bf.join(directory, name)
+                written.append(path)
+                atomic_save(make(), path)
+        except Exception as e:
+            remove_files(written)
+            if not isinstance(e, OSError):
+                raise
+            before = f"step {self.last_saved_step}" if self.last_saved_step >= 0 else "no earlier step"
+            raise CheckpointWriteError(
+                f"could not write the checkpoint of step {step} ({bf.basename(written[-1])}: {e.strerror or e}); "
+                f"its files were removed, the last checkpoint ({before}) is intact; free space in {directory} "
+                "and rerun the same command to resume"
+            ) from None
+        logger.log(f"saved checkpoint for step {step} in {directory}")
+
+    def _checkpoint_contents(self, step, rngs):
+        """(file name, function returning the object to save) for each file of a checkpoint, the model last."""
+        def state():
+            return {
                 "step": step,
                 "rng": rngs,
                 "data": self.data.state_dict() if hasattr(self.data, "state_dict") else {},
                 "lg_loss_scale": self.mp_trainer.lg_loss_scale.detach().cpu(),
-                "seed": int(self.run_config.get("seed", 0)),
+                "seed": int(self.seed),
                 "config": dict(self.run_config),
             }
-            atomic_save(state, bf.join(directory, f"state{step:06d}.pt"))
-            atomic_save(self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params), bf.join(directory, f"model{step:06d}.pt"))
-            logger.log(f"saved checkpoint for step {step} in {directory}")
-        self.last_saved_step = step
-        dist_util.barrier()
+
+        as_state_dict = self.mp_trainer.master_params_to_state_dict
+        contents = [(f"ema_{rate}_{step:06d}.pt", lambda p=params: as_state_dict(p)) for rate, params in zip(self.ema_rate, self.ema_params)]
+        contents.append((f"opt{step:06d}.pt", self.opt.state_dict))
+        contents += [(f"{name}{step:06d}.pt", module.state_dict) for name, module in self._extra_checkpoints()]
+        contents.append((f"state{step:06d}.pt", state))
+        contents.append((f"model{step:06d}.pt", lambda: as_state_dict(self.mp_trainer.master_params)))
+        return contents
 
     def _extra_checkpoints(self):
         """Hook: (file prefix, module) pairs saved with each checkpoint."""
@@ -496,13 +565,14 @@ class TrainLoop:
 
 
 class CMTrainLoop(TrainLoop):
-    """Consistency distillation / training (CM paper Alg. 2 / 3) and progressive distillation.
+    """The training modes with a mu(k) / N(k) schedule (cm.training_modes): consistency distillation and
+    training (CM paper Alg. 2 / 3), progressive distillation, and any mode added to the table.
 
-    :param target_model: the target network theta- (a copy of the model; None for progdist).
-    :param teacher_model: frozen teacher (consistency_distillation, progdist); the same weights on every rank
+    :param target_model: the target network theta- (a copy of the model), for modes with a target.
+    :param teacher_model: frozen teacher for modes whose loss runs one; the same weights on every rank
         (e.g. loaded from one file), as it is not broadcast.
     :param teacher_diffusion: the teacher's KarrasDenoiser.
-    :param training_mode: consistency_distillation | consistency_training | progdist.
+    :param training_mode: a name in cm.training_modes.TRAINING_MODES.
     :param ema_scale_fn: step -> (mu(k), N(k)) from cm.schedules.create_ema_and_scales_fn.
     :param total_training_steps: K; training stops there.
     :param teacher_solver: heun | euler, the teacher's ODE step in consistency distillation.
@@ -521,30 +591,36 @@ class CMTrainLoop(TrainLoop):
         teacher_solver="heun",
         **kwargs,
     ):
-        modes = ("consistency_distillation", "consistency_training", "progdist")
-        if training_mode not in modes:
-            raise ValueError(f"unknown training_mode {training_mode!r}; allowed: {', '.join(modes)}")
-        if training_mode in ("consistency_distillation", "progdist") and teacher_model is None:
-            raise ValueError(f"training_mode {training_mode} needs a teacher model (--teacher_model_path)")
-        if training_mode != "progdist" and target_model is None:
-            raise ValueError(f"training_mode {training_mode} needs a target model")
-        self.training_mode = training_mode
+        mode = get_training_mode(training_mode)
+        if mode.schedule != "ema_and_scales":
+            raise ValueError(f"training_mode {mode.name} has no mu(k) / N(k) schedule; train it with TrainLoop")
+        if mode.teacher_in_loss and teacher_model is None:
+            raise ValueError(f"training_mode {mode.name} needs a teacher model (--teacher_model_path)")
+        if mode.target and target_model is None:
+            raise ValueError(f"training_mode {mode.name} needs a target model")
+        self.mode = mode
+        self.training_mode = mode.name
         self.ema_scale_fn = ema_scale_fn
-        self.target_model = target_model
-        self.teacher_model = teacher_model
+        self.target_model = target_model if mode.target else None
+        self.teacher_model = teacher_model if mode.teacher_in_loss else None
         self.teacher_diffusion = teacher_diffusion
         self.teacher_solver = teacher_solver
-        if target_model is not None:
-            target_model.requires_grad_(False)
-            target_model.train()
-        if teacher_model is not None:
-            teacher_model.requires_grad_(False)
+        if self.target_model is not None:
+            self.target_model.requires_grad_(False)
+            self.target_model.train()
+        if self.teacher_model is not None:
+            self.teacher_model.requires_grad_(False)
         super().__init__(total_training_steps=total_training_steps, **kwargs)
-        if target_model is not None:
-            dist_util.sync_params(target_model.parameters())
-            named = dict(target_model.named_parameters())
+        if self.target_model is not None:
+            dist_util.sync_params(self.target_model.parameters())
+            named = dict(self.target_model.named_parameters())
             self.target_params = [named[n] for n in self.mp_trainer.param_names]
         self._update_schedule()
+
+    def _bind_loss(self):
+        """The mode's loss, bound once to this loop's networks."""
+        networks = LossNetworks(self.target_model, self.teacher_model, self.teacher_diffusion, self.teacher_solver)
+        return self.mode.bind_loss(self.diffusion, networks)
 
     def _load_extra_checkpoints(self, directory, step):
         for name, module in self._extra_checkpoints():
@@ -556,12 +632,13 @@ class CMTrainLoop(TrainLoop):
                 module.load_state_dict(self.model.state_dict())
 
     def _extra_checkpoints(self):
-        pairs = []
-        if self.target_model is not None:
-            pairs.append(("target_model", self.target_model))
-        if self.teacher_model is not None and self.training_mode == "progdist":
-            pairs.append(("teacher_model", self.teacher_model))
-        return pairs
+        networks = {"target_model": self.target_model, "teacher_model": self.teacher_model}
+        return [(name, networks[name]) for name in self.mode.saved_networks]
+
+    @property
+    def global_step(self):
+        """The step count, under the reference's name."""
+        return self.step
 
     def _update_schedule(self):
         """(mu(k), N(k)) of this step from the current ema_scale_fn (which a caller may replace between steps)."""
@@ -569,32 +646,9 @@ class CMTrainLoop(TrainLoop):
 
     def run_step(self, batch, cond):
         self._update_schedule()
-        if self.training_mode == "progdist":
+        if self.mode.promotes_student:
             self._maybe_start_progdist_stage()
         super().run_step(batch, cond)
-
-    def compute_losses(self, micro, micro_cond):
-        if self.training_mode == "progdist":
-            losses = self.diffusion.progdist_losses(
-                self.ddp_model,
-                micro,
-                self.num_scales,
-                model_kwargs=micro_cond,
-                teacher_model=self.teacher_model,
-                teacher_diffusion=self.teacher_diffusion,
-            )
-        else:
-            losses = self.diffusion.consistency_losses(
-                self.ddp_model,
-                micro,
-                self.num_scales,
-                model_kwargs=micro_cond,
-                target_model=self.target_model,
-                teacher_model=self.teacher_model if self.training_mode == "consistency_distillation" else None,
-                teacher_diffusion=self.teacher_diffusion,
-                teacher_solver=self.teacher_solver,
-            )
-        return losses, torch.ones_like(losses["loss"])
 
     def _after_optimize(self, found_inf):
         if self.target_model is None:
@@ -607,7 +661,7 @@ class CMTrainLoop(TrainLoop):
         n = self.num_scales
         if self.step == 0 or n == self.ema_scale_fn(self.step - 1)[1]:
             return
-        logger.log(f"progressive distillation: step {self.step}, N = {n}; the student becomes the teacher")
+        logger.log(f"{self.mode.name}: step {self.step}, N = {n}; the student becomes the teacher")
         update_ema(self.teacher_model.parameters(), self.model.parameters(), rate=0.0)
         self.opt = make_optimizer(self.optimizer_name, self.mp_trainer.master_params, self.lr, self.weight_decay)
         self._anneal_lr()

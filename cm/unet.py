@@ -5,23 +5,37 @@ configuration, so its released checkpoints load with `strict=True`. Attention is
 `torch.nn.functional.scaled_dot_product_attention` for both qkv channel layouts:
 
 * ``attention_type="flash"`` (the reference's default, used by every released checkpoint) and
-  ``use_new_attention_order=True``: the 3C qkv channels are ordered ``(three, heads, head_dim)``:
-  all query heads, then all key heads, then all value heads.
-* ``attention_type="legacy"``: guided-diffusion's ``QKVAttentionLegacy`` order
-  ``(heads, three, head_dim)``: q, k, v of head 0, then of head 1, ...
+  ``attention_type="legacy"`` (the reference's ``QKVAttentionLegacy``, which reads the same order):
+  the 3C qkv channels are ordered ``(three, heads, head_dim)``: all query heads, then all key heads,
+  then all value heads.
+* ``attention_type="guided"``: guided-diffusion's ``QKVAttentionLegacy`` order
+  ``(heads, three, head_dim)``: q, k, v of head 0, then of head 1, ...; with
+  ``use_new_attention_order=True`` it reads ``(three, heads, head_dim)`` as guided-diffusion's
+  ``QKVAttention`` does.
 
 `convert_qkv_layout` permutes a state dict from one layout to the other; the two models then
 compute the same function.
 """
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .fp16_util import HalfPrecisionBody
-from .nn import avg_pool_nd, checkpoint, conv_nd, linear, normalization, timestep_embedding, zero_module
+from .nn import (
+    avg_pool_nd,
+    checkpoint,
+    conv_nd,
+    linear,
+    normalization,
+    scaled_dot_product_attention,
+    timestep_embedding,
+    zero_module,
+)
 
-ATTENTION_TYPES = ("flash", "legacy")
+ATTENTION_TYPES = ("flash", "legacy", "guided")
 
 
 class TimestepBlock(nn.Module):
@@ -171,21 +185,32 @@ class ResBlock(TimestepBlock):
 
 
 def split_qkv(qkv, num_heads, layout):
-    """Split [B, 3*H*D, T] qkv channels into q, k, v of shape [B, H, T, D] for the given layout."""
+    """Split [B, 3*H*D, T] qkv channels into q, k, v of shape [B, H, T, D]: (three, H, D) for "flash" and
+    "legacy" (the reference's einops pattern "b (three h d) s"), (H, three, D) for "guided"."""
+    if layout not in ATTENTION_TYPES:
+        raise ValueError(f"unknown qkv layout {layout!r}; allowed: {', '.join(ATTENTION_TYPES)}")
     b, width, length = qkv.shape
     d = width // (3 * num_heads)
-    if layout == "flash":
-        q, k, v = qkv.reshape(b, 3, num_heads, d, length).unbind(1)
-    else:
+    if layout == "guided":
         q, k, v = qkv.reshape(b, num_heads, 3, d, length).unbind(2)
+    else:
+        q, k, v = qkv.reshape(b, 3, num_heads, d, length).unbind(1)
     # contiguous [B, H, T, D] lets SDPA use its fast kernel
     return q.transpose(-1, -2).contiguous(), k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous()
 
 
-def qkv_attention(qkv, num_heads, layout="flash"):
-    """Multi-head self-attention softmax(q k^T / sqrt(d)) v on [B, 3*H*D, T]; returns [B, H*D, T]."""
+def qkv_attention(qkv, num_heads, layout="flash", encoder_kv=None):
+    """Multi-head self-attention softmax(q k^T / sqrt(d)) v on [B, 3*H*D, T]; returns [B, H*D, T].
+
+    :param encoder_kv: optional [B, 2*H*D, S] keys and values, (two, H, D) ordered, attended to before the
+        T positions (the reference's QKVAttention).
+    """
     q, k, v = split_qkv(qkv, num_heads, layout)
-    out = F.scaled_dot_product_attention(q, k, v)
+    if encoder_kv is not None:
+        b, _, s = encoder_kv.shape
+        ek, ev = encoder_kv.reshape(b, 2, num_heads, -1, s).transpose(-1, -2).unbind(1)
+        k, v = torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
+    out = scaled_dot_product_attention(q, k, v)
     b, h, t, d = out.shape
     return out.transpose(-1, -2).reshape(b, h * d, t)
 
@@ -194,8 +219,13 @@ class AttentionBlock(nn.Module):
     """Spatial self-attention with a residual connection: x + proj_out(attention(qkv(norm(x)))).
 
     :param channels: width C; split into heads of num_head_channels (or num_heads heads).
-    :param attention_type: "flash" (released-checkpoint qkv layout) or "legacy" (guided-diffusion).
-    :param use_new_attention_order: use the (three, heads, head_dim) layout whatever attention_type says.
+    :param attention_type: "flash" or "legacy" (the reference's two, both the (three, heads, head_dim)
+        qkv layout of the released checkpoints) or "guided" (guided-diffusion's (heads, three, head_dim)).
+    :param use_new_attention_order: with "guided", read (three, heads, head_dim) (guided-diffusion's QKVAttention).
+    :param encoder_channels: width of an optional encoder sequence [B, encoder_channels, S] that forward's
+        encoder_out adds to the keys and values (the reference accepts it but its legacy path cannot run it).
+    :param channels_last: accepted for the reference's signature, which ignores it too (memory format
+        follows the input).
     """
 
     def __init__(
@@ -205,7 +235,9 @@ class AttentionBlock(nn.Module):
         num_head_channels=-1,
         use_checkpoint=False,
         attention_type="flash",
+        encoder_channels=None,
         dims=2,
+        channels_last=False,
         use_new_attention_order=False,
     ):
         super().__init__()
@@ -224,27 +256,148 @@ class AttentionBlock(nn.Module):
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
         self.attention_type = attention_type
-        self.layout = "flash" if (attention_type == "flash" or use_new_attention_order) else "legacy"
+        self.layout = "flash" if (attention_type == "guided" and use_new_attention_order) else attention_type
         self.norm = normalization(channels)
         self.qkv = conv_nd(dims, channels, channels * 3, 1)
+        if encoder_channels is not None:
+            self.encoder_kv = conv_nd(1, encoder_channels, channels * 2, 1)
         self.proj_out = zero_module(conv_nd(dims, channels, channels, 1))
 
-    def forward(self, x):
-        return checkpoint(self._forward, (x,), (), self.use_checkpoint)
+    def forward(self, x, encoder_out=None):
+        if encoder_out is None:
+            return checkpoint(self._forward, (x,), (), self.use_checkpoint)
+        return checkpoint(self._forward, (x, encoder_out), (), self.use_checkpoint)
 
-    def _forward(self, x):
+    def _forward(self, x, encoder_out=None):
         b, c, *spatial = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3 * c, -1)
-        h = qkv_attention(qkv, self.num_heads, self.layout).reshape(b, c, *spatial)
+        encoder_kv = None
+        if encoder_out is not None:
+            if not hasattr(self, "encoder_kv"):
+                raise ValueError("encoder_out needs an AttentionBlock built with encoder_channels")
+            encoder_kv = self.encoder_kv(encoder_out)
+        h = qkv_attention(qkv, self.num_heads, self.layout, encoder_kv).reshape(b, c, *spatial)
         return x + self.proj_out(h)
 
 
+def count_flops_attn(model, _x, y):
+    """thop counter for an attention module: 2 b T^2 c multiply-adds (q k^T and the weighted sum of v)."""
+    b, c, *spatial = y[0].shape
+    tokens = math.prod(spatial)
+    model.total_ops += torch.DoubleTensor([2 * b * tokens**2 * c])
+
+
+class QKVAttentionLegacy(nn.Module):
+    """The reference's legacy attention: [N, 3*H*C, T] qkv read as (three, H, C) -> [N, H*C, T], by SDPA.
+
+    The reference casts q, k, v to float16 and returns float32; this computes in the input's dtype.
+    """
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        return qkv_attention(qkv, self.n_heads, "legacy")
+
+    @staticmethod
+    def count_flops(model, _x, y):
+        return count_flops_attn(model, _x, y)
+
+
+class QKVAttention(nn.Module):
+    """The reference's QKVAttention: [N, 3*H*C, T] qkv read as (three, H, C), optional encoder keys and values
+    [N, 2*H*C, S] attended to first -> [N, H*C, T], by SDPA."""
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv, encoder_kv=None):
+        return qkv_attention(qkv, self.n_heads, "flash", encoder_kv)
+
+    @staticmethod
+    def count_flops(model, _x, y):
+        return count_flops_attn(model, _x, y)
+
+
+class QKVFlashAttention(nn.Module):
+    """The reference's flash-attn module, by SDPA on any device and dtype: [N, 3*H*D, T] qkv in the
+    "b (three h d) s" order -> [N, H*D, T]. The reference's head-size limit (16, 32, 64) does not apply.
+
+    :param attention_dropout: dropout on the attention weights while training.
+    :param causal: position t attends to positions <= t only.
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        batch_first=True,
+        attention_dropout=0.0,
+        causal=False,
+        device=None,
+        dtype=None,
+        **kwargs,
+    ):
+        super().__init__()
+        if not batch_first:
+            raise ValueError("QKVFlashAttention supports batch_first=True only (as the reference)")
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads {num_heads} does not divide embed_dim {embed_dim}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.attention_dropout = attention_dropout
+        self.causal = causal
+
+    def forward(self, qkv, attn_mask=None, key_padding_mask=None, need_weights=False):
+        """need_weights is accepted and no weights are returned (as the reference). Masks are boolean, True
+        where attending is allowed: attn_mask [T, T] or [N, H, T, T], key_padding_mask [N, T]."""
+        dropout = self.attention_dropout if self.training else 0.0
+        if attn_mask is None and key_padding_mask is None and not self.causal and not dropout:
+            return qkv_attention(qkv, self.num_heads, "flash")
+        q, k, v = split_qkv(qkv, self.num_heads, "flash")
+        length = q.shape[2]
+        mask = torch.ones(length, length, dtype=torch.bool, device=qkv.device)
+        if self.causal:
+            mask = mask.tril()
+        if attn_mask is not None:
+            mask = mask & attn_mask.bool()
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        b, h, t, d = out.shape
+        return out.transpose(-1, -2).reshape(b, h * d, t)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling (the reference keeps it, unused by the UNet): the mean token, with learned
+    position embeddings, attends over all positions; returns [N, output_dim]."""
+
+    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5)
+        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
+        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
+        self.num_heads = embed_dim // num_heads_channels
+        self.attention = QKVAttention(self.num_heads)
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, -1)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
+        x = x + self.positional_embedding[None].to(x.dtype)
+        return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
+
+
 def convert_qkv_layout(state_dict, num_heads_of, to_layout):
-    """Permute every attention block's qkv weights between the "flash" and "legacy" channel layouts.
+    """Permute every attention block's qkv weights between the (three, heads, dim) and (heads, three, dim) layouts.
 
     :param state_dict: a UNetModel state dict (not modified; a new dict is returned).
     :param num_heads_of: maps an attention block prefix (e.g. "input_blocks.4.1.") to its head count.
-    :param to_layout: "flash" or "legacy", the layout of the returned state dict.
+    :param to_layout: the attention_type the returned state dict is for: "guided" permutes from
+        (three, heads, dim) to (heads, three, dim); "flash" and "legacy" permute back.
     """
     if to_layout not in ATTENTION_TYPES:
         raise ValueError(f"unknown layout {to_layout!r}; allowed: {', '.join(ATTENTION_TYPES)}")
@@ -255,7 +408,7 @@ def convert_qkv_layout(state_dict, num_heads_of, to_layout):
             width = w.shape[0]
             d = width // (3 * heads)
             rest = w.shape[1:]
-            if to_layout == "legacy":  # (three h d) -> (h three d)
+            if to_layout == "guided":  # (three h d) -> (h three d)
                 w = w.reshape(3, heads, d, *rest).transpose(0, 1)
             else:  # (h three d) -> (three h d)
                 w = w.reshape(heads, 3, d, *rest).transpose(0, 1)
@@ -288,14 +441,16 @@ class UNetModel(HalfPrecisionBody, nn.Module):
     :param dims: 1, 2 or 3 spatial dimensions.
     :param num_classes: number of classes for class conditioning (None: unconditional).
     :param use_checkpoint: gradient checkpointing in residual and attention blocks.
-    :param use_fp16: run the body in float16 (call convert_to_fp16; the trainer does).
+    :param use_fp16: self.dtype float16; convert_to_fp16 (as the sampling scripts do) makes the body run in it,
+        before that the network runs in float32 (the trainer autocasts instead).
     :param num_heads: attention heads when num_head_channels is -1.
     :param num_head_channels: fixed width per attention head (-1: use num_heads).
     :param num_heads_upsample: heads in the decoder (-1: same as num_heads).
     :param use_scale_shift_norm: FiLM-like conditioning in residual blocks.
     :param resblock_updown: residual blocks (instead of plain layers) for up/downsampling.
-    :param use_new_attention_order: (three, heads, head_dim) qkv layout whatever attention_type says.
-    :param attention_type: "flash" (released checkpoints) or "legacy" qkv layout; always SDPA.
+    :param use_new_attention_order: with attention_type "guided", the (three, heads, head_dim) qkv layout.
+    :param attention_type: "flash" or "legacy" (the reference's; the released checkpoints' qkv layout) or
+        "guided" (guided-diffusion's (heads, three, head_dim) layout); always SDPA.
     """
 
     def __init__(
@@ -458,7 +613,7 @@ class UNetModel(HalfPrecisionBody, nn.Module):
             emb = emb + self.label_emb(y)
 
         hs = []
-        h = x.type(self.dtype)
+        h = x.type(self.body_dtype())
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)

@@ -1,11 +1,17 @@
 """FID, sFID, Inception Score, precision and recall of a sample batch against a reference batch.
 
     python evaluations/evaluator.py REF_BATCH.npz SAMPLE_BATCH.npz [--json]
+    python evaluations/evaluator.py cifar10_train/ samples/            (folders of image files)
+    python evaluations/evaluator.py fid_stats.npz SAMPLE_BATCH.npz      (a file of mu and sigma only)
+    python evaluations/evaluator.py --save_stats cifar10_train/ fid_stats.npz
 
-Both files hold `arr_0`, uint8 images [N, H, W, 3] of any size; they are read in batches, never whole.
-A reference batch that also holds `mu`, `sigma`, `mu_s`, `sigma_s` (as the released ones do) has
-its FID/sFID statistics taken from those arrays. The numbers follow the reference evaluator
-(TensorFlow Inception graph of 2015-12-05), here run in PyTorch on CPU or CUDA; see README.md.
+An .npz input holds `arr_0`, uint8 images [N, H, W, 3] of any size, read in batches, never whole; a folder
+input holds image files (PNG, JPEG, ...; all one size), decoded a batch at a time. An .npz that also holds
+`mu`, `sigma`, `mu_s`, `sigma_s` (as the released reference batches do) has its FID/sFID statistics taken
+from those arrays, for the samples too (as the reference's read_statistics). A file of only `mu` and `sigma`
+(pytorch-fid --save-stats, EDM fid.py ref) gives FID; sFID, precision and recall need more and print n/a.
+The numbers follow the reference evaluator (TensorFlow Inception graph of 2015-12-05), here run in PyTorch
+on CPU or CUDA; README.md says which other tools' numbers compare with them.
 """
 
 import argparse
@@ -13,17 +19,16 @@ import json
 import os
 import sys
 import zipfile
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):  # run as a file: make the package importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from evaluations.inception import INCEPTION_WEIGHTS_ENV, load_inception  # noqa: E402
-from evaluations.metrics import (  # noqa: E402,F401  (re-exported under the reference's module path)
+from evaluations.inception import INCEPTION_WEIGHTS_ENV, load_inception
+from evaluations.metrics import (  # noqa: F401  (re-exported under the reference's module path)
     FID_METHODS,
     DistanceBlock,
     FIDStatistics,
@@ -39,71 +44,147 @@ from evaluations.metrics import (  # noqa: E402,F401  (re-exported under the ref
 )
 
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+FID_STATS_KEYS = ("mu", "sigma")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class NpzArrayReader:
-    """Rows of one .npz array in order, streamed from its zip member or served from memory.
+class NpzArrayReader(ABC):
+    """Rows of an image array handed out in batches (the reference's reader interface).
 
-    :param shape: array shape.
-    :param dtype: array dtype.
-    :param file: open binary file positioned at the array data (streaming), or None.
-    :param array: the loaded array (for Fortran-order or object arrays), or None.
+    Subclasses set `shape` and `dtype` and implement read_batch and remaining.
     """
 
-    def __init__(self, shape, dtype, file=None, array=None):
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.file, self.array = file, array
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self.index = 0
-
-    def remaining(self):
-        """Rows not read yet."""
-        return max(0, self.shape[0] - self.index)
-
+    @abstractmethod
     def read_batch(self, batch_size):
         """The next `batch_size` rows (fewer at the end), or None when all were read."""
-        count = min(batch_size, self.remaining())
-        if count <= 0:
-            return None
-        if self.array is not None:
-            batch = self.array[self.index : self.index + count]
-        else:
-            data = _read_exactly(self.file, count * self.row_bytes)
-            batch = np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
-        self.index += count
-        return batch
+
+    @abstractmethod
+    def remaining(self):
+        """Rows not read yet."""
 
     def read_batches(self, batch_size):
         """An iterable over the remaining rows in batches, with len() for progress bars."""
-        return _Batches(self, batch_size)
+
+        def gen_fn():
+            while (batch := self.read_batch(batch_size)) is not None:
+                yield batch
+
+        return BatchIterator(gen_fn, -(-self.remaining() // batch_size))
 
 
-class _Batches:
-    """Iterable of a reader's batches that knows how many there are.
+class BatchIterator:
+    """An iterable of `length` batches produced by calling gen_fn().
 
-    :param reader: an NpzArrayReader.
-    :param batch_size: rows per batch.
+    :param gen_fn: function returning a fresh generator of batches.
+    :param length: number of batches it yields.
     """
 
-    def __init__(self, reader, batch_size):
-        self.reader, self.batch_size = reader, batch_size
-        self.length = -(-reader.remaining() // batch_size)
+    def __init__(self, gen_fn, length):
+        self.gen_fn, self.length = gen_fn, length
 
     def __len__(self):
         return self.length
 
     def __iter__(self):
-        while (batch := self.reader.read_batch(self.batch_size)) is not None:
-            yield batch
+        return self.gen_fn()
 
 
-def _read_exactly(file, size):
-    """`size` bytes from a file object, or ValueError when it ends first."""
+class StreamingNpzArrayReader(NpzArrayReader):
+    """Rows of one array of an .npz, read from its zip member as they are asked for (never the whole array).
+
+    :param arr_f: binary file object positioned at the array data.
+    :param shape: array shape.
+    :param dtype: array dtype.
+    """
+
+    def __init__(self, arr_f, shape, dtype):
+        self.arr_f, self.shape, self.dtype = arr_f, tuple(shape), np.dtype(dtype)
+        self.idx = 0
+
+    def read_batch(self, batch_size):
+        count = min(batch_size, self.remaining())
+        if count <= 0:
+            return None
+        self.idx += count
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        data = _read_bytes(self.arr_f, count * row_bytes, "array data")
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
+
+    def remaining(self):
+        return max(0, self.shape[0] - self.idx)
+
+
+class MemoryNpzArrayReader(NpzArrayReader):
+    """Rows of an array held in memory (Fortran-order or object arrays, which cannot be streamed).
+
+    :param arr: the array.
+    """
+
+    def __init__(self, arr):
+        self.arr, self.shape, self.dtype = arr, arr.shape, arr.dtype
+        self.idx = 0
+
+    @classmethod
+    def load(cls, path, arr_name):
+        """A reader over array `arr_name` of the .npz file `path`, loaded whole."""
+        with np.load(path) as data:
+            return cls(np.atleast_1d(data[arr_name]))
+
+    def read_batch(self, batch_size):
+        if self.idx >= self.arr.shape[0]:
+            return None
+        batch = self.arr[self.idx : self.idx + batch_size]
+        self.idx += len(batch)
+        return batch
+
+    def remaining(self):
+        return max(0, self.arr.shape[0] - self.idx)
+
+
+class ImageFolderReader(NpzArrayReader):
+    """uint8 RGB images [n, H, W, 3] from image files, decoded one batch at a time; all must share one size.
+
+    :param paths: image files in the order to read them.
+    """
+
+    def __init__(self, paths):
+        if not paths:
+            raise ValueError("no image files to read")
+        self.paths = list(paths)
+        with Image.open(self.paths[0]) as first:
+            width, height = first.size
+        self.shape, self.dtype = (len(self.paths), height, width, 3), np.dtype(np.uint8)
+        self.idx = 0
+
+    def _load(self, path):
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        if array.shape != self.shape[1:]:
+            raise ValueError(
+                f"{path} is {array.shape[1]}x{array.shape[0]} but {self.paths[0]} is {self.shape[2]}x{self.shape[1]}; "
+                "the images of one folder must share a size (scripts/prepare_data.py resizes a folder)"
+            )
+        return array
+
+    def read_batch(self, batch_size):
+        count = min(batch_size, self.remaining())
+        if count <= 0:
+            return None
+        batch = np.stack([self._load(p) for p in self.paths[self.idx : self.idx + count]])
+        self.idx += count
+        return batch
+
+    def remaining(self):
+        return max(0, len(self.paths) - self.idx)
+
+
+def _read_bytes(fp, size, error_template="ran out of data"):
+    """Exactly `size` bytes from a file object, or ValueError when it ends first."""
     chunks, left = [], size
     while left > 0:
-        chunk = file.read(left)
+        chunk = fp.read(left)
         if not chunk:
-            raise ValueError(f"npz array data is truncated: expected {size} bytes, got {size - left}")
+            raise ValueError(f"npz {error_template} is truncated: expected {size} bytes, got {size - left}")
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
@@ -125,6 +206,16 @@ def npz_keys(path):
 
 
 @contextmanager
+def _open_npy_file(path, arr_name):
+    """The open zip member `arr_name`.npy of an .npz file (ValueError when it has no such array)."""
+    keys = npz_keys(path)
+    if arr_name not in keys:
+        raise ValueError(f"{path} has no array {arr_name!r} (it has {keys})")
+    with zipfile.ZipFile(path) as archive, archive.open(f"{arr_name}.npy") as arr_f:
+        yield arr_f
+
+
+@contextmanager
 def open_npz_array(path, arr_name="arr_0"):
     """Context manager giving a reader over one array of an .npz file without loading it whole.
 
@@ -132,23 +223,46 @@ def open_npz_array(path, arr_name="arr_0"):
     :param arr_name: array name inside it.
     :return: an NpzArrayReader with shape, dtype, read_batch, read_batches.
     """
-    keys = npz_keys(path)
-    if arr_name not in keys:
-        raise ValueError(f"{path} has no array {arr_name!r} (it has {keys})")
-    with zipfile.ZipFile(path) as archive, archive.open(f"{arr_name}.npy") as file:
-        version = np.lib.format.read_magic(file)
+    with _open_npy_file(path, arr_name) as arr_f:
+        version = np.lib.format.read_magic(arr_f)
         if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(arr_f)
         elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(arr_f)
         else:
             shape, fortran_order, dtype = (), True, None
         if fortran_order or dtype is None or dtype.hasobject or len(shape) == 0:
-            with np.load(path) as data:
-                array = np.atleast_1d(data[arr_name])
-            yield NpzArrayReader(array.shape, array.dtype, array=array)
+            yield MemoryNpzArrayReader.load(path, arr_name)
         else:
-            yield NpzArrayReader(shape, dtype, file=file)
+            yield StreamingNpzArrayReader(arr_f, shape, dtype)
+
+
+def list_images(folder):
+    """Image files (by extension) under `folder`, recursively, sorted by path; FileNotFoundError when none."""
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not paths:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return paths
+
+
+@contextmanager
+def open_images(path):
+    """A reader over the images of `path`: a folder of image files, or arr_0 of an .npz file."""
+    if os.path.isdir(path):
+        yield ImageFolderReader(list_images(path))
+        return
+    with open_npz_array(path, "arr_0") as reader:
+        yield reader
+
+
+def has_images(path):
+    """True when `path` is a folder or an .npz holding arr_0."""
+    return os.path.isdir(path) or "arr_0" in npz_keys(path)
 
 
 def check_images(shape, dtype, name="arr_0"):
@@ -165,18 +279,40 @@ def check_images(shape, dtype, name="arr_0"):
 
 
 def read_reference_statistics(path):
-    """(pool, spatial) FIDStatistics stored in an .npz file as mu, sigma, mu_s, sigma_s; None if it has no `mu`.
+    """(pool, spatial) FIDStatistics stored in an .npz file; None if it has no `mu` (or `path` is a folder).
+
+    Two layouts: the ADM batches' mu, sigma, mu_s, sigma_s; and a file of only mu and sigma (pytorch-fid
+    --save-stats, EDM fid.py ref), whose spatial statistics are None (no sFID). A file with images and
+    mu/sigma but without mu_s/sigma_s is taken for an incomplete ADM batch and refused.
 
     :param path: the .npz file.
     """
+    if os.path.isdir(path):
+        return None
     keys = npz_keys(path)
     if "mu" not in keys:
         return None
     missing = [key for key in STATS_KEYS if key not in keys]
-    if missing:
+    fid_only = set(keys) == set(FID_STATS_KEYS)
+    if missing and not fid_only:
         raise ValueError(f"{path} has precomputed statistics but lacks {missing}")
     with np.load(path) as data:
-        return FIDStatistics(data["mu"], data["sigma"]), FIDStatistics(data["mu_s"], data["sigma_s"])
+        pool = FIDStatistics(data["mu"], data["sigma"])
+        return pool, (None if fid_only else FIDStatistics(data["mu_s"], data["sigma_s"]))
+
+
+def save_statistics(path, stats):
+    """Write pool-feature statistics as an .npz of mu and sigma only (pytorch-fid / EDM fid.py layout).
+
+    :param path: destination ending in .npz; written to a temporary name, then renamed.
+    :param stats: FIDStatistics of the pool_3 features.
+    """
+    if not str(path).endswith(".npz"):
+        raise ValueError(f"statistics file {path} must end in .npz")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=np.asarray(stats.mu), sigma=np.asarray(stats.sigma))
+    os.replace(tmp, path)
 
 
 def resolve_device(name=None):
@@ -226,12 +362,13 @@ class Evaluator:
         self.compute_activations([np.zeros([1, 64, 64, 3], dtype=np.uint8)])
 
     def read_activations(self, npz_path):
-        """(pool [N, 2048], spatial [N, 2023]) float32 features of the images in `arr_0`, read batch by batch.
+        """(pool [N, 2048], spatial [N, 2023]) float32 features of the images, read batch by batch.
 
-        :param npz_path: the .npz file.
+        :param npz_path: an .npz file (images in arr_0) or a folder of image files.
         """
-        with open_npz_array(npz_path, "arr_0") as reader:
-            check_images(reader.shape, reader.dtype, f"arr_0 of {npz_path}")
+        with open_images(npz_path) as reader:
+            check_images(reader.shape, reader.dtype, f"images of {npz_path}" if os.path.isdir(npz_path) else
+                         f"arr_0 of {npz_path}")
             return self.compute_activations(reader.read_batches(self.batch_size))
 
     def compute_activations(self, batches):
@@ -263,8 +400,23 @@ class Evaluator:
         if stats is not None:
             return stats
         if activations is None:
-            raise ValueError(f"{npz_path} has neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
+            raise ValueError(f"{npz_path} has neither images (arr_0) nor statistics (mu, sigma[, mu_s, sigma_s])")
         return tuple(self.compute_statistics(acts) for acts in activations)
+
+    def read_input(self, path, what="batch", log=None):
+        """(activations or None, statistics) of an evaluator input: an .npz batch (images and/or statistics)
+        or a folder of images. Activations are computed whenever there are images (IS, precision, recall);
+        stored statistics win over computed ones for FID, as in the reference's read_statistics.
+
+        :param path: .npz file or image folder.
+        :param what: name for the status line.
+        :param log: callable taking a status line, or None.
+        """
+        activations = None
+        if has_images(path):
+            (log or (lambda message: None))(f"computing {what} activations...")
+            activations = self.read_activations(path)
+        return activations, self.read_statistics(path, activations)
 
     def compute_statistics(self, activations):
         """FIDStatistics (mean, covariance) of activations [N, D]."""
@@ -290,27 +442,35 @@ class Evaluator:
     def evaluate(self, ref_batch, sample_batch, split_size=5000, fid_method="sqrtm", log=None):
         """All metrics of a sample batch against a reference batch (the reference's main()).
 
-        :param ref_batch: reference .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s).
-        :param sample_batch: sample .npz (arr_0 images).
+        :param ref_batch: reference .npz (arr_0 images and/or statistics) or a folder of images.
+        :param sample_batch: sample .npz (arr_0 images and/or statistics) or a folder of images.
         :param split_size: IS split size.
         :param fid_method: "sqrtm" (reference) or "eigh"; see FIDStatistics.frechet_distance.
         :param log: callable taking a status line, or None for silence.
-        :return: dict with inception_score, fid, sfid, precision, recall (precision and recall are None
-            when the reference batch has statistics but no images).
+        :return: dict with inception_score, fid, sfid, precision, recall; a metric that the inputs cannot
+            give is None (precision and recall need images on both sides, IS sample images, sFID the
+            spatial statistics that a mu/sigma-only file lacks).
         """
         log = log or (lambda message: None)
-        ref_stats = read_reference_statistics(ref_batch)
-        ref_acts = None
-        if ref_stats is None or "arr_0" in npz_keys(ref_batch):
-            log("computing reference batch activations...")
-            ref_acts = self.read_activations(ref_batch)
-        log("computing sample batch activations...")
-        sample_acts = self.read_activations(sample_batch)
+        ref_acts, ref_stats = self.read_input(ref_batch, "reference batch", log)
+        sample_acts, sample_stats = self.read_input(sample_batch, "sample batch", log)
         log("computing evaluations...")
+        probs = self.compute_softmax(sample_acts[0]) if sample_acts is not None else None
         return compute_all_metrics(
-            ref_acts, sample_acts, self.compute_softmax(sample_acts[0]), ref_stats,
-            self.manifold_estimator, split_size, fid_method,
+            ref_acts, sample_acts, probs, ref_stats, self.manifold_estimator, split_size, fid_method,
+            sample_stats=sample_stats,
         )
+
+    def write_statistics(self, path, out_path, log=None):
+        """Write the mu/sigma file (pytorch-fid / EDM layout) of an .npz batch or image folder; returns its stats.
+
+        :param path: input .npz (images or statistics) or folder of images.
+        :param out_path: .npz file to write.
+        :param log: callable taking a status line, or None.
+        """
+        _, stats = self.read_input(path, "input", log)
+        save_statistics(out_path, stats[0])
+        return stats[0]
 
 
 def format_metrics(metrics):
@@ -328,8 +488,14 @@ def create_argparser():
     """Command-line flags of the evaluator."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("ref_batch",
-                        help="reference batch .npz (arr_0 uint8 NHWC images, optional mu/sigma/mu_s/sigma_s)")
-    parser.add_argument("sample_batch", help="sample batch .npz (arr_0 uint8 NHWC images)")
+                        help="reference: .npz batch (arr_0 uint8 NHWC images and/or mu, sigma[, mu_s, sigma_s]) "
+                             "or a folder of images; with --save_stats, the input to summarise")
+    parser.add_argument("sample_batch",
+                        help="samples: .npz batch (arr_0 images and/or statistics) or a folder of images; "
+                             "with --save_stats, the .npz statistics file to write")
+    parser.add_argument("--save_stats", action="store_true",
+                        help="write the mu/sigma statistics of ref_batch to the file sample_batch (the layout "
+                             "pytorch-fid --save-stats and EDM fid.py ref read and write) instead of evaluating")
     parser.add_argument("--inception_weights", default=None,
                         help=f"FID Inception weights file (pt_inception-2015-12-05-6726825d.pth); default "
                              f"${INCEPTION_WEIGHTS_ENV}, then the torch hub cache")
@@ -351,7 +517,8 @@ def create_argparser():
 
 
 def main(argv=None):
-    """Command-line entry point: prints the five metrics and returns the exit code (1 on bad input).
+    """Command-line entry point: prints the five metrics (or writes --save_stats) and returns the exit code
+    (1 on bad input).
 
     :param argv: argument list; None reads sys.argv.
     """
@@ -369,6 +536,10 @@ def main(argv=None):
             log("warning: random Inception weights; these numbers are not comparable to any published ones")
         estimator = ManifoldEstimator(args.row_batch_size, args.col_batch_size, device=device, fp16=not args.pr_fp32)
         evaluator = Evaluator(model, args.batch_size, device=device, manifold_estimator=estimator, progress=progress)
+        if args.save_stats:
+            stats = evaluator.write_statistics(args.ref_batch, args.sample_batch, log)
+            print(f"wrote {args.sample_batch}: mu [{len(stats.mu)}], sigma {list(np.shape(stats.sigma))}")
+            return 0
         metrics = evaluator.evaluate(args.ref_batch, args.sample_batch, args.split_size, args.fid_method, log)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -374,12 +374,14 @@ class ManifoldEstimator:
             "nearest_indices": torch.cat(nearest).cpu().numpy(),
         }
 
-    def evaluate_pr(self, features_1, features_2, radii_1=None, radii_2=None):
+    def evaluate_pr(self, features_1, radii_1, features_2, radii_2):
         """Precision = share of set 2 inside set 1's manifold; recall = share of set 1 inside set 2's manifold.
 
+        The reference's argument order: (features_1, radii_1, features_2, radii_2).
+
         :param features_1: reference (real) features [N1, D].
+        :param radii_1: radii [N1, K] of features_1 (manifold_radii); None computes them.
         :param features_2: sample (generated) features [N2, D].
-        :param radii_1: radii [N1, K] of features_1; None computes them with manifold_radii.
         :param radii_2: radii [N2, K] of features_2; None computes them.
         :return: (precision, recall), float64 arrays with one value per neighbourhood size.
         """
@@ -415,37 +417,47 @@ def compute_prec_recall(activations_ref, activations_sample, manifold_estimator=
     :return: (precision, recall).
     """
     estimator = manifold_estimator or ManifoldEstimator()
-    precision, recall = estimator.evaluate_pr(activations_ref, activations_sample)
+    precision, recall = estimator.evaluate_pr(activations_ref, None, activations_sample, None)
     return float(precision[0]), float(recall[0])
 
 
+def _stats_of(activations, stats, what):
+    """Precomputed (pool, spatial) statistics, or those of the activations."""
+    if stats is not None:
+        return stats
+    if activations is None:
+        raise ValueError(f"need the {what} activations or precomputed {what} statistics")
+    return tuple(FIDStatistics.from_features(acts) for acts in activations)
+
+
 def compute_all_metrics(ref_activations, sample_activations, sample_probs=None, ref_stats=None,
-                        manifold_estimator=None, split_size=5000, fid_method="sqrtm"):
+                        manifold_estimator=None, split_size=5000, fid_method="sqrtm", sample_stats=None):
     """Inception Score, FID, sFID, precision and recall from two activation sets (the reference's main()).
 
     :param ref_activations: (pool [N1, 2048], spatial [N1, 2023]) of the reference batch, or None when
         ref_stats is given (precision and recall are then None).
-    :param sample_activations: (pool [N2, 2048], spatial [N2, 2023]) of the samples.
+    :param sample_activations: (pool [N2, 2048], spatial [N2, 2023]) of the samples, or None when
+        sample_stats is given (precision and recall are then None).
     :param sample_probs: Inception softmax of the samples [N2, 1008] for IS; None leaves IS out (None).
-    :param ref_stats: (pool FIDStatistics, spatial FIDStatistics) precomputed for the reference batch;
-        None computes them from ref_activations.
+    :param ref_stats: (pool FIDStatistics, spatial FIDStatistics or None) precomputed for the reference
+        batch; None computes them from ref_activations. A None spatial part leaves sFID out (None).
     :param manifold_estimator: ManifoldEstimator for precision/recall; None uses the reference's settings on CPU.
     :param split_size: IS split size (reference 5000).
     :param fid_method: "sqrtm" (reference) or "eigh"; see FIDStatistics.frechet_distance.
+    :param sample_stats: like ref_stats, for the samples (the reference reads them from the sample npz too).
     :return: dict with inception_score, fid, sfid, precision, recall.
     """
-    if ref_stats is None:
-        if ref_activations is None:
-            raise ValueError("need the reference activations or precomputed reference statistics")
-        ref_stats = tuple(FIDStatistics.from_features(acts) for acts in ref_activations)
-    sample_stats = tuple(FIDStatistics.from_features(acts) for acts in sample_activations)
+    ref_stats = _stats_of(ref_activations, ref_stats, "reference")
+    sample_stats = _stats_of(sample_activations, sample_stats, "sample")
     metrics = {"inception_score": None}
     if sample_probs is not None:
         metrics["inception_score"] = compute_inception_score(sample_probs, split_size)
     metrics["fid"] = sample_stats[0].frechet_distance(ref_stats[0], method=fid_method)
-    metrics["sfid"] = sample_stats[1].frechet_distance(ref_stats[1], method=fid_method)
+    metrics["sfid"] = None
+    if sample_stats[1] is not None and ref_stats[1] is not None:
+        metrics["sfid"] = sample_stats[1].frechet_distance(ref_stats[1], method=fid_method)
     metrics["precision"] = metrics["recall"] = None
-    if ref_activations is not None:
+    if ref_activations is not None and sample_activations is not None:
         metrics["precision"], metrics["recall"] = compute_prec_recall(
             ref_activations[0], sample_activations[0], manifold_estimator
         )

@@ -14,18 +14,14 @@ given, both uint8 NHWC.
 """
 
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a file: make the package importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from cm import dist_util, editing, logger  # noqa: E402
-from cm.image_util import (  # noqa: E402
-    DEVICES,
+from cm import dist_util, editing, logger
+from cm.image_util import (
     from_uint8,
     image_grid,
     load_sampling_model,
@@ -37,83 +33,21 @@ from cm.image_util import (  # noqa: E402
     select_device,
     to_uint8,
 )
-from cm.random_util import GENERATORS, get_generator  # noqa: E402
-from cm.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    args_to_json,
-    model_and_diffusion_defaults,
-    OneLineArgumentParser,
-    run_script,
-    TRAINING_MODES,
-)
+from cm.config import config_to_json, resolve_script_config
+from cm.random_util import get_generator
+from cm.script_util import create_parser, run_script
 
 DEFAULT_SIGMA = {"stroke": 5.0, "denoise": 0.3}
 
 
-def edit_defaults():
-    """Flags of the editing script (the model flags come from model_and_diffusion_defaults)."""
-    return dict(
-        task="inpaint",
-        input="",
-        mask="box",
-        factor=4,
-        sigma=-1.0,
-        add_noise=True,
-        num_frames=8,
-        num_samples=1,
-        class_label=-1,
-        training_mode="consistency_distillation",
-        generator="determ-indiv",
-        clip_denoised=True,
-        batch_size=16,
-        steps=40,
-        ts="0,5,10,15,20,25,30,35,39",
-        model_path="",
-        seed=0,
-        use_bf16=False,
-        channels_last=True,
-        log_dir="",
-        device="auto",
-        dry_run=False,
-    )
-
-
-EDIT_FLAG_HELP = dict(
-    task="what to do: inpaint, colorize, superres, interpolate (noise to noise), stroke (SDEdit from a "
-    "stroke painting), denoise",
-    input="images to edit: comma list of files or an .npz (arr_0 uint8 NHWC); center-cropped to image_size",
-    mask="inpaint: box (centre square), half (right half), strokes (random lines, from --seed) or a mask image "
-    "of image_size, white (>= 128) = pixels to generate",
-    factor="superres: scale factor f (divides image_size); the input may be full-size or image_size / f",
-    sigma="stroke and denoise: starting noise level (-1: stroke 5.0, denoise 0.3)",
-    add_noise="denoise: first add N(0, sigma^2) noise to the input (false: the input already carries it)",
-    num_frames="interpolate: frames per noise pair, both ends included",
-    num_samples="interpolate: noise pairs (rows)",
-    class_label="class-conditional models: the label of every image (-1: drawn from the generator)",
-    training_mode="how the checkpoint was trained; consistency_* selects the consistency-model scalings",
-    generator="noise source: dummy (global RNG), determ, determ-indiv (image k's noise depends only on the seed and k)",
-    clip_denoised="clamp every denoised estimate to [-1, 1]",
-    batch_size="images per forward pass",
-    steps="size of the Karras noise grid that --ts indexes",
-    ts="increasing grid indices of the editing levels t_1 > t_2 > ... (the last index, sigma_min, only closes "
-    "the grid)",
-    model_path="consistency-model checkpoint (a state dict: ema_RATE_NNNNNN.pt, modelNNNNNN.pt or a released one)",
-    seed="random seed (same seed and flags give the same images)",
-    use_bf16="run the network body in bfloat16 (faster on CPUs with AVX512-BF16 or AMX, and on GPUs)",
-    channels_last="channels_last memory format for the network",
-    log_dir="output directory (default OPENAI_LOGDIR, else a new temp dir)",
-    device="auto (a GPU if any), cpu or cuda",
-    dry_run="print the resolved configuration as JSON and exit",
-)
-EDIT_FLAG_CHOICES = dict(task=editing.TASKS, training_mode=TRAINING_MODES, generator=GENERATORS, device=DEVICES)
-
-
 def create_argparser():
-    """Editing flags (help text, choices) plus every model flag of model_and_diffusion_defaults."""
-    parser = OneLineArgumentParser(description="Zero-shot image editing with a consistency model.")
-    add_dict_to_argparser(parser, edit_defaults(), EDIT_FLAG_HELP, EDIT_FLAG_CHOICES)
-    add_dict_to_argparser(parser, model_and_diffusion_defaults())
-    return parser
+    """The editing flags of cm.flags and every model flag."""
+    return create_parser("edit", "Zero-shot image editing with a consistency model.")
+
+
+def resolve_config(args):
+    """The resolved configuration: the model's (network, denoiser) and this script's flags, grouped."""
+    return resolve_script_config(args, ["sample", "edit"])
 
 
 def task_sigma(args):
@@ -235,7 +169,7 @@ def run(args):
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
     with open(os.path.join(log_dir, f"{args.task}_config.json"), "w") as f:
-        f.write(args_to_json(args) + "\n")
+        f.write(config_to_json(resolve_config(args)) + "\n")
     if args.task == "interpolate":
         logger.log(f"interpolate with {args.model_path} on {device}; one step at sigma {args.sigma_max}")
         rows, after, before = run_interpolation(args, model, diffusion, device)
@@ -255,7 +189,7 @@ def run(args):
 
 def main(argv=None):
     """Parse flags (and --config); bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
-    return run_script(create_argparser(), run, argv)
+    return run_script(create_argparser(), run, argv, resolve=resolve_config)
 
 
 if __name__ == "__main__":

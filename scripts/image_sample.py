@@ -9,17 +9,13 @@ The npz holds arr_0 (uint8 [N, H, W, 3]) and, for class-conditional models, arr_
 """
 
 import os
-import sys
 import time
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: make the package importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm import dist_util, logger  # noqa: E402
-from cm.image_util import (  # noqa: E402
-    DEVICES,
+from cm import dist_util, logger
+from cm.image_util import (
     GRID_IMAGES,
     generate_samples,
     grid_path,
@@ -30,80 +26,21 @@ from cm.image_util import (  # noqa: E402
     save_png,
     select_device,
 )
-from cm.random_util import GENERATORS, get_generator  # noqa: E402
-from cm.sampling import SAMPLER_NAMES, sigmas_from_ts  # noqa: E402
-from cm.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    args_to_json,
-    model_and_diffusion_defaults,
-    OneLineArgumentParser,
-    run_script,
-    TRAINING_MODES,
-)
-
-
-def sample_defaults():
-    """The reference's image_sample.py flags (seed 0 as every script here), plus device, precision and output flags."""
-    return dict(
-        training_mode="edm",
-        generator="determ",
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        sampler="heun",
-        s_churn=0.0,
-        s_tmin=0.0,
-        s_tmax=float("inf"),
-        s_noise=1.0,
-        steps=40,
-        model_path="",
-        seed=0,
-        ts="",
-        use_bf16=False,
-        channels_last=True,
-        grid="",
-        log_dir="",
-        device="auto",
-        dry_run=False,
-    )
-
-
-SAMPLE_FLAG_HELP = dict(
-    training_mode="how the checkpoint was trained; consistency_* selects the consistency-model scalings",
-    generator="noise source: dummy (global RNG), determ (one seeded stream), determ-indiv (one stream per "
-    "sample); determ and determ-indiv make sample k depend only on the seed and k",
-    clip_denoised="clamp every denoised estimate to [-1, 1]",
-    num_samples="images to generate over all ranks",
-    batch_size="images per forward pass on each rank",
-    sampler="onestep / multistep: consistency models (multistep needs --ts); heun, euler, euler_ancestral, dpm: "
-    "EDM solvers over a --steps grid; progdist: progressive-distillation models",
-    s_churn="EDM stochasticity S_churn (heun, dpm)",
-    s_tmin="EDM S_tmin: churn only for sigma >= s_tmin",
-    s_tmax="EDM S_tmax: churn only for sigma <= s_tmax",
-    s_noise="EDM S_noise: scale of the churn noise",
-    steps="size N of the Karras noise grid (multistep: the grid --ts indexes)",
-    model_path="checkpoint to sample from: a state dict saved by training (modelNNNNNN.pt, ema_RATE_NNNNNN.pt) "
-    "or a released one",
-    seed="random seed (same seed and flags give the same images)",
-    ts="multistep: increasing grid indices, e.g. 0,22,39 for 2 steps on a 40-point grid",
-    use_bf16="run the network body in bfloat16 (about 2x faster on CPUs with AVX512-BF16 or AMX, and on GPUs)",
-    channels_last="channels_last memory format for the network (faster convolutions on CPU and tensor cores)",
-    grid="PNG grid of the first 64 samples: '' = samples_grid.png in the log dir, 'none' = no grid, else a path",
-    log_dir="output directory for the npz, grid and log (default OPENAI_LOGDIR, else a new temp dir)",
-    device="auto (GPU of this rank if any), cpu or cuda",
-    dry_run="print the resolved configuration as JSON and exit",
-)
-SAMPLE_FLAG_CHOICES = dict(
-    training_mode=TRAINING_MODES, generator=GENERATORS, sampler=SAMPLER_NAMES, device=DEVICES
-)
+from cm.config import config_to_json, resolve_script_config
+from cm.random_util import get_generator
+from cm.sampling import sigmas_from_ts
+from cm.script_util import create_parser, run_script
 
 
 def create_argparser():
-    """Sampling flags (help text, choices) plus every model flag of model_and_diffusion_defaults."""
-    parser = OneLineArgumentParser(description="Generate samples from a model into an npz file.")
-    add_dict_to_argparser(parser, sample_defaults(), SAMPLE_FLAG_HELP, SAMPLE_FLAG_CHOICES)
-    add_dict_to_argparser(parser, model_and_diffusion_defaults())
-    return parser
+    """The sampling flags of cm.flags (the reference's image_sample.py flags, plus device, precision and
+    output) and every model flag."""
+    return create_parser("sample", "Generate samples from a model into an npz file.")
+
+
+def resolve_config(args):
+    """The resolved configuration: the model's (network, denoiser) and this script's flags, grouped."""
+    return resolve_script_config(args, ["sample"])
 
 
 def sample_kwargs(args):
@@ -153,7 +90,7 @@ def run(args):
         logger.log("note: float16 convolutions are slow on CPU; --use_bf16 is the fast reduced precision there")
     if rank == 0:
         with open(os.path.join(log_dir, "sample_config.json"), "w") as f:
-            f.write(args_to_json(args) + "\n")
+            f.write(config_to_json(resolve_config(args)) + "\n")
     logger.log(
         f"sampling {args.num_samples} images ({args.sampler}"
         f"{', ts ' + ','.join(map(str, kwargs['ts'])) if kwargs['ts'] else ''}) from {args.model_path} on {device}, "
@@ -185,7 +122,7 @@ def run(args):
 
 def main(argv=None):
     """Parse flags (and --config); bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
-    return run_script(create_argparser(), run, argv)
+    return run_script(create_argparser(), run, argv, resolve=resolve_config)
 
 
 if __name__ == "__main__":

@@ -16,35 +16,39 @@ import copy
 import csv
 import json
 import os
-import sys
 import time
 
-if __package__ in (None, ""):  # run as a file from a checkout: make `cm` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from cm import logger  # noqa: E402
-from cm.digits_eval import digits_metrics, digits_split, load_digits_classifier, real_data_floor  # noqa: E402
-from cm.fp16_util import bf16_is_native  # noqa: E402
-from cm.image_util import image_grid, save_npz, to_uint8  # noqa: E402
-from cm.random_util import get_generator  # noqa: E402
-from cm.sampling import karras_sample, ternary_search  # noqa: E402
-from cm.script_util import parse_args_with_config  # noqa: E402
-from cm.train_cli import build_loop, create_argparser, ema_and_scales_fn  # noqa: E402
+from cm import logger
+from cm.digits_eval import digits_metrics, digits_split, load_digits_classifier, real_data_floor
+from cm.fp16_util import bf16_is_native
+from cm.image_util import image_grid, save_npz, to_uint8
+from cm.random_util import get_generator
+from cm.sampling import karras_sample, ternary_search
+from cm.script_util import parse_args_with_config
+from cm.train_cli import build_loop, create_argparser, ema_and_scales_fn
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 EVAL_RESERVE_S = 15  # sampling, the two-step search and the metrics after training (about 8 s)
 TIMING_STEPS = 100  # opening steps of each stage that are timed to plan the rest
 FINAL_STRETCH = 300  # steps: below this many left, the plan is final
 STEP_TIME_MARGIN = 1.03
+# --mode: the stages of the run as (name, preset in configs/, training mode); each stage's EMA model is the
+# teacher of the next
+PLANS = {
+    "ct": [("CT", "digits_ct.yaml", "consistency_training")],
+    "cd": [("EDM", "digits_edm.yaml", "edm"), ("CD", "digits_cd.yaml", "consistency_distillation")],
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("ct", "cd"), default="ct", help="consistency training, or EDM + distillation")
+    p.add_argument("--mode", choices=tuple(PLANS), default="ct", help="ct: consistency training; cd: an EDM teacher, "
+                   "then consistency distillation from it (each stage gets half the time)")
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of the whole run")
     p.add_argument("--out", default="quickstart_out", help="output directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -110,7 +114,7 @@ def set_total_steps(loop, args, steps):
     """Re-plan a run to end at `steps`: learning-rate decay and the N(k) / mu(k) schedule follow."""
     args.total_training_steps = args.lr_anneal_steps = loop.lr_anneal_steps = steps
     if hasattr(loop, "ema_scale_fn"):
-        loop.ema_scale_fn = ema_and_scales_fn(args, steps)
+        loop.ema_scale_fn = ema_and_scales_fn(loop.run_config, steps)
 
 
 def ema_model(loop):
@@ -145,34 +149,48 @@ def save_grid(images, path, scale=4):
 
 
 def plot_curves(csv_paths, path, width=640, height=300):
-    """Training loss against step for each stage, on a log scale, drawn with PIL."""
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 60, 30, width - 20, height - 40
-    d.rectangle([left, top, right, bottom], outline="black")
-    curves = []
-    for name, p in csv_paths:
-        with open(p, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("loss")]
-        if rows:
-            curves.append((name, np.array([float(r["step"]) for r in rows]), np.array([float(r["loss"]) for r in rows])))
-    if not curves:
-        img.save(path)
-        return
-    logs = np.log10(np.concatenate([c[2] for c in curves]).clip(1e-12))
-    lo, hi = logs.min(), logs.max() + 1e-9
-    colours = ["#1f77b4", "#d62728"]
-    for i, (name, steps, loss) in enumerate(curves):
-        x = left + (steps / steps.max()) * (right - left)
-        y = bottom - (np.log10(loss.clip(1e-12)) - lo) / (hi - lo) * (bottom - top)
-        d.line(list(zip(x.tolist(), y.tolist())), fill=colours[i % 2], width=2)
-        d.text((left + 10, top + 8 + 14 * i), f"{name} loss", fill=colours[i % 2])
-    d.text((left, bottom + 8), "0", fill="black")
-    d.text((right - 60, bottom + 8), "last step", fill="black")
-    d.text((5, top), f"{10 ** hi:.2g}", fill="black")
-    d.text((5, bottom - 10), f"{10 ** lo:.2g}", fill="black")
-    d.text((left + 150, 8), "training loss (log scale) against step", fill="black")
-    img.save(path)
+    """Training loss against step, one panel per stage (log scale): all noise levels and each quartile of
+    log sigma (progress.csv's loss_q0..loss_q3), plus the digits-FID when the log has it. Drawn with
+    matplotlib's Agg backend, `width` x `height` pixels per panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def columns(csv_path):
+        with open(csv_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("loss") and r.get("step")]
+        names = rows[0].keys() if rows else ()
+        values = {k: np.array([float(r[k]) if r.get(k) else np.nan for r in rows]) for k in names}
+        return {k: np.where(v > 0, v, np.nan) if k.startswith("loss") else v for k, v in values.items()}
+
+    quartiles = ("lowest", "second", "third", "highest")
+    stages = [(name, columns(p)) for name, p in csv_paths]
+    stages = [(name, data) for name, data in stages if data] or [("no losses logged", {})]
+    fig = Figure(figsize=(width / 100 * len(stages), height / 100), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (name, data) in zip(fig.subplots(1, len(stages), squeeze=False)[0], stages):
+        ax.set_title(f"{name}: training loss" if data else name)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss (log scale)")
+        if not data:
+            continue
+        marker = "o" if len(data["step"]) <= 30 else None
+
+        def line(axes, key, **style):  # logged points only, joined across rows that lack the key
+            keep = np.isfinite(data[key])
+            axes.plot(data["step"][keep], data[key][keep], marker=marker, ms=3, **style)
+
+        for q, label in enumerate(quartiles):
+            if f"loss_q{q}" in data:
+                line(ax, f"loss_q{q}", lw=1, label=f"{label} quarter of log σ")
+        line(ax, "loss", color="black", lw=2, label="all noise levels")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+        if "digits_fid" in data:
+            twin = ax.twinx()
+            line(twin, "digits_fid", color="tab:purple", ls="--")
+            twin.set_ylabel("digits-FID (dashed)", color="tab:purple")
+    fig.savefig(path)
 
 
 def main(argv=None):
@@ -181,19 +199,15 @@ def main(argv=None):
     os.makedirs(opts.out, exist_ok=True)
     budget = max(30.0, opts.minutes * 60 - EVAL_RESERVE_S)
     classifier = load_digits_classifier()  # trained and cached on first use (a few seconds)
-    stages = []
-    if opts.mode == "ct":
-        args = training_args("digits_ct.yaml", "consistency_training", os.path.join(opts.out, "ct"), opts)
-        loop = train_stage(args, budget - (time.time() - start), opts.steps)
-        stages.append(("CT", os.path.join(args.log_dir, "progress.csv")))
-    else:
-        edm_args = training_args("digits_edm.yaml", "edm", os.path.join(opts.out, "edm"), opts)
-        edm = train_stage(edm_args, (budget - (time.time() - start)) / 2, opts.steps)
-        teacher_path = os.path.join(edm_args.log_dir, f"ema_{edm.ema_rate[0]}_{edm.step:06d}.pt")
-        args = training_args("digits_cd.yaml", "consistency_distillation", os.path.join(opts.out, "cd"), opts,
-                             ["--teacher_model_path", teacher_path])
-        loop = train_stage(args, budget - (time.time() - start), opts.steps)
-        stages += [("EDM", os.path.join(edm_args.log_dir, "progress.csv")), ("CD", os.path.join(args.log_dir, "progress.csv"))]
+    stages, teacher_path = [], None
+    plan = PLANS[opts.mode]
+    for k, (name, config, mode) in enumerate(plan):
+        extra = ["--teacher_model_path", teacher_path] if teacher_path else []
+        args = training_args(config, mode, os.path.join(opts.out, name.lower()), opts, extra)
+        stage_budget = (budget - (time.time() - start)) / (len(plan) - k)  # the time left, shared by what is left
+        loop = train_stage(args, stage_budget, opts.steps)
+        stages.append((name, os.path.join(args.log_dir, "progress.csv")))
+        teacher_path = os.path.join(args.log_dir, f"ema_{loop.ema_rate[0]}_{loop.step:06d}.pt")
     train_s = time.time() - start
     logger.configure(dir=opts.out, format_strs=[])
 

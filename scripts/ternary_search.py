@@ -14,34 +14,25 @@ Works under mpiexec / torchrun like image_sample.py (rank 0 scores).
 
 import json
 import os
-import sys
 import time
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: make the package importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm import dist_util, logger  # noqa: E402
-from cm.image_util import (  # noqa: E402
-    DEVICES,
+from cm import dist_util, logger
+from cm.image_util import (
     generate_samples,
     load_sampling_model,
     parse_ts,
     select_device,
 )
-from cm.random_util import GENERATORS, get_generator  # noqa: E402
-from cm.sampling import sigmas_from_ts, ternary_search  # noqa: E402
-from cm.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    args_to_json,
-    model_and_diffusion_defaults,
-    OneLineArgumentParser,
-    run_script,
-    TRAINING_MODES,
-)
+from cm.config import config_to_json, resolve_script_config
+from cm.random_util import get_generator
+from cm.sampling import sigmas_from_ts, ternary_search
+from cm.flags import FLAGS
+from cm.script_util import create_parser, run_script
 
-METRICS = ("auto", "fid", "digits")
+METRICS = FLAGS["metric"].choices
 
 
 def search_range(begin, end, steps, sigma_min=0.002, sigma_max=80.0):
@@ -53,60 +44,14 @@ def search_range(begin, end, steps, sigma_min=0.002, sigma_max=80.0):
     return lo, hi
 
 
-def search_defaults():
-    """The reference's ternary_search.py flags (less its unused sampler flags), CPU-sized, plus metric and output."""
-    return dict(
-        begin="0",
-        end="39",
-        training_mode="consistency_distillation",
-        generator="determ",
-        clip_denoised=True,
-        num_samples=500,
-        batch_size=64,
-        steps=40,
-        model_path="",
-        ref_batch="",
-        metric="auto",
-        inception_weights="",
-        seed=0,
-        use_bf16=False,
-        channels_last=True,
-        log_dir="",
-        device="auto",
-        dry_run=False,
-    )
-
-
-SEARCH_FLAG_HELP = dict(
-    begin="grid indices before the searched one, comma list (2 steps: 0; 3 steps: 0,p1)",
-    end="grid indices after the searched one, comma list (usually steps - 1)",
-    training_mode="how the checkpoint was trained; consistency_* selects the consistency-model scalings",
-    generator="noise source: dummy, determ, determ-indiv (determ / determ-indiv: every probe sees the same noise)",
-    clip_denoised="clamp every denoised estimate to [-1, 1]",
-    num_samples="images per probe (the paper's searches used 50000 with FID)",
-    batch_size="images per forward pass on each rank",
-    steps="size of the Karras noise grid the indices refer to",
-    model_path="consistency-model checkpoint (a state dict)",
-    ref_batch="FID reference batch .npz (arr_0 images or mu/sigma statistics, as the evaluator reads)",
-    metric="score of a probe: fid (against --ref_batch), digits (digits-FID, models of the embedded digits), "
-    "auto (fid when --ref_batch is given, else digits)",
-    inception_weights="FID Inception weights file (default $CM_INCEPTION_WEIGHTS, then the torch hub cache)",
-    seed="random seed of the samples",
-    use_bf16="run the network body in bfloat16",
-    channels_last="channels_last memory format for the network",
-    log_dir="output directory for the log and ternary_search.json (default OPENAI_LOGDIR, else a new temp dir)",
-    device="auto (GPU of this rank if any), cpu or cuda",
-    dry_run="print the resolved configuration as JSON and exit",
-)
-SEARCH_FLAG_CHOICES = dict(training_mode=TRAINING_MODES, generator=GENERATORS, metric=METRICS, device=DEVICES)
-
-
 def create_argparser():
-    """Search flags (help text, choices) plus every model flag of model_and_diffusion_defaults."""
-    parser = OneLineArgumentParser(description="Ternary search of the intermediate index of few-step sampling.")
-    add_dict_to_argparser(parser, search_defaults(), SEARCH_FLAG_HELP, SEARCH_FLAG_CHOICES)
-    add_dict_to_argparser(parser, model_and_diffusion_defaults())
-    return parser
+    """The search flags of cm.flags (the reference's, CPU-sized, plus metric and output) and every model flag."""
+    return create_parser("search", "Ternary search of the intermediate index of few-step sampling.")
+
+
+def resolve_config(args):
+    """The resolved configuration: the model's (network, denoiser) and this script's flags, grouped."""
+    return resolve_script_config(args, ["sample", "search"])
 
 
 def resolve_metric(metric, ref_batch):
@@ -193,14 +138,14 @@ def run(args):
     result = {"best_ts": list(best_ts), "metric": name, "probes": {str(p): v for p, v in values.items()}}
     if rank == 0:
         with open(os.path.join(log_dir, "ternary_search.json"), "w") as f:
-            json.dump({**result, "config": json.loads(args_to_json(args))}, f, indent=2)
+            json.dump({**result, "config": json.loads(config_to_json(resolve_config(args)))}, f, indent=2)
     dist_util.barrier()
     return result
 
 
 def main(argv=None):
     """Parse flags (and --config); bad input stops with one 'error:' line (CM_DEBUG=1 shows tracebacks)."""
-    return run_script(create_argparser(), run, argv)
+    return run_script(create_argparser(), run, argv, resolve=resolve_config)
 
 
 if __name__ == "__main__":

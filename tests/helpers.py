@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import importlib.util
 import os
 import tempfile
 
@@ -61,3 +62,12 @@ def clone(model):
 
 def state_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_script(name):
+    """scripts/NAME.py imported as a module (the scripts are files, not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(root, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -33,3 +33,13 @@ def test_config_parses_and_builds_its_network(path):
                                                       distillation=mode in ("consistency_distillation", "consistency_training"))
     assert sum(p.numel() for p in model.parameters()) > 0
     assert diffusion.sigma_max == args.sigma_max
+
+
+@pytest.mark.parametrize("name", ["lsun_bedroom256_edm", "lsun_cat256_edm"])
+def test_lsun_edm_presets_use_the_reference_ema_rates(name):
+    """openai/consistency_models' scripts/launch.sh trains the LSUN 256 EDM teachers with
+    --ema_rate 0.999,0.9999,0.9999432189950708 (its LSUN CD and CT lines use 0.9999,0.99994,...)."""
+    import yaml
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")) as f:
+        assert yaml.safe_load(f)["ema_rate"] == "0.999,0.9999,0.9999432189950708"

@@ -1,6 +1,5 @@
 """Zero-shot editing (cm/editing.py, scripts/image_edit.py): every task keeps what it must keep."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -12,17 +11,9 @@ from cm.image_util import from_uint8
 from cm.random_util import get_generator
 from cm.sampling import get_sigmas_karras
 
-from helpers import TINY_MODEL, tiny_model_and_diffusion
+from helpers import TINY_MODEL, load_script, tiny_model_and_diffusion
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 image_edit = load_script("image_edit")

@@ -177,10 +177,10 @@ def clouds():
 def test_precision_recall_on_toy_point_clouds(batches):
     near, far = clouds()
     estimator = ManifoldEstimator(*batches)
-    assert tuple(estimator.evaluate_pr(near, near.copy())) == (1.0, 1.0)
-    assert tuple(estimator.evaluate_pr(near, far)) == (0.0, 0.0)
+    assert tuple(estimator.evaluate_pr(near, None, near.copy(), None)) == (1.0, 1.0)
+    assert tuple(estimator.evaluate_pr(near, None, far, None)) == (0.0, 0.0)
     both = np.concatenate([near, far])
-    precision, recall = estimator.evaluate_pr(both, near)  # samples cover half the real manifold
+    precision, recall = estimator.evaluate_pr(both, None, near, None)  # samples cover half the real manifold
     assert precision[0] == 1.0
     assert recall[0] < 1.0 and recall[0] == pytest.approx(0.5)
 
@@ -190,7 +190,7 @@ def test_precision_recall_backends_and_batchings_agree():
     real = rng.normal(size=(60, 32)).astype(np.float32)
     fake = (rng.normal(size=(50, 32)) + 0.5).astype(np.float32)
     results = [
-        ManifoldEstimator(*sizes, backend=backend).evaluate_pr(real, fake)
+        ManifoldEstimator(*sizes, backend=backend).evaluate_pr(real, None, fake, None)
         for backend in ("numpy", "torch")
         for sizes in ((10000, 10000), (13, 17))
     ]
@@ -374,3 +374,145 @@ def test_cli_end_to_end_with_random_weights(tmp_path):
     assert 1 <= metrics["inception_score"] <= NUM_CLASSES and metrics["fid"] > 0 and metrics["sfid"] > 0
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert lines[1] == f"FID: {metrics['fid']}"
+
+
+# ---------------------------------------------------------------- the reference's names and argument order
+
+
+def test_evaluate_pr_takes_the_reference_argument_order():
+    near, far = clouds()
+    both = np.concatenate([near, far])
+    estimator = ManifoldEstimator(fp16=False)
+    radii_both, radii_near = estimator.manifold_radii(both), estimator.manifold_radii(near)
+    given = estimator.evaluate_pr(both, radii_both, near, radii_near)  # (features_1, radii_1, features_2, radii_2)
+    assert tuple(map(tuple, given)) == tuple(map(tuple, estimator.evaluate_pr(both, None, near, None)))
+    assert (given[0][0], given[1][0]) == (1.0, pytest.approx(0.5))
+    # radii of the wrong set change the answer: the radii are really read from positions 2 and 4
+    shrunk = estimator.evaluate_pr(both, np.full_like(radii_both, -1.0), near, radii_near)  # empty balls
+    assert shrunk[0][0] == 0.0
+
+
+def test_npz_readers_keep_the_reference_names(tmp_path):
+    arr = images(7, 4, 3)
+    np.savez(tmp_path / "c.npz", arr)
+    np.savez(tmp_path / "f.npz", np.asfortranarray(arr))
+    with ev.open_npz_array(str(tmp_path / "c.npz"), "arr_0") as reader:
+        assert isinstance(reader, ev.StreamingNpzArrayReader) and isinstance(reader, ev.NpzArrayReader)
+        batches = reader.read_batches(3)
+        assert isinstance(batches, ev.BatchIterator) and len(batches) == 3
+        np.testing.assert_array_equal(np.concatenate(list(batches)), arr)
+        assert reader.remaining() == 0 and reader.read_batch(3) is None
+    with ev.open_npz_array(str(tmp_path / "f.npz"), "arr_0") as reader:
+        assert isinstance(reader, ev.MemoryNpzArrayReader)
+        np.testing.assert_array_equal(np.concatenate(list(reader.read_batches(5))), arr)
+    memory = ev.MemoryNpzArrayReader.load(str(tmp_path / "c.npz"), "arr_0")
+    assert memory.remaining() == 7 and memory.read_batch(10).shape == (7, 4, 4, 3) and memory.read_batch(1) is None
+    import io
+
+    with pytest.raises(ValueError, match="truncated"):
+        ev._read_bytes(io.BytesIO(b"abc"), 5, "array data")
+
+
+# ---------------------------------------------------------------- folders and mu/sigma statistics files
+
+
+def write_folder(folder, arr):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, image in enumerate(arr):
+        sub = folder / ("a" if i % 2 else "b")  # nested folders are read too, sorted by path
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(image).save(sub / f"{i:03d}.png")
+    return sorted(folder.rglob("*.png"))
+
+
+def test_image_folders_give_the_numbers_of_the_same_images_in_an_npz(tmp_path):
+    evaluator = ev.Evaluator(MeanColour(), batch_size=4, progress=False)
+    ref_images, sample_images = images(14, 6, 21), images(9, 6, 22)
+    ref_paths = write_folder(tmp_path / "ref", ref_images)
+    write_folder(tmp_path / "sample", sample_images)
+    order = [int(p.stem) for p in ref_paths]
+    np.savez(tmp_path / "ref.npz", ref_images[order])
+    np.savez(tmp_path / "sample.npz", sample_images[[int(p.stem) for p in sorted((tmp_path / "sample").rglob("*.png"))]])
+    from_folders = evaluator.evaluate(str(tmp_path / "ref"), str(tmp_path / "sample"))
+    from_npz = evaluator.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"))
+    assert from_folders == from_npz and all(v is not None for v in from_folders.values())
+    mixed = evaluator.evaluate(str(tmp_path / "ref"), str(tmp_path / "sample.npz"))
+    assert mixed == from_npz
+
+
+def test_image_folder_errors_are_one_line(tmp_path):
+    from PIL import Image
+
+    evaluator = ev.Evaluator(MeanColour(), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        evaluator.read_activations(str(tmp_path / "empty"))
+    (tmp_path / "mixed").mkdir()
+    Image.fromarray(images(1, 6, 0)[0]).save(tmp_path / "mixed" / "a.png")
+    Image.fromarray(images(1, 8, 0)[0]).save(tmp_path / "mixed" / "b.png")
+    with pytest.raises(ValueError, match="must share a size") as err:
+        evaluator.read_activations(str(tmp_path / "mixed"))
+    assert "\n" not in str(err.value)
+    Image.fromarray(images(1, 6, 0)[0][..., 0]).save(tmp_path / "grey.png")  # greyscale files become RGB
+    (tmp_path / "grey").mkdir()
+    (tmp_path / "grey.png").rename(tmp_path / "grey" / "g.png")
+    assert evaluator.read_activations(str(tmp_path / "grey"))[0].shape == (1, 3)
+
+
+def test_mu_sigma_statistics_files_are_written_and_read(tmp_path):
+    evaluator = ev.Evaluator(MeanColour(), batch_size=5, progress=False)
+    ref_images, sample_images = images(16, 6, 31), images(12, 6, 32)
+    np.savez(tmp_path / "ref.npz", ref_images)
+    np.savez(tmp_path / "sample.npz", sample_images)
+    stats = evaluator.write_statistics(str(tmp_path / "ref.npz"), str(tmp_path / "ref_stats.npz"))
+    with np.load(tmp_path / "ref_stats.npz") as data:
+        assert sorted(data.files) == ["mu", "sigma"]  # pytorch-fid / EDM fid.py layout
+        np.testing.assert_array_equal(data["mu"], stats.mu)
+        np.testing.assert_array_equal(data["sigma"], stats.sigma)
+    full = evaluator.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"))
+    only = evaluator.evaluate(str(tmp_path / "ref_stats.npz"), str(tmp_path / "sample.npz"))
+    assert only["fid"] == full["fid"] and only["inception_score"] == full["inception_score"]
+    assert only["sfid"] is None and only["precision"] is None and only["recall"] is None
+    assert ev.format_metrics(only).splitlines()[2] == "sFID: n/a"
+    with pytest.raises(ValueError, match="must end in .npz"):
+        ev.save_statistics(str(tmp_path / "stats.txt"), stats)
+
+
+def test_statistics_stored_in_the_sample_npz_are_honoured(tmp_path):
+    evaluator = ev.Evaluator(MeanColour(), batch_size=4, progress=False)
+    ref_images, sample_images = images(15, 6, 41), images(11, 6, 42)
+    np.savez(tmp_path / "ref.npz", ref_images)
+    np.savez(tmp_path / "sample.npz", sample_images)
+    stored = {"mu": np.full(3, 90.0), "sigma": np.eye(3) * 9, "mu_s": np.full(2, 5.0), "sigma_s": np.eye(2)}
+    np.savez(tmp_path / "sample_stats.npz", sample_images, **stored)
+    plain = evaluator.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"))
+    given = evaluator.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample_stats.npz"))
+    ref_pool, ref_spatial = (FIDStatistics.from_features(a) for a in evaluator.read_activations(str(tmp_path / "ref.npz")))
+    assert given["fid"] == pytest.approx(FIDStatistics(stored["mu"], stored["sigma"]).frechet_distance(ref_pool))
+    assert given["sfid"] == pytest.approx(FIDStatistics(stored["mu_s"], stored["sigma_s"]).frechet_distance(ref_spatial))
+    assert given["fid"] != pytest.approx(plain["fid"])
+    for key in ("inception_score", "precision", "recall"):  # still from the sample images
+        assert given[key] == plain[key]
+    # the reference's Evaluator.read_statistics does the same
+    assert evaluator.read_statistics(str(tmp_path / "sample_stats.npz"), None)[0].mu[0] == 90.0
+
+
+def test_cli_writes_a_statistics_file_and_evaluates_against_it(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "real").mkdir()
+    for i, image in enumerate(images(5, 16, 51)):
+        Image.fromarray(image).save(tmp_path / "real" / f"{i}.png")
+    np.savez(tmp_path / "sample.npz", images(4, 16, 52))
+    common = ["--random_weights", "--quiet", "--batch_size", "3", "--device", "cpu", "--fid_method", "eigh"]
+    assert ev.main(["--save_stats", str(tmp_path / "real"), str(tmp_path / "stats.npz")] + common) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'stats.npz'}: mu [2048], sigma [2048, 2048]")
+    assert ev.main([str(tmp_path / "stats.npz"), str(tmp_path / "sample.npz"), "--json"] + common) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(lines[-1])
+    assert metrics["fid"] > 0 and metrics["sfid"] is None and metrics["precision"] is None
+    assert lines[2] == "sFID: n/a"
+    assert ev.main([str(tmp_path / "real"), str(tmp_path / "sample.npz"), "--json"] + common) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"] == pytest.approx(metrics["fid"], rel=1e-6)

@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from cm.metrics import LPIPSDistance, get_distance_fn, l1, l2, l2_32, load_vgg16_into_lpips, pseudo_huber, pseudo_huber_c
@@ -91,3 +93,84 @@ def test_lpips_weights_are_found_through_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CM_LPIPS_VGG_PATH", str(path))
     assert _vgg16_path(None) == str(path)
     assert _vgg16_path(str(path)) == str(path)
+
+
+def avgpool_lpips_by_hand(dist, x, y):
+    """piq's LPIPS(replace_pooling=True, reduction="none") written out, with dist's backbone and linear heads:
+    torchvision VGG16 features with every max-pool a 2x2 average pool, [0, 1] images standardised with the
+    ImageNet mean and std, relu1_2 .. relu5_3 unit-normalised over channels, squared differences times the
+    head weights averaged over space, summed over channels and layers."""
+    layers = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    layers = nn.Sequential(*[nn.AvgPool2d(2, 2) if isinstance(m, nn.MaxPool2d) else m for m in layers])
+    with torch.no_grad():
+        for name, param in dist.model.net.named_parameters():
+            _, index, kind = name.split(".")
+            getattr(layers[int(index)], kind).copy_(param)
+    heads = [lin.model[-1].weight.view(1, -1, 1, 1) for lin in dist.model.lins]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def features(img):
+        h = ((F.interpolate(img, size=224, mode="bilinear") + 1) / 2 - mean) / std
+        out = []
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if i in (3, 8, 15, 22, 29):
+                out.append(h / (torch.sqrt(torch.sum(h**2, dim=1, keepdim=True)) + 1e-10))
+        return out
+
+    with torch.no_grad():
+        pairs = zip(features(x), features(y), heads)
+        return sum(((a - b) ** 2 * w).mean(dim=(2, 3)).sum(dim=1) for a, b, w in pairs)
+
+
+def _cpu_autocast_works(dtype):
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def lpips_pair_and_expected(random_lpips):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    y = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    return x, y, avgpool_lpips_by_hand(random_lpips, x, y)
+
+
+def test_lpips_backbone_has_average_pools_only(random_lpips):
+    modules = list(random_lpips.model.net.modules())
+    assert not any(isinstance(m, nn.MaxPool2d) for m in modules)
+    pools = [m for m in modules if isinstance(m, nn.AvgPool2d)]
+    assert len(pools) == 4 and all(p.kernel_size == 2 and p.stride == 2 for p in pools)
+
+
+@pytest.mark.parametrize(
+    "autocast",
+    [
+        None,
+        torch.bfloat16,
+        pytest.param(
+            torch.float16,
+            marks=pytest.mark.skipif(not _cpu_autocast_works(torch.float16), reason="this torch has no CPU fp16 autocast"),
+        ),
+    ],
+)
+def test_lpips_equals_average_pool_lpips_built_by_hand(random_lpips, lpips_pair_and_expected, autocast):
+    x, y, expected = lpips_pair_and_expected
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None), torch.no_grad():
+        got = random_lpips(x, y)
+    assert got.dtype == torch.float32 and got.shape == (2,)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got, expected)
+
+
+def test_lpips_of_half_precision_inputs_is_float32_and_differentiable(random_lpips):
+    x = (torch.rand(1, 3, 8, 8) * 2 - 1).bfloat16().requires_grad_(True)
+    y = torch.rand(1, 3, 8, 8) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = random_lpips(x, y)
+    d.sum().backward()
+    assert d.dtype == torch.float32 and x.grad is not None and torch.isfinite(x.grad).all()

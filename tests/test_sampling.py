@@ -11,6 +11,7 @@ from cm.sampling import (
     heun_step,
     karras_sample,
     karras_sigma,
+    make_denoiser,
     sample_dpm,
     sample_euler,
     sample_heun,
@@ -168,3 +169,135 @@ def test_bad_sampler_arguments(kwargs, needle):
 def test_unknown_generator():
     with pytest.raises(ValueError, match="unknown generator 'seeded'"):
         get_generator("seeded")
+
+
+# ----- the reference's noise-drawing order, replayed ----------------------------------------------
+# The replay below is written from openai/consistency_models' cm/karras_diffusion.py: float32 Karras grid
+# from linspace, x_T = generator.randn(shape) * sigma_max, and each sampler's loop with its draws where the
+# reference makes them (heun / dpm: churn noise at every step, also when gamma is 0; euler_ancestral: at every
+# step, the last included; multistep: after every denoising, the last included).
+
+
+class CountingGenerator:
+    """Wraps a cm.random_util generator and counts its draws."""
+
+    def __init__(self, inner):
+        self.inner, self.draws = inner, 0
+
+    def randn(self, *size, **kwargs):
+        self.draws += 1
+        return self.inner.randn(*size, **kwargs)
+
+    def randn_like(self, tensor):
+        self.draws += 1
+        return self.inner.randn_like(tensor)
+
+
+def replay_grid(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    ramp = torch.linspace(0, 1, n)
+    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def replay_churn_sampler(D, x, sigmas, g, midpoint, s_churn, s_tmin, s_tmax, s_noise):
+    ones = x.new_ones([x.shape[0]])
+    n = len(sigmas) - 1
+    for i in range(n):
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        eps = g.randn_like(x) * s_noise
+        s_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            x = x + eps * (s_hat**2 - sigmas[i] ** 2) ** 0.5
+        d = (x - D(x, s_hat * ones)) / s_hat
+        if midpoint:
+            s_mid = ((s_hat ** (1 / 3) + sigmas[i + 1] ** (1 / 3)) / 2) ** 3
+            x_2 = x + d * (s_mid - s_hat)
+            x = x + (x_2 - D(x_2, s_mid * ones)) / s_mid * (sigmas[i + 1] - s_hat)
+        elif sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - s_hat)
+        else:
+            x_2 = x + d * (sigmas[i + 1] - s_hat)
+            d_2 = (x_2 - D(x_2, sigmas[i + 1] * ones)) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * (sigmas[i + 1] - s_hat)
+    return x
+
+
+def replay_ancestral(D, x, sigmas, g):
+    ones = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+        down = (s_next**2 - up**2) ** 0.5
+        x = x + (x - D(x, s * ones)) / s * (down - s)
+        x = x + g.randn_like(x) * up
+    return x
+
+
+def replay_euler(D, x, sigmas):
+    ones = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        x = x + (x - D(x, sigmas[i] * ones)) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def replay_multistep(D, x, g, ts, steps, t_min=0.002, t_max=80.0, rho=7.0):
+    ones = x.new_ones([x.shape[0]])
+    hi, lo = t_max ** (1 / rho), t_min ** (1 / rho)
+    for i in range(len(ts) - 1):
+        t = (hi + ts[i] / (steps - 1) * (lo - hi)) ** rho
+        x0 = D(x, t * ones)
+        t_next = min(max((hi + ts[i + 1] / (steps - 1) * (lo - hi)) ** rho, t_min), t_max)
+        x = x0 + g.randn_like(x) * math.sqrt(t_next**2 - t_min**2)
+    return x
+
+
+def replay_karras_sample(diffusion, model, shape, steps, sampler, g, ts=None, **churn):
+    D = make_denoiser(diffusion, model)
+    sigmas = replay_grid(steps + 1 if sampler == "progdist" else steps)
+    x = g.randn(*shape) * 80.0
+    if sampler in ("heun", "dpm"):
+        x = replay_churn_sampler(D, x, sigmas, g, sampler == "dpm", **churn)
+    elif sampler == "ancestral":
+        x = replay_ancestral(D, x, sigmas, g)
+    elif sampler == "euler":
+        x = replay_euler(D, x, sigmas)
+    elif sampler == "progdist":
+        x = replay_euler(D, x, sigmas[:-1])
+    elif sampler == "onestep":
+        x = D(x, sigmas[0] * x.new_ones([x.shape[0]]))
+    else:
+        x = replay_multistep(D, x, g, ts, steps)
+    return x.clamp(-1, 1)
+
+
+CHURN_OFF = dict(s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0)
+CHURN_WINDOW = dict(s_churn=3.0, s_tmin=0.05, s_tmax=10.0, s_noise=1.003)  # gamma > 0 only inside the window
+
+
+@pytest.mark.parametrize(
+    "sampler, churn",
+    [
+        ("heun", CHURN_OFF),
+        ("heun", CHURN_WINDOW),
+        ("dpm", CHURN_OFF),
+        ("dpm", CHURN_WINDOW),
+        ("ancestral", {}),
+        ("euler", {}),
+        ("progdist", {}),
+        ("onestep", {}),
+        ("multistep", {}),
+    ],
+)
+def test_seeded_samples_and_generator_state_equal_the_reference(sampler, churn):
+    """Same generator -> same images as the reference, and the generator is left where the reference leaves it
+    (the next batch's noise is the reference's too)."""
+    model, diffusion = make(distillation=sampler in ("onestep", "multistep"))
+    steps, ts = 6, ((0, 2, 5) if sampler == "multistep" else None)
+    ours_g = CountingGenerator(get_generator("determ", 2, 11))
+    ref_g = CountingGenerator(get_generator("determ", 2, 11))
+    ours = karras_sample(diffusion, model, (2, 3, 8, 8), steps=steps, sampler=sampler, generator=ours_g, ts=ts, **churn)
+    with torch.no_grad():
+        ref = replay_karras_sample(diffusion, model, (2, 3, 8, 8), steps, sampler, ref_g, ts=ts, **churn)
+    assert ours_g.draws == ref_g.draws
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0), (ours - ref).abs().max()
+    assert torch.equal(ours_g.randn(2, 3), ref_g.randn(2, 3))

@@ -1,7 +1,6 @@
 """scripts/image_sample.py and scripts/ternary_search.py on tiny 8-px models: npz format, determinism over batch
 sizes and ranks, mpiexec, the ternary search itself, and one-line errors for bad input."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,16 +13,9 @@ import torch
 from cm.image_util import image_grid, rank_batches, to_uint8
 from cm.train_cli import main as train_main
 
-from helpers import TINY_MODEL, tiny_argv, tiny_model_and_diffusion
+from helpers import TINY_MODEL, load_script, tiny_argv, tiny_model_and_diffusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 image_sample = load_script("image_sample")
@@ -194,13 +186,14 @@ def test_config_file_supplies_flags_and_the_command_line_wins(tmp_path, class_co
     config.write_text("\n".join(lines) + "\n")
     path = image_sample.main(["--config", str(config), "--sampler", "onestep", "--log_dir", str(tmp_path)])
     assert os.path.basename(path) == "samples_4x8x8x3.npz"
-    assert json.loads((tmp_path / "sample_config.json").read_text())["sampler"] == "onestep"
+    assert json.loads((tmp_path / "sample_config.json").read_text())["sample"]["sampler"] == "onestep"
 
 
 def test_dry_run_prints_the_configuration(capsys):
     assert image_sample.main(["--dry_run", "true", "--sampler", "onestep", "--seed", "3"]) is None
     config = json.loads(capsys.readouterr().out)
-    assert config["sampler"] == "onestep" and config["seed"] == 3 and config["generator"] == "determ"
+    assert config["sample"]["sampler"] == "onestep" and config["run"]["seed"] == 3
+    assert config["sample"]["generator"] == "determ" and config["denoiser"]["distillation"] is False
 
 
 # ----- ternary search ----------------------------------------------------------------------------

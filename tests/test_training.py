@@ -211,14 +211,14 @@ def test_fp16_inf_gradient_skips_the_step_and_lowers_the_loss_scale():
         trainer.backward(model(torch.randn(4, 3)).sum())
         model.weight.grad[0, 0] = float("inf")
         scale = float(trainer.lg_loss_scale)
-        found_inf = trainer.optimize(opt)
-        assert float(found_inf) == 1.0
+        took_step = trainer.optimize(opt)  # the reference's meaning: False for a skipped step
+        assert not took_step and float(trainer.found_inf) == 1.0
         assert float(trainer.lg_loss_scale) == scale - 1
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         # a good step afterwards moves the weights and grows the scale by fp16_scale_growth
         trainer.zero_grad()
         trainer.backward(model(torch.randn(4, 3)).sum())
-        assert float(trainer.optimize(opt)) == 0.0
+        assert trainer.optimize(opt) and float(trainer.found_inf) == 0.0
         assert float(trainer.lg_loss_scale) == pytest.approx(scale - 1 + 1e-3)
         assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -79,23 +79,72 @@ def test_save_load_round_trip_is_bit_equal():
 
 def test_the_two_qkv_layouts_compute_the_same_function_after_permutation():
     flash = randomize(tiny(num_head_channels=8), seed=3).eval()
-    legacy = tiny(num_head_channels=8, attention_type="legacy").eval()
-    legacy.load_state_dict(convert_qkv_layout(flash.state_dict(), attention_heads(flash), "legacy"))
+    guided = tiny(num_head_channels=8, attention_type="guided").eval()
+    guided.load_state_dict(convert_qkv_layout(flash.state_dict(), attention_heads(flash), "guided"))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 200.0])
-    assert torch.allclose(flash(x, t), legacy(x, t), atol=1e-5)
+    assert torch.allclose(flash(x, t), guided(x, t), atol=1e-5)
     # without the permutation the functions differ (the layouts really are different)
-    legacy.load_state_dict(flash.state_dict())
-    assert not torch.allclose(flash(x, t), legacy(x, t), atol=1e-3)
-    back = convert_qkv_layout(convert_qkv_layout(flash.state_dict(), attention_heads(flash), "legacy"), attention_heads(flash), "flash")
+    guided.load_state_dict(flash.state_dict())
+    assert not torch.allclose(flash(x, t), guided(x, t), atol=1e-3)
+    heads = attention_heads(flash)
+    back = convert_qkv_layout(convert_qkv_layout(flash.state_dict(), heads, "guided"), heads, "flash")
     assert all(torch.equal(back[k], v) for k, v in flash.state_dict().items())
+
+
+def test_legacy_reads_the_flash_layout_like_the_reference():
+    flash = randomize(tiny(num_head_channels=8), seed=6).eval()
+    legacy = tiny(num_head_channels=8, attention_type="legacy").eval()
+    legacy.load_state_dict(flash.state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 200.0])
+    assert torch.equal(flash(x, t), legacy(x, t))
 
 
 def test_new_attention_order_uses_the_flash_layout():
     a = randomize(tiny(), seed=5).eval()
-    b = tiny(attention_type="legacy", use_new_attention_order=True).eval()
+    b = tiny(attention_type="guided", use_new_attention_order=True).eval()
     b.load_state_dict(a.state_dict())
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10.0])
     assert torch.allclose(a(x, t), b(x, t), atol=1e-6)
+
+
+def _fixture_model(data, name, attention_type):
+    cfg = json.loads(str(data[f"{name}_config"]))
+    model = UNetModel(**cfg, attention_type=attention_type).eval()
+    g = torch.Generator().manual_seed(1234)
+    sd = model.state_dict()
+    sd = {k: torch.randn(sd[k].shape, generator=g) * 0.1 for k in sorted(sd)}
+    if attention_type == "guided":
+        sd = convert_qkv_layout(sd, attention_heads(model), "guided")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("attention_type", ["legacy", "guided"])
+@pytest.mark.parametrize("name", ["cond16", "uncond8"])
+def test_legacy_attention_equals_the_reference_legacy_path(name, attention_type):
+    """tests/data/reference_legacy_attention.npz holds outputs of the reference's UNetModel with its
+    AttentionBlock default set to "legacy" (QKVAttentionLegacy), made by make_legacy_attention_fixture.py:
+    out_fp16 as the reference computes it (q, k, v cast to float16), out_fp32 without that cast. Our
+    "legacy" reads the same weights; "guided" reads them after convert_qkv_layout."""
+    data = np.load(os.path.join(DATA, "reference_legacy_attention.npz"))
+    model = _fixture_model(data, name, attention_type)
+    x, t = torch.from_numpy(data[f"{name}_x"]), torch.from_numpy(data[f"{name}_t"])
+    y = torch.from_numpy(data[f"{name}_y"]) if f"{name}_y" in data else None
+    with torch.no_grad():
+        out = model(x, t, y)
+    for kind in ("fp32", "fp16"):
+        expected = torch.from_numpy(data[f"{name}_out_{kind}"])
+        assert torch.allclose(out, expected, atol=1e-4, rtol=0), (kind, (out - expected).abs().max())
+
+
+def test_guided_order_without_permutation_is_not_the_reference_legacy():
+    data = np.load(os.path.join(DATA, "reference_legacy_attention.npz"))
+    model = _fixture_model(data, "uncond8", "legacy")
+    wrong = UNetModel(**json.loads(str(data["uncond8_config"])), attention_type="guided").eval()
+    wrong.load_state_dict(model.state_dict())
+    x, t = torch.from_numpy(data["uncond8_x"]), torch.from_numpy(data["uncond8_t"])
+    with torch.no_grad():
+        assert not torch.allclose(wrong(x, t), torch.from_numpy(data["uncond8_out_fp32"]), atol=1e-3)
 
 
 def test_outputs_equal_the_reference_implementation():
@@ -209,3 +258,18 @@ def test_class_labels_must_match_the_model():
     model = tiny(num_classes=3)
     with pytest.raises(ValueError, match="class-conditional"):
         model(torch.randn(1, 3, 16, 16), torch.zeros(1))
+
+
+def test_a_use_fp16_network_runs_outside_the_trainer():
+    """The reference casts the input to self.dtype (float16 for use_fp16), so its network fails until
+    convert_to_fp16; here the input follows the body's weights: float32 before, float16 after."""
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 50.0])
+    plain = randomize(tiny(), seed=7).eval()
+    model = tiny(use_fp16=True).eval()
+    model.load_state_dict(plain.state_dict())
+    assert model.dtype == torch.float16
+    out = model(x, t)
+    assert out.dtype == torch.float32 and torch.equal(out, plain(x, t))
+    model.convert_to_fp16()
+    half = model(x, t)
+    assert half.dtype == torch.float32 and (half - out).abs().max() < 0.05 * out.abs().max() + 0.05

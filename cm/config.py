@@ -1,0 +1,136 @@
+"""Resolve, then build: parsed flags -> the whole configuration of a run, grouped by the object each part builds.
+
+`resolve_training_config` is a pure function of the flag values and the number of ranks. Its result holds
+what is given (flag values, under the keyword names of the objects they build) and what is decided
+(the consistency-model scalings, how the student starts, the teacher's mode, the batch of each rank).
+`--dry_run` prints it, the run stores it in config.json and in every checkpoint, and a resumed run compares
+it with the stored one. cm.train_cli.build_loop builds the objects from it.
+"""
+
+import json
+
+from .flags import FLAGS
+from .training_modes import get_training_mode
+
+LEARN_SIGMA_ERROR = (
+    "learn_sigma true gives the network 6 output channels, which no loss or sampler of these models uses "
+    "(the reference's denoiser fails on them); leave --learn_sigma false"
+)
+
+
+def group_values(flags, group, drop=()):
+    """{flag name: value} of the flags of `group` present in `flags`, less the names in `drop`."""
+    return {name: flags[name] for name, flag in FLAGS.items() if flag.group == group and name in flags and name not in drop}
+
+
+def as_flags(args):
+    """An argparse namespace (or a dict of flag values) as a plain dict."""
+    return dict(args) if isinstance(args, dict) else dict(vars(args))
+
+
+def resolve_model_config(args):
+    """{"training_mode", "network", "denoiser"}: how to build the network and its KarrasDenoiser from flags."""
+    flags = as_flags(args)
+    mode = get_training_mode(flags["training_mode"])
+    network = group_values(flags, "network")
+    if network.get("learn_sigma"):
+        raise ValueError(LEARN_SIGMA_ERROR)
+    denoiser = group_values(flags, "denoiser")
+    denoiser["distillation"] = mode.boundary_condition
+    return {"training_mode": mode.name, "network": network, "denoiser": denoiser}
+
+
+def per_rank_batch(batch_size, global_batch_size, world_size):
+    """Images per step on each rank: batch_size when positive, else global_batch_size // world_size (the
+    reference's rounding down; at least 1)."""
+    if batch_size > 0:
+        return batch_size
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive when batch_size is -1, got {global_batch_size}")
+    return max(1, global_batch_size // world_size)
+
+
+def resolve_teacher(flags, mode, network):
+    """The teacher's configuration (None without one) and whether the student starts from its weights."""
+    path = flags.get("teacher_model_path", "")
+    choice = flags.get("init_from_teacher", "auto")
+    init_student = bool(path) if choice == "auto" else choice == "true"
+    if mode.teacher == "required" and not path:
+        raise ValueError(f"training_mode {mode.name} needs --teacher_model_path (an EDM checkpoint)")
+    if mode.teacher == "none" and path:
+        raise ValueError(
+            f"training_mode {mode.name} takes no teacher; to start from a checkpoint pass --resume_checkpoint"
+        )
+    if init_student and not path:
+        raise ValueError("--init_from_teacher true needs --teacher_model_path")
+    if not path:
+        return None, False
+    stochastic = bool(flags.get("teacher_stochastic", False))
+    teacher = {
+        "model_path": path,
+        "in_loss": mode.teacher_in_loss,
+        "solver": flags.get("teacher_solver", "heun"),
+        "stochastic": stochastic,
+        "network": {**network, "dropout": flags.get("teacher_dropout", 0.0)},
+    }
+    return teacher, init_student
+
+
+def resolve_schedule(flags, mode):
+    """The schedule of the mode: mu(k) / N(k) arguments, or the EDM noise-level sampler's name."""
+    if mode.schedule == "schedule_sampler":
+        return group_values(flags, "schedule_sampler")
+    schedule = group_values(flags, "schedule")
+    schedule["total_steps"] = flags["total_training_steps"]
+    return schedule
+
+
+def resolve_training_config(args, world_size=1):
+    """Flags (after --config) and the number of ranks -> the resolved, grouped training configuration.
+
+    Groups: network, denoiser, schedule, teacher (None without one), optimizer, loop, data, run, plus the
+    decisions training_mode and student_init ("teacher" or "random").
+    """
+    flags = as_flags(args)
+    model = resolve_model_config(flags)
+    mode = get_training_mode(model["training_mode"])
+    network = model["network"]
+    teacher, init_student = resolve_teacher(flags, mode, network)
+    batch_size = per_rank_batch(flags["batch_size"], flags["global_batch_size"], world_size)
+    loop = group_values(flags, "loop", drop=("max_minutes",))
+    loop.update(batch_size=batch_size, use_fp16=network["use_fp16"], time_limit=60.0 * flags["max_minutes"])
+    data = group_values(flags, "data")
+    data.update(batch_size=batch_size, image_size=network["image_size"], class_cond=network["class_cond"],
+                seed=flags["seed"])
+    run = group_values(flags, "run", drop=("training_mode", "dry_run"))
+    run["world_size"] = world_size
+    return {
+        "training_mode": mode.name,
+        "student_init": "teacher" if init_student else "random",
+        "network": network,
+        "denoiser": model["denoiser"],
+        "schedule": resolve_schedule(flags, mode),
+        "teacher": teacher,
+        "optimizer": group_values(flags, "optimizer"),
+        "loop": loop,
+        "data": data,
+        "run": run,
+    }
+
+
+def resolve_script_config(args, script_groups):
+    """Sampling-type scripts: the model's configuration plus the script's own flag groups and the run group."""
+    flags = as_flags(args)
+    config = resolve_model_config(flags)
+    for group in script_groups:
+        config[group] = group_values(flags, group)
+    config["run"] = group_values(flags, "run", drop=("training_mode", "dry_run"))
+    for name in ("use_bf16", "channels_last"):
+        if name in flags:
+            config["run"][name] = flags[name]
+    return config
+
+
+def config_to_json(config):
+    """The configuration as indented JSON (for --dry_run, config.json and checkpoints)."""
+    return json.dumps(config, indent=2, sort_keys=True, default=str)

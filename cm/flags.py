@@ -1,0 +1,291 @@
+"""The table of command-line flags: every flag once, with its default, help text, allowed values and the
+object it configures.
+
+Groups name the object a flag builds, and a flag's name is that object's keyword (or the group says how
+it is turned into one in cm.config):
+  network           cm.script_util.create_model(**network)
+  denoiser          KarrasDenoiser(**denoiser)
+  schedule          cm.schedules.create_ema_and_scales_fn(**schedule)     (consistency modes)
+  schedule_sampler  cm.resample.create_named_schedule_sampler             (EDM)
+  teacher           the teacher network and how the student starts
+  optimizer, loop   TrainLoop / CMTrainLoop(**optimizer, **loop)
+  data              cm.image_datasets.load_data(**data)
+  run               processes, devices, seeds and output
+  sample, edit, search   the sampling, editing and ternary-search scripts
+
+The reference's `*_defaults()` dicts (cm.script_util) and every script's parser are made from this table;
+a script may give some flags other defaults (SCRIPT_DEFAULTS), never other meanings.
+"""
+
+from dataclasses import dataclass
+
+from .editing import TASKS
+from .karras_diffusion import INDEX_SAMPLERS, TEACHER_SOLVERS, WEIGHT_SCHEDULES
+from .metrics import LOSS_NORMS
+from .random_util import GENERATORS
+from .sampling import SAMPLER_NAMES
+from .schedules import SCALE_MODES, TARGET_EMA_MODES
+from .training_modes import TRAINING_MODES
+from .unet import ATTENTION_TYPES
+
+MODEL_TYPES = ("adm", "ncsnpp")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("radam", "adam", "adamw")
+NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag.
+
+    :param name: the flag (--name) and the keyword of the object it builds.
+    :param default: default value; its type is the flag's type (bools parse yes/no, true/false, 1/0).
+    :param group: the object the flag configures (see the module docstring).
+    :param help: one line for --help.
+    :param choices: allowed values of an enum flag.
+    :param affects_result: False for flags that change how a run is watched or stored, not what it computes
+        (a resumed run may change them freely).
+    """
+
+    name: str
+    default: object
+    group: str
+    help: str
+    choices: tuple = None
+    affects_result: bool = True
+
+
+def _flags(group, *rows, affects_result=True):
+    return [Flag(name, default, group, help, choices, affects_result) for name, default, help, choices in rows]
+
+
+_NCSNPP = "NCSN++ only: "
+
+FLAGS = {
+    flag.name: flag
+    for flag in [
+        *_flags(
+            "network",
+            ("model_type", "adm", "network family: adm (ADM UNet) or ncsnpp (NCSN++)", MODEL_TYPES),
+            ("image_size", 64, "image resolution in pixels (square)", None),
+            ("num_channels", 128, "base width of the network", None),
+            ("num_res_blocks", 2, "residual blocks per resolution level", None),
+            ("num_heads", 4, "attention heads (when num_head_channels is -1)", None),
+            ("num_heads_upsample", -1, "attention heads in the decoder (-1: num_heads)", None),
+            ("num_head_channels", -1, "channels per attention head (-1: use num_heads)", None),
+            ("attention_resolutions", "32,16,8", "comma list of resolutions (pixels) with self-attention, e.g. 32,16,8", None),
+            ("channel_mult", "", "comma list of width multipliers per level ('' picks the reference's for image_size)", None),
+            ("dropout", 0.0, "dropout probability in residual blocks", None),
+            ("class_cond", False, "class-conditional model (labels from file names or the dataset)", None),
+            ("num_classes", NUM_CLASSES, "number of classes when class_cond", None),
+            ("use_checkpoint", False, "gradient checkpointing (less memory, more compute)", None),
+            ("use_scale_shift_norm", True, "FiLM-style scale/shift conditioning in residual blocks", None),
+            ("resblock_updown", False, "residual blocks for up/downsampling", None),
+            ("use_fp16", False, "float16 network body with fp32 master weights and dynamic loss scaling", None),
+            ("use_new_attention_order", False, "(three, heads, dim) qkv layout regardless of attention_type", None),
+            ("attention_type", "flash", "qkv channel layout: flash or legacy (the reference's two; released "
+             "checkpoints) or guided (guided-diffusion's heads-first order); always SDPA", ATTENTION_TYPES),
+            ("learn_sigma", False, "output 6 channels (kept for checkpoint compatibility; the extra 3 are unused)", None),
+            ("fir", True, _NCSNPP + "FIR-filtered up/downsampling", None),
+            ("fir_kernel", "1,3,3,1", _NCSNPP + "FIR kernel taps, comma list", None),
+            ("skip_rescale", True, _NCSNPP + "scale skip connections by 1/sqrt(2)", None),
+            ("resblock_type", "biggan", _NCSNPP + "residual block type", ("biggan", "ddpm")),
+            ("progressive", "none", _NCSNPP + "progressive output path", ("none", "output_skip", "residual")),
+            ("progressive_input", "residual", _NCSNPP + "progressive input path", ("none", "input_skip", "residual")),
+            ("progressive_combine", "sum", _NCSNPP + "how progressive paths are merged", ("sum", "cat")),
+            ("embedding_type", "fourier", _NCSNPP + "noise-level embedding", ("fourier", "positional")),
+            ("fourier_scale", 16.0, _NCSNPP + "scale of the Gaussian Fourier embedding", None),
+            ("init_scale", 0.0, _NCSNPP + "scale of the final layers' initialisation (0: 1e-10, as score_sde)", None),
+            ("resamp_with_conv", True, _NCSNPP + "learned convolution in up/downsampling", None),
+        ),
+        *_flags(
+            "denoiser",
+            ("sigma_min", 0.002, "smallest noise level eps (boundary condition of the consistency function)", None),
+            ("sigma_max", 80.0, "largest noise level T", None),
+            ("weight_schedule", "karras", "loss weighting lambda(sigma); ict = 1/(t_n - t_(n+1))", WEIGHT_SCHEDULES),
+            ("loss_norm", "lpips", "distance d(x, y) of the consistency / progdist loss", LOSS_NORMS),
+            ("index_sampler", "uniform", "how the grid index n is drawn: uniform (CM) or lognormal (iCT)", INDEX_SAMPLERS),
+            ("p_mean", -1.1, "lognormal index sampler mean of log sigma (iCT: -1.1)", None),
+            ("p_std", 2.0, "lognormal index sampler std of log sigma (iCT: 2.0)", None),
+            ("lpips_vgg_path", "", "local torchvision VGG16 weights for LPIPS (or set CM_LPIPS_VGG_PATH)", None),
+        ),
+        *_flags(
+            "schedule",
+            ("target_ema_mode", "fixed", "target network EMA: fixed (start_ema) or adaptive mu(k)", TARGET_EMA_MODES),
+            ("scale_mode", "fixed", "discretisation N(k): fixed, progressive (CM), exponential (iCT), progdist (halving)", SCALE_MODES),
+            ("start_ema", 0.0, "mu0: target EMA decay (0: stop-gradient of the online network, iCT)", None),
+            ("start_scales", 40, "s0: initial number of discretisation points N", None),
+            ("end_scales", 40, "s1: final N for progressive / exponential schedules", None),
+            ("distill_steps_per_iter", 50000, "progdist: steps before N halves", None),
+        ),
+        *_flags(
+            "schedule_sampler",
+            ("schedule_sampler", "lognormal", "EDM noise-level distribution (lognormal: P_mean -1.2, P_std 1.2)", ("lognormal", "uniform")),
+        ),
+        *_flags(
+            "teacher",
+            ("teacher_model_path", "", "EDM teacher checkpoint (consistency_distillation, progdist; with other modes it "
+             "initialises the student, as the reference)", None),
+            ("teacher_dropout", 0.1, "dropout of the teacher network (takes effect only with --teacher_stochastic true)", None),
+            ("teacher_stochastic", False, "run the teacher in train mode, its dropout active (the reference ran it in "
+             "eval mode)", None),
+            ("teacher_solver", "heun", "ODE solver for the teacher step in consistency distillation", TEACHER_SOLVERS),
+            ("init_from_teacher", "auto", "initialise the student (and target) from the teacher: auto = yes whenever "
+             "--teacher_model_path is given (the reference's behaviour)", ("auto", "true", "false")),
+        ),
+        *_flags(
+            "optimizer",
+            ("optimizer", "radam", "radam (the reference's), adam or adamw (fused)", OPTIMIZERS),
+            ("lr", 1e-4, "learning rate", None),
+            ("weight_decay", 0.0, "optimizer weight decay", None),
+            ("lr_anneal_steps", 0, "anneal lr linearly to 0 over this many steps (0: constant)", None),
+            ("lr_warmup_steps", 0, "raise lr linearly over the first steps (0: no warm-up)", None),
+        ),
+        *_flags(
+            "loop",
+            ("total_training_steps", 600000, "training steps K: schedules span K and training stops there "
+             "(0: until interrupted)", None),
+            ("microbatch", -1, "images per forward/backward, gradients accumulated (-1: whole batch)", None),
+            ("ema_rate", "0.9999", "comma list of EMA decays of the saved EMA models", None),
+            ("fp16_scale_growth", 1e-3, "increase of lg_loss_scale per good fp16 step", None),
+            ("use_bf16", False, "bfloat16 autocast (training) or a bfloat16 network body (sampling)", None),
+            ("channels_last", True, "channels_last memory format for images and networks", None),
+        ),
+        *_flags(
+            "loop",
+            ("log_interval", 10, "steps between log lines", None),
+            ("save_interval", 10000, "steps between checkpoints (-1: only at the end)", None),
+            ("resume_checkpoint", "", "modelNNNNNN.pt to start from when log_dir holds no checkpoint", None),
+            ("max_minutes", 0.0, "checkpoint and stop after this many minutes of training (0: no limit)", None),
+            affects_result=False,
+        ),
+        *_flags(
+            "data",
+            ("data_dir", "", "image folder, .npz file (arr_0 NHWC uint8) or 'digits' (embedded scikit-learn digits)", None),
+            ("random_flip", True, "random horizontal flips", None),
+            ("on_bad_image", "skip", "unreadable image: skip (with a warning naming it) or error", ("skip", "error")),
+        ),
+        *_flags(
+            "run",
+            ("training_mode", "consistency_distillation", "what the model is (or was) trained as; consistency modes "
+             "use the boundary-condition scalings", TRAINING_MODES),
+            ("global_batch_size", 2048, "images per step over all ranks (used when batch_size is -1)", None),
+            ("batch_size", -1, "images per step (training; -1: global_batch_size / ranks) or per forward pass "
+             "(sampling) on each rank", None),
+            ("seed", 0, "random seed (same seed and flags give the same run)", None),
+        ),
+        *_flags(
+            "run",
+            ("log_dir", "", "directory for logs, checkpoints and outputs (default OPENAI_LOGDIR, else a new temp dir); "
+             "training reruns resume from it", None),
+            ("device", "auto", "auto (GPU of this rank if any), cpu or cuda", DEVICES),
+            ("dry_run", False, "print the resolved configuration as JSON and exit", None),
+            affects_result=False,
+        ),
+        *_flags(
+            "sample",
+            ("model_path", "", "checkpoint to sample from: a state dict saved by training (modelNNNNNN.pt, "
+             "ema_RATE_NNNNNN.pt) or a released one", None),
+            ("generator", "determ", "noise source: dummy (global RNG), determ (one seeded stream), determ-indiv (one "
+             "stream per sample); determ and determ-indiv make sample k depend only on the seed and k", GENERATORS),
+            ("clip_denoised", True, "clamp every denoised estimate to [-1, 1]", None),
+            ("num_samples", 10000, "images to generate over all ranks (image_edit interpolate: noise pairs; "
+             "ternary_search: images per probe)", None),
+            ("sampler", "heun", "onestep / multistep: consistency models (multistep needs --ts); heun, euler, "
+             "euler_ancestral, dpm: EDM solvers over a --steps grid; progdist: progressive-distillation models",
+             SAMPLER_NAMES),
+            ("s_churn", 0.0, "EDM stochasticity S_churn (heun, dpm)", None),
+            ("s_tmin", 0.0, "EDM S_tmin: churn only for sigma >= s_tmin", None),
+            ("s_tmax", float("inf"), "EDM S_tmax: churn only for sigma <= s_tmax", None),
+            ("s_noise", 1.0, "EDM S_noise: scale of the churn noise", None),
+            ("steps", 40, "size N of the Karras noise grid (multistep, editing and search: the grid the indices refer to)", None),
+            ("ts", "", "increasing grid indices, e.g. 0,22,39 for 2 steps on a 40-point grid (multistep; editing: "
+             "the editing levels t_1 > t_2 > ..., the last index only closing the grid)", None),
+            ("grid", "", "PNG grid of the first 64 samples: '' = samples_grid.png in the log dir, 'none' = no grid, "
+             "else a path", None),
+        ),
+        *_flags(
+            "edit",
+            ("task", "inpaint", "what to do: inpaint, colorize, superres, interpolate (noise to noise), stroke (SDEdit "
+             "from a stroke painting), denoise", TASKS),
+            ("input", "", "images to edit: comma list of files or an .npz (arr_0 uint8 NHWC); center-cropped to "
+             "image_size", None),
+            ("mask", "box", "inpaint: box (centre square), half (right half), strokes (random lines, from --seed) or a "
+             "mask image of image_size, white (>= 128) = pixels to generate", None),
+            ("factor", 4, "superres: scale factor f (divides image_size); the input may be full-size or image_size / f", None),
+            ("sigma", -1.0, "stroke and denoise: starting noise level (-1: stroke 5.0, denoise 0.3)", None),
+            ("add_noise", True, "denoise: first add N(0, sigma^2) noise to the input (false: the input already carries it)", None),
+            ("num_frames", 8, "interpolate: frames per noise pair, both ends included", None),
+            ("class_label", -1, "class-conditional models: the label of every image (-1: drawn from the generator)", None),
+        ),
+        *_flags(
+            "search",
+            ("begin", "0", "grid indices before the searched one, comma list (2 steps: 0; 3 steps: 0,p1)", None),
+            ("end", "39", "grid indices after the searched one, comma list (usually steps - 1)", None),
+            ("ref_batch", "", "FID reference batch .npz (arr_0 images or mu/sigma statistics, as the evaluator reads)", None),
+            ("metric", "auto", "score of a probe: fid (against --ref_batch), digits (digits-FID, models of the embedded "
+             "digits), auto (fid when --ref_batch is given, else digits)", ("auto", "fid", "digits")),
+            ("inception_weights", "", "FID Inception weights file (default $CM_INCEPTION_WEIGHTS, then the torch hub cache)", None),
+        ),
+    ]
+}
+
+
+def names_in(*groups):
+    """Flag names of the given groups, in table order."""
+    return tuple(name for name, flag in FLAGS.items() if flag.group in groups)
+
+
+NCSNPP_FLAGS = tuple(name for name, flag in FLAGS.items() if flag.help.startswith(_NCSNPP))
+
+# the reference's defaults dicts (cm.script_util), by flag name
+MODEL_AND_DIFFUSION_FLAGS = ("sigma_min", "sigma_max", "weight_schedule") + names_in("network")
+CM_TRAIN_FLAGS = ("training_mode", "total_training_steps", "loss_norm", "index_sampler", "p_mean", "p_std",
+                  "lpips_vgg_path") + names_in("teacher", "schedule")
+TRAIN_FLAGS = tuple(
+    name for name in names_in("data", "schedule_sampler", "optimizer", "loop", "run")
+    if name not in CM_TRAIN_FLAGS + MODEL_AND_DIFFUSION_FLAGS
+) + ("use_fp16",)
+_SCRIPT_COMMON = ("training_mode", "model_path", "generator", "clip_denoised", "batch_size", "steps", "seed",
+                  "use_bf16", "channels_last", "log_dir", "device", "dry_run")
+
+# each script's flags (besides MODEL_AND_DIFFUSION_FLAGS) and the defaults it changes
+SCRIPT_FLAGS = {
+    "train": TRAIN_FLAGS + CM_TRAIN_FLAGS,
+    "sample": _SCRIPT_COMMON + ("num_samples", "sampler", "s_churn", "s_tmin", "s_tmax", "s_noise", "ts", "grid"),
+    "edit": _SCRIPT_COMMON + names_in("edit") + ("num_samples", "ts"),
+    "search": _SCRIPT_COMMON + names_in("search") + ("num_samples",),
+}
+SCRIPT_DEFAULTS = {
+    "train": {},
+    "sample": dict(training_mode="edm", batch_size=16),
+    "edit": dict(batch_size=16, generator="determ-indiv", num_samples=1, ts="0,5,10,15,20,25,30,35,39"),
+    "search": dict(batch_size=64, num_samples=500),
+}
+
+
+def defaults_of(names, overrides=None):
+    """{name: default} for the named flags, with `overrides` applied."""
+    values = {name: FLAGS[name].default for name in names}
+    values.update(overrides or {})
+    return values
+
+
+def script_defaults(script, training_mode=None):
+    """Every flag of a script with its default there (training scripts: plus the mode's own defaults)."""
+    names = SCRIPT_FLAGS[script] + MODEL_AND_DIFFUSION_FLAGS
+    overrides = dict(SCRIPT_DEFAULTS[script])
+    if training_mode is not None:
+        overrides["training_mode"] = training_mode
+        overrides.update(TRAINING_MODES[training_mode].flag_defaults)
+    return defaults_of(names, overrides)
+
+
+def flag_help():
+    """{name: help text} of every flag."""
+    return {name: flag.help for name, flag in FLAGS.items()}
+
+
+def flag_choices():
+    """{name: allowed values} of the enum flags."""
+    return {name: flag.choices for name, flag in FLAGS.items() if flag.choices is not None}

@@ -1,0 +1,320 @@
+"""TrigFlow and continuous-time consistency models, sCT and sCD (sCM: Lu & Song 2024, "Simplifying, stabilizing and
+scaling continuous-time consistency models").
+
+Notation (sCM Sec. 3): data x_0 with standard deviation sigma_d, noise z ~ N(0, sigma_d^2 I), time t in [0, pi/2],
+
+    x_t = cos(t) x_0 + sin(t) z,          PF-ODE  dx_t/dt = sigma_d F(x_t / sigma_d, c_noise(t)),
+    f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, c_noise(t))   (consistency model; f(x, 0) = x),
+
+where F is the network (our UNet / NCSN++ called as ``F(x_in, c_noise, **model_kwargs)``; it never preconditions).
+This is EDM's process x = x_0 + sigma eps (eps ~ N(0, I)) under sigma = sigma_d tan(t) and x_t = cos(t) x, so the
+network input x_t / sigma_d equals EDM's c_in(sigma) x. In EDM coordinates f is EDM's preconditioning with F
+negated: c_skip = sigma_d^2 / (sigma^2 + sigma_d^2), c_out = -sigma sigma_d / sqrt(sigma^2 + sigma_d^2),
+c_in = 1 / sqrt(sigma^2 + sigma_d^2), c_noise = c_noise(arctan(sigma / sigma_d)); `TrigFlowDenoiser` exposes it
+with KarrasDenoiser's `denoise` signature so cm.sampling's samplers and `karras_sample` run TrigFlow models.
+
+The sCM objective (Sec. 4.2) trains F_theta against its own stop-gradient copy F_theta- with the tangent
+g = cos(t) df_theta-/dt, normalised, under a learned adaptive weighting:
+
+    loss = exp(-u(t)) / D ||F_theta - F_theta- - g / (||g|| + c)||^2 + u(t).
+
+The time derivative of F_theta- along the trajectory is one JVP through the network (`cm.nn.network_jvp`).
+"""
+
+import torch
+import torch.nn as nn
+
+from .nn import append_dims, mean_flat, network_jvp, timestep_embedding
+from .random_util import get_generator
+
+T_MID = 1.1  # sCM's intermediate time of two-step sampling
+
+
+def _per_sample(v, x):
+    """A number, a 0-d tensor or a per-sample [B] tensor, made to broadcast over x in x's dtype."""
+    if not torch.is_tensor(v):
+        return v
+    v = v.to(device=x.device, dtype=x.dtype)
+    return append_dims(v, x.ndim) if v.ndim > 0 else v
+
+
+# ----- TrigFlow <-> EDM ----------------------------------------------------------------------------
+
+
+def sigma_to_t(sigma, sigma_data=0.5):
+    """TrigFlow time of an EDM noise level: t = arctan(sigma / sigma_d) (sCM Sec. 3)."""
+    return torch.atan(torch.as_tensor(sigma) / sigma_data)
+
+
+def t_to_sigma(t, sigma_data=0.5):
+    """EDM noise level of a TrigFlow time: sigma = sigma_d tan(t) (sCM Sec. 3)."""
+    return sigma_data * torch.tan(torch.as_tensor(t))
+
+
+def edm_to_trigflow(x, sigma, sigma_data=0.5):
+    """EDM x = x_0 + sigma eps at sigma -> (x_t, t) with x_t = cos(t) x = cos(t) x_0 + sin(t) sigma_d eps."""
+    t = sigma_to_t(sigma, sigma_data)
+    return x * _per_sample(torch.cos(t), x), t
+
+
+def trigflow_to_edm(x_t, t, sigma_data=0.5):
+    """TrigFlow (x_t, t) -> (x, sigma) with x = x_t / cos(t) = x_0 + sigma (z / sigma_d), sigma = sigma_d tan(t)."""
+    t = torch.as_tensor(t)
+    return x_t / _per_sample(torch.cos(t), x_t), t_to_sigma(t, sigma_data)
+
+
+def trigflow_c_noise(t, scale=1.0):
+    """The network's time input c_noise(t) = scale * t; sCM's identity time transformation is scale 1 (Sec. 4.1)."""
+    return t * scale
+
+
+# ----- the TrigFlow process and model --------------------------------------------------------------
+
+
+def trigflow_x_t(x_start, z, t):
+    """x_t = cos(t) x_0 + sin(t) z, z ~ N(0, sigma_d^2 I) (sCM Sec. 3)."""
+    return _per_sample(torch.cos(t), x_start) * x_start + _per_sample(torch.sin(t), x_start) * z
+
+
+def trigflow_velocity(x_start, z, t):
+    """dx_t/dt = cos(t) z - sin(t) x_0, the conditional velocity that sCT uses as the PF-ODE direction (sCM Sec. 3)."""
+    return _per_sample(torch.cos(t), z) * z - _per_sample(torch.sin(t), z) * x_start
+
+
+def trigflow_f(model_output, x_t, t, sigma_data=0.5):
+    """f(x_t, t) = cos(t) x_t - sin(t) sigma_d F (sCM Sec. 3): the consistency model, or a diffusion model's x_0."""
+    return _per_sample(torch.cos(t), x_t) * x_t - _per_sample(torch.sin(t), x_t) * sigma_data * model_output
+
+
+def output_from_denoised(x_t, t, denoised, sigma_data=0.5):
+    """The F that gives x_0 = denoised at (x_t, t): F = (cos(t) x_t - x_0) / (sigma_d sin(t)), t > 0."""
+    cos, sin = _per_sample(torch.cos(t), x_t), _per_sample(torch.sin(t), x_t)
+    return (cos * x_t - denoised) / (sigma_data * sin)
+
+
+def velocity_from_denoiser(denoiser, sigma_data=0.5):
+    """EDM denoiser D(x, sigma) -> TrigFlow PF-ODE v(x_t, t) = (cos(t) x_t - D(x_t / cos t, sigma_d tan t)) / sin t.
+
+    This is sCD's teacher: e.g. ``velocity_from_denoiser(lambda x, s: diffusion.denoise(teacher, x, s)[1])`` with
+    an EDM KarrasDenoiser. t must be positive (the lognormal proposal never draws 0).
+    """
+
+    def velocity(x_t, t):
+        x, sigma = trigflow_to_edm(x_t, t, sigma_data)
+        return sigma_data * output_from_denoised(x_t, t, denoiser(x, sigma.to(x.dtype)), sigma_data)
+
+    return velocity
+
+
+class TrigFlowDenoiser:
+    """A TrigFlow network seen in EDM coordinates: D(x, sigma) = f(cos(t) x, t), t = arctan(sigma / sigma_d).
+
+    Same `denoise` signature as KarrasDenoiser, so `cm.sampling.make_denoiser` and `karras_sample` sample
+    sCM checkpoints (samplers trigflow_onestep / trigflow_twostep) and TrigFlow diffusion models (heun, euler).
+
+    :param sigma_data: standard deviation of the data sigma_d (0.5 for images in [-1, 1]).
+    :param sigma_max: largest EDM noise level; sampling starts at t = arctan(sigma_max / sigma_d) (80: 1.56454).
+    :param sigma_min: smallest EDM noise level of the Karras grids (f(x, 0) = x holds at sigma = 0).
+    :param c_noise_scale: the network sees c_noise(t) = c_noise_scale * t (sCM: 1).
+    """
+
+    def __init__(self, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, c_noise_scale=1.0):
+        if sigma_data <= 0 or not 0 < sigma_min < sigma_max:
+            raise ValueError(
+                f"need sigma_data > 0 and 0 < sigma_min < sigma_max, got {sigma_data}, {sigma_min}, {sigma_max}"
+            )
+        self.sigma_data = sigma_data
+        self.sigma_max = sigma_max
+        self.sigma_min = sigma_min
+        self.c_noise_scale = c_noise_scale
+
+    def denoise(self, model, x, sigmas, **model_kwargs):
+        """(F's output, f(x_t, t)) for EDM x at noise levels sigmas [B]."""
+        x_t, t = edm_to_trigflow(x, sigmas.to(x.dtype), self.sigma_data)
+        model_output = model(x_t / self.sigma_data, trigflow_c_noise(t, self.c_noise_scale), **model_kwargs)
+        return model_output, trigflow_f(model_output, x_t, t, self.sigma_data)
+
+
+# ----- the sCM objective ---------------------------------------------------------------------------
+
+
+def trigflow_t_lognormal(batch_size, p_mean=-1.0, p_std=1.4, sigma_data=0.5, generator=None, device="cpu"):
+    """sCM's proposal: tau = exp(P_mean + P_std n), n ~ N(0, 1), t = arctan(tau / sigma_d); float64 [B]."""
+    n = torch.randn(batch_size, dtype=torch.float64, generator=generator).to(device)
+    return torch.atan(torch.exp(p_mean + p_std * n) / sigma_data)
+
+
+def tangent_warmup(step, warmup_steps):
+    """Tangent warm-up factor r = min(1, step / warmup_steps) on the sin(t)(x_t + sigma_d dF/dt) term (sCM Sec. 4.2)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
+
+
+def trigflow_jvp(model, x_t, t, dxt_dt, sigma_data=0.5, c_noise_scale=1.0, model_kwargs=None):
+    """(F(x_t / sigma_d, c_noise(t)), cos(t) sin(t) dF/dt) along dx_t/dt by one JVP whose tangents are scaled by
+    cos(t) sin(t) (sCM Sec. 5, "JVP rearrangement": keeps the tangent's size bounded, which bf16 needs).
+
+    The scaling is per sample, so F must treat samples independently (GroupNorm, not BatchNorm), as our networks do.
+    """
+    model_kwargs = model_kwargs or {}
+    scale = torch.cos(t) * torch.sin(t)
+
+    def network(x, s):
+        return model(x / sigma_data, trigflow_c_noise(s, c_noise_scale), **model_kwargs)
+
+    return network_jvp(network, (x_t, t), (_per_sample(scale, dxt_dt) * dxt_dt, scale))
+
+
+def scm_tangent(model_output, output_jvp, x_t, dxt_dt, t, sigma_data=0.5, warmup=1.0):
+    """g = cos(t) df/dt = -cos^2(t) (sigma_d F - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF/dt) (sCM Sec. 4.2).
+
+    `output_jvp` is cos(t) sin(t) dF/dt (`trigflow_jvp`); r = `warmup` is the tangent warm-up factor (1: the exact
+    tangent). cos(t) is the weighting w(t) = 1 / (sigma_d tan t) times the sigma_d sin(t) of f's gradient.
+    """
+    cos, sin = _per_sample(torch.cos(t), x_t), _per_sample(torch.sin(t), x_t)
+    return -cos * cos * (sigma_data * model_output - dxt_dt) - warmup * (cos * sin * x_t + sigma_data * output_jvp)
+
+
+def normalize_tangent(g, c=0.1):
+    """Tangent normalisation g / (||g||_2 + c) per sample (sCM Sec. 4.2, c = 0.1)."""
+    norm = torch.linalg.vector_norm(g, dim=tuple(range(1, g.ndim)), keepdim=True)
+    return g / (norm + c)
+
+
+class LogVarianceHead(nn.Module):
+    """The adaptive weighting's log-variance u(t) (sCM Sec. 4.2; EDM2's uncertainty head): positional embedding
+    of c_noise(t), then a linear layer to one number per sample. Starts at u = 0 (weight 1).
+
+    :param channels: width of the sinusoidal embedding.
+    :param c_noise_scale: the embedding sees c_noise_scale * t, like the network.
+    """
+
+    def __init__(self, channels=128, c_noise_scale=1.0):
+        super().__init__()
+        self.channels = channels
+        self.c_noise_scale = c_noise_scale
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t):
+        emb = timestep_embedding(trigflow_c_noise(t, self.c_noise_scale), self.channels)
+        return self.linear(emb.to(self.linear.weight.dtype))[:, 0]
+
+
+def scm_losses(
+    model,
+    x_start,
+    t=None,
+    noise=None,
+    teacher=None,
+    model_kwargs=None,
+    logvar_head=None,
+    sigma_data=0.5,
+    c_noise_scale=1.0,
+    warmup=1.0,
+    tangent_norm_c=0.1,
+    p_mean=-1.0,
+    p_std=1.4,
+    rng=None,
+):
+    """The sCM loss per sample: sCT (teacher None: dx_t/dt = cos(t) z - sin(t) x_0) or sCD (dx_t/dt = teacher(x_t, t)).
+
+    exp(-u(t)) mean((F_theta - F_theta- - g / (||g|| + c))^2) + u(t) with g = cos(t) df_theta-/dt (sCM Sec. 4.2).
+
+    :param model: the network F(x_in, c_noise, **model_kwargs); F_theta- is its stop-gradient value.
+    :param x_start: data x_0 [B, ...].
+    :param t: TrigFlow times [B] in (0, pi/2) (default: the lognormal proposal with p_mean, p_std).
+    :param noise: eps ~ N(0, I) like x_start; z = sigma_d eps (default: drawn).
+    :param teacher: sCD's PF-ODE v(x_t, t), e.g. `velocity_from_denoiser` of an EDM teacher; None for sCT.
+    :param logvar_head: the adaptive weighting's u(t) (a LogVarianceHead trained with the model), or None (u = 0).
+    :param warmup: tangent warm-up factor r in [0, 1] (`tangent_warmup(step, warmup_steps)`).
+    :param tangent_norm_c: c of the tangent normalisation (0.1); None leaves the tangent unnormalised.
+    :param rng: a cm.karras_diffusion.DeviceRNG-like snapshot helper; the JVP pass replays the online pass's dropout.
+    :return: {"loss": [B], "mse": [B] (unweighted), "logvar": [B], "t": t, "sigma": sigma_d tan(t)}.
+    """
+    from .karras_diffusion import DeviceRNG  # here: karras_diffusion imports cm.sampling, which imports this module
+
+    model_kwargs = model_kwargs or {}
+    if t is None:
+        t = trigflow_t_lognormal(x_start.shape[0], p_mean, p_std, sigma_data, device=x_start.device)
+    t = t.to(device=x_start.device, dtype=x_start.dtype)
+    noise = torch.randn_like(x_start) if noise is None else noise
+    rng = rng or DeviceRNG(x_start.device)
+
+    # noise the data to t; the PF-ODE direction from the data (sCT) or the teacher (sCD)
+    z = noise * sigma_data
+    x_t = trigflow_x_t(x_start, z, t)
+    if teacher is None:
+        dxt_dt = trigflow_velocity(x_start, z, t)
+    else:
+        with torch.no_grad():
+            dxt_dt = teacher(x_t, t).to(x_t.dtype)
+
+    # online network F_theta, remembering the dropout randomness
+    rng_state = rng.get_state()
+    model_output = model(x_t / sigma_data, trigflow_c_noise(t, c_noise_scale), **model_kwargs)
+
+    with torch.no_grad():
+        # F_theta- and its time derivative by one JVP, with the same dropout masks
+        rng.set_state(rng_state)
+        target_output, output_jvp = trigflow_jvp(model, x_t, t, dxt_dt, sigma_data, c_noise_scale, model_kwargs)
+        g = scm_tangent(target_output.to(x_t.dtype), output_jvp.to(x_t.dtype), x_t, dxt_dt, t, sigma_data, warmup)
+        if tangent_norm_c is not None:
+            g = normalize_tangent(g, tangent_norm_c)
+
+    mse = mean_flat((model_output.to(x_t.dtype) - model_output.detach().to(x_t.dtype) - g) ** 2)
+    logvar = logvar_head(t).to(mse.dtype) if logvar_head is not None else torch.zeros_like(mse)
+    loss = torch.exp(-logvar) * mse + logvar
+    return {"loss": loss, "mse": mse, "logvar": logvar, "t": t, "sigma": t_to_sigma(t, sigma_data)}
+
+
+# ----- samplers (cm.sampling's family: EDM coordinates, denoiser(x, sigma [B])) ---------------------
+
+
+def trigflow_sigmas(ts, sigma_data=0.5, device="cpu"):
+    """EDM noise levels sigma_d tan(t) of TrigFlow times `ts` (float64), e.g. (arctan(80 / 0.5), 1.1)."""
+    return t_to_sigma(torch.as_tensor(ts, dtype=torch.float64), sigma_data).to(device)
+
+
+@torch.no_grad()
+def sample_trigflow(denoiser, x, sigmas, generator=None, progress=False, callback=None):
+    """sCM few-step sampling: denoise x_0 = f(x, sigma_i), re-noise x = x_0 + sigma_(i+1) z; returns the last x_0.
+
+    TrigFlow's re-noising x_t = cos(t) x_0 + sin(t) z is exact (f(x, 0) = x), so no sigma_min is subtracted as in
+    CM Alg. 1. A trailing 0 in `sigmas` is ignored.
+    """
+    generator = generator or get_generator("dummy")
+    if sigmas[-1] == 0:
+        sigmas = sigmas[:-1]
+    sigmas = sigmas.tolist()
+    indices = range(len(sigmas))
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices)
+    for i in indices:
+        # denoise to x0
+        x0 = denoiser(x, x.new_full((x.shape[0],), sigmas[i]))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": x0})
+        # re-noise to the next level
+        if i + 1 < len(sigmas):
+            x = x0 + generator.randn_like(x) * sigmas[i + 1]
+    return x0
+
+
+@torch.no_grad()
+def sample_trigflow_onestep(denoiser, x, sigmas, generator=None, progress=False, callback=None):
+    """sCM one-step sampling x_0 = f(sigma_d z, T) with T = arctan(sigmas[0] / sigma_d), given x = sigmas[0] z."""
+    return sample_trigflow(denoiser, x, sigmas[:1], generator, progress=progress, callback=callback)
+
+
+@torch.no_grad()
+def sample_trigflow_twostep(
+    denoiser, x, sigmas, generator=None, progress=False, callback=None, t_mid=T_MID, sigma_data=0.5
+):
+    """sCM two-step sampling: f at T = arctan(sigmas[0] / sigma_d), re-noise to t_mid (sCM: 1.1), f again."""
+    levels = torch.stack([sigmas[0].to(torch.float64), trigflow_sigmas(t_mid, sigma_data, sigmas.device)])
+    return sample_trigflow(denoiser, x, levels, generator, progress=progress, callback=callback)
