@@ -80,7 +80,9 @@ def resolve_schedule(flags, mode):
     """The schedule of the mode: mu(k) / N(k) arguments, or the EDM noise-level sampler's name."""
     if mode.schedule == "schedule_sampler":
         return group_values(flags, "schedule_sampler")
-    schedule = group_values(flags, "schedule")
+    schedule = {}
+    for group in mode.schedule_groups:
+        schedule.update(group_values(flags, group))
     schedule["total_steps"] = flags["total_training_steps"]
     return schedule
 
@@ -88,8 +90,8 @@ def resolve_schedule(flags, mode):
 def resolve_training_config(args, world_size=1):
     """Flags (after --config) and the number of ranks -> the resolved, grouped training configuration.
 
-    Groups: network, denoiser, schedule, teacher (None without one), optimizer, loop, data, run, plus the
-    decisions training_mode and student_init ("teacher" or "random").
+    Groups: network, denoiser, schedule, teacher (None without one), loss (the mode's own options), optimizer,
+    loop, data, run, plus the decisions training_mode and student_init ("teacher" or "random").
     """
     flags = as_flags(args)
     model = resolve_model_config(flags)
@@ -111,6 +113,7 @@ def resolve_training_config(args, world_size=1):
         "denoiser": model["denoiser"],
         "schedule": resolve_schedule(flags, mode),
         "teacher": teacher,
+        "loss": {k: v for group in mode.loss_groups for k, v in group_values(flags, group).items()},
         "optimizer": group_values(flags, "optimizer"),
         "loop": loop,
         "data": data,

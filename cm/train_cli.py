@@ -15,7 +15,6 @@ from .config import config_to_json, resolve_training_config
 from .image_datasets import load_data
 from .karras_diffusion import KarrasDenoiser
 from .resample import create_named_schedule_sampler
-from .schedules import create_ema_and_scales_fn
 from .script_util import create_model, create_parser, load_model_checkpoint, run_script
 from .train_util import CMTrainLoop, TrainLoop
 from .training_modes import get_training_mode
@@ -149,8 +148,9 @@ def build_training(config):
             teacher_model=teacher,
             teacher_diffusion=teacher_diffusion,
             training_mode=mode.name,
-            ema_scale_fn=create_ema_and_scales_fn(**config["schedule"]),
+            ema_scale_fn=mode.schedule_fn(config["schedule"]),
             teacher_solver=config["teacher"]["solver"] if config["teacher"] else "heun",
+            loss_options=config["loss"],
             **common,
         )
     logger.log(f"training ({mode.name}) on {device}, {run_config['world_size']} rank(s), batch {batch_size} per rank")
@@ -162,7 +162,7 @@ def ema_and_scales_fn(config, total_steps=None):
     schedule = dict(config["schedule"])
     if total_steps is not None:
         schedule["total_steps"] = total_steps
-    return create_ema_and_scales_fn(**schedule)
+    return get_training_mode(config["training_mode"]).schedule_fn(schedule)
 
 
 def main(training_mode=None, argv=None):

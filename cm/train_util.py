@@ -30,7 +30,7 @@ from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
-from .training_modes import LossNetworks, get_training_mode
+from .training_modes import LossContext, get_training_mode
 
 OPTIMIZERS = ("radam", "adam", "adamw")
 _MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
@@ -439,7 +439,7 @@ class TrainLoop:
 
     def _bind_loss(self):
         """The EDM loss with this loop's noise-level sampler (CMTrainLoop binds its mode's loss instead)."""
-        return get_training_mode("edm").bind_loss(self.diffusion, LossNetworks(), self.schedule_sampler)
+        return get_training_mode("edm").bind_loss(self.diffusion, LossContext(schedule_sampler=self.schedule_sampler))
 
     def compute_losses(self, micro, micro_cond):
         """The bound loss on one micro-batch; returns (terms with "loss" and "sigma", per-sample weights)."""
@@ -576,6 +576,7 @@ class CMTrainLoop(TrainLoop):
     :param ema_scale_fn: step -> (mu(k), N(k)) from cm.schedules.create_ema_and_scales_fn.
     :param total_training_steps: K; training stops there.
     :param teacher_solver: heun | euler, the teacher's ODE step in consistency distillation.
+    :param loss_options: values of the mode's own flag groups (cm.training_modes.TrainingMode.loss_groups).
     Other arguments as TrainLoop.
     """
 
@@ -589,6 +590,7 @@ class CMTrainLoop(TrainLoop):
         ema_scale_fn,
         total_training_steps,
         teacher_solver="heun",
+        loss_options=None,
         **kwargs,
     ):
         mode = get_training_mode(training_mode)
@@ -605,6 +607,7 @@ class CMTrainLoop(TrainLoop):
         self.teacher_model = teacher_model if mode.teacher_in_loss else None
         self.teacher_diffusion = teacher_diffusion
         self.teacher_solver = teacher_solver
+        self.loss_options = dict(loss_options or {})
         if self.target_model is not None:
             self.target_model.requires_grad_(False)
             self.target_model.train()
@@ -619,8 +622,9 @@ class CMTrainLoop(TrainLoop):
 
     def _bind_loss(self):
         """The mode's loss, bound once to this loop's networks."""
-        networks = LossNetworks(self.target_model, self.teacher_model, self.teacher_diffusion, self.teacher_solver)
-        return self.mode.bind_loss(self.diffusion, networks)
+        context = LossContext(self.target_model, self.teacher_model, self.teacher_diffusion, self.teacher_solver,
+                              options=self.loss_options)
+        return self.mode.bind_loss(self.diffusion, context)
 
     def _load_extra_checkpoints(self, directory, step):
         for name, module in self._extra_checkpoints():

@@ -15,20 +15,23 @@ from typing import Callable
 
 
 @dataclass(frozen=True)
-class LossNetworks:
-    """The networks a loss may use besides the online model (None where the mode has none)."""
+class LossContext:
+    """What a loss is bound to besides the denoiser: the other networks (None where the mode has none), the EDM
+    noise-level sampler, and the values of the mode's own flag groups (`TrainingMode.loss_groups`)."""
 
     target_model: object = None
     teacher_model: object = None
     teacher_diffusion: object = None
     teacher_solver: str = "heun"
+    schedule_sampler: object = None
+    options: dict = field(default_factory=dict)
 
 
-def bind_edm_loss(diffusion, networks, schedule_sampler):
+def bind_edm_loss(diffusion, context):
     """EDM (Karras et al. 2022, Eq. 2): sigma from the noise-level sampler, then KarrasDenoiser.training_losses."""
 
     def loss(model, x_start, model_kwargs, num_scales=None):
-        sigmas, weights = schedule_sampler.sample(x_start.shape[0], x_start.device)
+        sigmas, weights = context.schedule_sampler.sample(x_start.shape[0], x_start.device)
         terms = diffusion.training_losses(model, x_start, sigmas, model_kwargs=model_kwargs)
         terms["sigma"] = sigmas
         return terms, weights
@@ -46,26 +49,26 @@ def _unweighted(method):
     return loss
 
 
-def bind_consistency_loss(diffusion, networks, schedule_sampler=None):
+def bind_consistency_loss(diffusion, context):
     """Consistency distillation (CM paper Alg. 2; teacher given) or training (Alg. 3; no teacher)."""
     return _unweighted(
         partial(
             diffusion.consistency_losses,
-            target_model=networks.target_model,
-            teacher_model=networks.teacher_model,
-            teacher_diffusion=networks.teacher_diffusion,
-            teacher_solver=networks.teacher_solver,
+            target_model=context.target_model,
+            teacher_model=context.teacher_model,
+            teacher_diffusion=context.teacher_diffusion,
+            teacher_solver=context.teacher_solver,
         )
     )
 
 
-def bind_progdist_loss(diffusion, networks, schedule_sampler=None):
+def bind_progdist_loss(diffusion, context):
     """Progressive distillation (Salimans & Ho 2022): one student step matches two teacher steps."""
     return _unweighted(
         partial(
             diffusion.progdist_losses,
-            teacher_model=networks.teacher_model,
-            teacher_diffusion=networks.teacher_diffusion,
+            teacher_model=context.teacher_model,
+            teacher_diffusion=context.teacher_diffusion,
         )
     )
 
@@ -76,14 +79,17 @@ class TrainingMode:
 
     :param name: the --training_mode value.
     :param description: one line for --help and logs.
-    :param bind_loss: (diffusion, LossNetworks, schedule_sampler) -> loss(model, x, model_kwargs, num_scales)
-        returning (terms with "loss" and "sigma", per-sample weights); bound once when the loop is built.
+    :param bind_loss: (diffusion, LossContext) -> loss(model, x, model_kwargs, num_scales) returning (terms with
+        "loss" and "sigma", per-sample weights); bound once when the loop is built.
+    :param loss_groups: flag groups of cm.flags whose values the binder gets as LossContext.options.
     :param teacher: "required", "optional" (only to initialise the student) or "none".
     :param teacher_in_loss: the loss runs the teacher network (CD, progdist); else it is only a weight source.
     :param target: the loop keeps a target network theta- updated by EMA mu(k).
     :param uses_distance: the loss applies the denoiser's loss_norm distance (built, LPIPS loaded, at start-up).
     :param boundary_condition: f(x, sigma_min) = x scalings (CM paper App. C) instead of EDM's.
-    :param schedule: "ema_and_scales" (mu(k), N(k) from cm.schedules) or "schedule_sampler" (EDM sigma sampler).
+    :param schedule: "ema_and_scales" (step -> (mu(k), N(k))) or "schedule_sampler" (EDM sigma sampler).
+    :param schedule_groups: flag groups that configure the mu(k), N(k) schedule (plus total_steps).
+    :param make_schedule: builds step -> (mu(k), N(k)) from those values (None: cm.schedules.create_ema_and_scales_fn).
     :param promotes_student: at each change of N the student becomes the teacher (progressive distillation).
     :param flag_defaults: defaults of this mode's own script (e.g. ct_train.py); cm_train.py keeps the table's.
     """
@@ -91,14 +97,25 @@ class TrainingMode:
     name: str
     description: str
     bind_loss: Callable
+    loss_groups: tuple = ()
     teacher: str = "none"
     teacher_in_loss: bool = False
     target: bool = False
     uses_distance: bool = True
     boundary_condition: bool = False
     schedule: str = "ema_and_scales"
+    schedule_groups: tuple = ("schedule",)
+    make_schedule: Callable = None
     promotes_student: bool = False
     flag_defaults: dict = field(default_factory=dict)
+
+    def schedule_fn(self, schedule_config):
+        """step -> (mu(k), N(k)) from the resolved schedule group."""
+        if self.make_schedule is not None:
+            return self.make_schedule(**schedule_config)
+        from .schedules import create_ema_and_scales_fn
+
+        return create_ema_and_scales_fn(**schedule_config)
 
     @property
     def consistency_model(self):

@@ -96,7 +96,8 @@ def test_ncsnpp_flag_defaults_are_the_cifar10_network():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_presets_resolve_to_the_values_they_had(path):
-    """Every flag of every preset keeps the value it had before the flag table (tests/data/preset_flags.json),
+    """Every flag of every preset keeps the value it had before the flag table (tests/data/preset_flags.json; the
+    LSUN EDM ema_rate since set to the reference launch line's),
     and lands in the group of the object it builds."""
     with open(os.path.join(DATA, "preset_flags.json")) as f:
         before = json.load(f)[os.path.basename(path)]
@@ -202,7 +203,7 @@ def test_no_mode_name_is_compared_outside_the_table():
     assert offenders == []
 
 
-def toy_loss(diffusion, networks, schedule_sampler=None):
+def toy_loss(diffusion, context):
     """A toy objective: the consistency function at sigma_max maps noisy data to the data (l1)."""
 
     def loss(model, x_start, model_kwargs, num_scales):
