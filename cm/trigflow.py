@@ -95,13 +95,14 @@ def output_from_denoised(x_t, t, denoised, sigma_data=0.5):
 def velocity_from_denoiser(denoiser, sigma_data=0.5):
     """EDM denoiser D(x, sigma) -> TrigFlow PF-ODE v(x_t, t) = (cos(t) x_t - D(x_t / cos t, sigma_d tan t)) / sin t.
 
-    This is sCD's teacher: e.g. ``velocity_from_denoiser(lambda x, s: diffusion.denoise(teacher, x, s)[1])`` with
-    an EDM KarrasDenoiser. t must be positive (the lognormal proposal never draws 0).
+    This is sCD's teacher, e.g. ``velocity_from_denoiser(lambda x, s, **kw: diffusion.denoise(teacher, x, s, **kw)[1])``
+    with an EDM KarrasDenoiser; model_kwargs (labels) pass through. t must be positive (the proposal never draws 0).
     """
 
-    def velocity(x_t, t):
+    def velocity(x_t, t, **model_kwargs):
         x, sigma = trigflow_to_edm(x_t, t, sigma_data)
-        return sigma_data * output_from_denoised(x_t, t, denoiser(x, sigma.to(x.dtype)), sigma_data)
+        denoised = denoiser(x, sigma.to(x.dtype), **model_kwargs)
+        return sigma_data * output_from_denoised(x_t, t, denoised, sigma_data)
 
     return velocity
 
@@ -227,7 +228,7 @@ def scm_losses(
     :param x_start: data x_0 [B, ...].
     :param t: TrigFlow times [B] in (0, pi/2) (default: the lognormal proposal with p_mean, p_std).
     :param noise: eps ~ N(0, I) like x_start; z = sigma_d eps (default: drawn).
-    :param teacher: sCD's PF-ODE v(x_t, t), e.g. `velocity_from_denoiser` of an EDM teacher; None for sCT.
+    :param teacher: sCD's PF-ODE v(x_t, t, **model_kwargs), e.g. `velocity_from_denoiser` of an EDM teacher; None: sCT.
     :param logvar_head: the adaptive weighting's u(t) (a LogVarianceHead trained with the model), or None (u = 0).
     :param warmup: tangent warm-up factor r in [0, 1] (`tangent_warmup(step, warmup_steps)`).
     :param tangent_norm_c: c of the tangent normalisation (0.1); None leaves the tangent unnormalised.
@@ -250,7 +251,7 @@ def scm_losses(
         dxt_dt = trigflow_velocity(x_start, z, t)
     else:
         with torch.no_grad():
-            dxt_dt = teacher(x_t, t).to(x_t.dtype)
+            dxt_dt = teacher(x_t, t, **model_kwargs).to(x_t.dtype)
 
     # online network F_theta, remembering the dropout randomness
     rng_state = rng.get_state()

@@ -72,7 +72,7 @@ def mixture_batch(n, generator):
     return CENTERS[k] + STD * torch.randn(n, 2, generator=generator)
 
 
-def mixture_denoiser(x, sigma):
+def mixture_denoiser(x, sigma, **model_kwargs):
     """The exact EDM denoiser E[x_0 | x_0 + sigma eps = x] of the mixture."""
     var = STD**2 + sigma[:, None, None] ** 2
     offsets = x[:, None, :] - CENTERS[None]
@@ -248,14 +248,16 @@ def test_exact_consistency_model_of_gaussian_data_is_a_fixed_point_of_scd():
 @pytest.mark.parametrize("distill", [False, True])
 def test_scm_loss_on_a_unet_with_attention_and_dropout(distill):
     torch.manual_seed(0)
-    model = UNetModel(8, 3, 32, 3, 1, (1, 2), dropout=0.1, channel_mult=(1, 2), num_head_channels=16).train()
+    model = UNetModel(8, 3, 32, 3, 1, (1, 2), dropout=0.1, channel_mult=(1, 2), num_classes=3,
+                      num_head_channels=16).train()  # fmt: skip
     teacher = None
     if distill:
         edm, teacher_net = KarrasDenoiser(sigma_data=SIGMA_DATA), copy.deepcopy(model).eval()
-        teacher = velocity_from_denoiser(lambda x, sigma: edm.denoise(teacher_net, x, sigma)[1], SIGMA_DATA)
+        teacher = velocity_from_denoiser(lambda x, s, **kw: edm.denoise(teacher_net, x, s, **kw)[1], SIGMA_DATA)
     head = LogVarianceHead(32)
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
-    terms = scm_losses(model, x0, teacher=teacher, logvar_head=head, warmup=0.5)
+    labels = {"y": torch.tensor([0, 1, 2, 1])}  # reach the student and the teacher alike
+    terms = scm_losses(model, x0, teacher=teacher, model_kwargs=labels, logvar_head=head, warmup=0.5)
     terms["loss"].mean().backward()
     assert torch.isfinite(terms["loss"]).all() and terms["loss"].shape == (4,)
     assert ((terms["t"] > 0) & (terms["t"] < math.pi / 2)).all()
