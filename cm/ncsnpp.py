@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp16_util import HalfPrecisionBody
+from .half_precision import HalfPrecisionBody
 from .nn import C_NOISE_SCALE, GroupNorm32, scaled_dot_product_attention
 
 RESBLOCK_TYPES = ("biggan", "ddpm")
@@ -746,7 +746,7 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
     def forward(self, x, timesteps, y=None):
         """Apply NCSN++ to x [N, C, H, W] at timesteps [N] (rescaled_t = 250 log sigma), labels y [N]."""
         temb = self.embed(timesteps, y, x.shape[0])
-        h = x.type(self.dtype)
+        h = x.type(self.body_dtype())
 
         # encoder: residual blocks, then downsample and merge the input pyramid
         pyramid = h if self.progressive_input != "none" else None

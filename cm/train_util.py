@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
 from .errors import CheckpointError, CheckpointWriteError
-from .fp16_util import MixedPrecisionTrainer
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401  (the reference's location)
 from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
@@ -69,9 +69,12 @@ def sigma_quartile(sigmas, sigma_min, sigma_max):
     return (4 * frac).floor().clamp(0, 3).long()
 
 
-def log_loss_dict(diffusion, sigmas, losses):
-    """Log the mean of every loss term and its mean per quartile of log sigma (keys like loss_q0), on the device."""
-    quartile = sigma_quartile(sigmas.detach().float(), diffusion.sigma_min, diffusion.sigma_max)
+def log_loss_dict(diffusion, ts, losses):
+    """Log the mean of every loss term and its mean per quartile of log sigma (keys like loss_q0), on the device.
+
+    :param ts: the noise level sigma of each sample (the reference's name).
+    """
+    quartile = sigma_quartile(ts.detach().float(), diffusion.sigma_min, diffusion.sigma_max)
     counts = torch.bincount(quartile, minlength=4).float()
     divisors = counts.clamp(min=1)
     for key, values in losses.items():
@@ -462,7 +465,9 @@ class TrainLoop:
             group["lr"] = lr
 
     # ----- logging ------------------------------------------------------------------------------
-    def log_step(self, found_inf):
+    def log_step(self, found_inf=None):
+        """Log this step's counters (found_inf: 1 when the step was skipped; default the trainer's flag)."""
+        found_inf = self.mp_trainer.found_inf if found_inf is None else found_inf
         logger.logkv("step", self.step)
         logger.logkv("samples", self.step * self.global_batch)
         logger.logkv_mean("grad_norm", self.mp_trainer.grad_norm)
@@ -651,7 +656,7 @@ class CMTrainLoop(TrainLoop):
     def run_step(self, batch, cond):
         self._update_schedule()
         if self.mode.promotes_student:
-            self._maybe_start_progdist_stage()
+            self.reset_training_for_progdist()
         super().run_step(batch, cond)
 
     def _after_optimize(self, found_inf):
@@ -660,8 +665,8 @@ class CMTrainLoop(TrainLoop):
         rate = skip_aware_rate(self.target_ema, found_inf)
         update_ema(self.target_params, self.mp_trainer.master_params, rate=rate)
 
-    def _maybe_start_progdist_stage(self):
-        """At a change of N: the student becomes the teacher; optimizer and EMAs restart."""
+    def reset_training_for_progdist(self):
+        """At a change of N (progressive distillation): the student becomes the teacher; optimizer and EMAs restart."""
         n = self.num_scales
         if self.step == 0 or n == self.ema_scale_fn(self.step - 1)[1]:
             return
@@ -672,7 +677,7 @@ class CMTrainLoop(TrainLoop):
         for params in self.ema_params:
             update_ema(params, self.mp_trainer.master_params, rate=0.0)
 
-    def log_step(self, found_inf):
+    def log_step(self, found_inf=None):
         super().log_step(found_inf)
         logger.logkv("num_scales", self.num_scales)  # the values this step used
         logger.logkv("target_ema", self.target_ema)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp16_util import HalfPrecisionBody
+from .half_precision import HalfPrecisionBody
 from .nn import (
     avg_pool_nd,
     checkpoint,

@@ -1,7 +1,5 @@
 """Zero-shot editing (cm/editing.py, scripts/image_edit.py): every task keeps what it must keep."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
