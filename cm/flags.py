@@ -189,8 +189,8 @@ FLAGS = {
             ("generator", "determ", "noise source: dummy (global RNG), determ (one seeded stream), determ-indiv (one "
              "stream per sample); determ and determ-indiv make sample k depend only on the seed and k", GENERATORS),
             ("clip_denoised", True, "clamp every denoised estimate to [-1, 1]", None),
-            ("num_samples", 10000, "images to generate over all ranks (image_edit interpolate: noise pairs; "
-             "ternary_search: images per probe)", None),
+            ("num_samples", 10000, "images to generate over all ranks (image_edit: the first N inputs, -1 all; its "
+             "interpolate task: noise pairs, -1 one; ternary_search: images per probe)", None),
             ("sampler", "heun", "onestep / multistep: consistency models (multistep needs --ts); heun, euler, "
              "euler_ancestral, dpm: EDM solvers over a --steps grid; progdist: progressive-distillation models",
              SAMPLER_NAMES),
@@ -217,6 +217,8 @@ FLAGS = {
             ("add_noise", True, "denoise: first add N(0, sigma^2) noise to the input (false: the input already carries it)", None),
             ("num_frames", 8, "interpolate: frames per noise pair, both ends included", None),
             ("class_label", -1, "class-conditional models: the label of every image (-1: drawn from the generator)", None),
+            ("grid_rows", 10, "rows of the {task}.png strip (one input, or one interpolation pair, a row); every result "
+             "is in the npz", None),
         ),
         *_flags(
             "search",
@@ -259,7 +261,7 @@ SCRIPT_FLAGS = {
 SCRIPT_DEFAULTS = {
     "train": {},
     "sample": dict(training_mode="edm", batch_size=16),
-    "edit": dict(batch_size=16, generator="determ-indiv", num_samples=1, ts="0,5,10,15,20,25,30,35,39"),
+    "edit": dict(batch_size=16, generator="determ-indiv", num_samples=-1, ts="0,5,10,15,20,25,30,35,39"),
     "search": dict(batch_size=64, num_samples=500),
 }
 

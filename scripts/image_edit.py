@@ -7,10 +7,10 @@
     python scripts/image_edit.py --task stroke --input painting.png --sigma 5 ...
     python scripts/image_edit.py --task denoise --input photo.png --sigma 0.3 ...
 
---input is a comma list of image files or an .npz (arr_0 uint8 NHWC). Written to --log_dir: {task}.png, one
-row per image (input, what the model is given, result; interpolation: the frames of one noise pair), and
-{task}_{N}x{H}x{W}x3.npz with arr_0 the results and (except for interpolate) arr_1 what the model was
-given, both uint8 NHWC.
+--input is a comma list of image files or an .npz (arr_0 uint8 NHWC); --num_samples N edits the first N.
+Written to --log_dir: {task}.png, one row per image for the first --grid_rows images (input, what the model
+is given, result; interpolation: the frames of one noise pair), and {task}_{N}x{H}x{W}x3.npz with every
+result: arr_0 the results and (except for interpolate) arr_1 what the model was given, both uint8 NHWC.
 """
 
 import os
@@ -78,6 +78,14 @@ def read_inputs(args):
     return images, images, mask
 
 
+def first_inputs(inputs, num_samples):
+    """The first num_samples inputs of read_inputs' (shown, given, mask) (-1: all of them)."""
+    shown, given, mask = inputs
+    if num_samples < 0:
+        return inputs
+    return shown[:num_samples], given[:num_samples], mask
+
+
 def draw_labels(args, generator, count, device):
     """model kwargs with class labels for a class-conditional model: --class_label, or drawn from the generator."""
     if not args.class_cond:
@@ -129,7 +137,7 @@ def run_edits(args, inputs, model, diffusion, sigmas, sigma, device):
 
 def run_interpolation(args, model, diffusion, device):
     """num_samples rows of num_frames one-step decodings between two noises; returns (rows, frames, None)."""
-    pairs, n = args.num_samples, args.num_frames
+    pairs, n = max(1, args.num_samples), args.num_frames
     size = args.image_size
     generator = get_generator(args.generator, 2 * pairs, args.seed)
     per_batch = max(1, args.batch_size // n)
@@ -156,11 +164,13 @@ def run(args):
         raise ValueError("--ts is required: increasing indices of the editing levels, e.g. 0,5,10,15,20,25,30,35,39")
     sigmas = editing.editing_sigmas(ts, args.steps, args.sigma_min, args.sigma_max)
     sigma = task_sigma(args)
-    if args.task == "interpolate" and (args.num_frames < 2 or args.num_samples < 1):
+    if args.task == "interpolate" and (args.num_frames < 2 or args.num_samples == 0):
         raise ValueError(
             f"interpolate needs num_frames >= 2 and num_samples >= 1, got {args.num_frames} and {args.num_samples}"
         )
-    inputs = None if args.task == "interpolate" else read_inputs(args)
+    if args.grid_rows < 1:
+        raise ValueError(f"grid_rows must be at least 1, got {args.grid_rows}")
+    inputs = None if args.task == "interpolate" else first_inputs(read_inputs(args), args.num_samples)
     if not args.model_path:
         raise ValueError("no checkpoint given: pass --model_path (a consistency-model state dict)")
     select_device(args.device)
@@ -181,9 +191,10 @@ def run(args):
     size = args.image_size
     npz = os.path.join(log_dir, f"{args.task}_{len(after)}x{size}x{size}x3.npz")
     save_npz(npz, *([after] if before is None else [after, before]))
-    strip = image_grid(rows.reshape(-1, size, size, 3), ncols=rows.shape[1])
+    shown = rows[: args.grid_rows]
+    strip = image_grid(shown.reshape(-1, size, size, 3), ncols=rows.shape[1])
     png = save_png(strip, os.path.join(log_dir, f"{args.task}.png"))
-    logger.log(f"saved {png} and {npz}")
+    logger.log(f"saved {png} ({len(shown)} of {len(rows)} rows) and {npz} (all {len(after)} results)")
     return {"npz": npz, "png": png, "results": after, "given": before}
 
 

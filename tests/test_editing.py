@@ -236,6 +236,15 @@ def test_script_interpolate_stroke_denoise_and_image_files(tmp_path, ckpt, input
     assert np.array_equal(whole["results"], edit(tmp_path, ckpt, "--task", "denoise", "--input", inputs)["results"])
 
 
+def test_script_limits_inputs_and_grid_rows(tmp_path, ckpt, inputs):
+    from PIL import Image
+
+    result = edit(tmp_path, ckpt, "--task", "denoise", "--input", inputs, "--num_samples", "3", "--grid_rows", "2")
+    assert result["results"].shape == (3, 8, 8, 3)  # the first 3 of 4 inputs, all in the npz
+    strip = np.asarray(Image.open(result["png"]))
+    assert strip.shape[0] == 2 * (8 + 1) + 1  # two rows of 8-px images, 1-px borders
+
+
 def test_script_mask_file(tmp_path, ckpt, inputs):
     from PIL import Image
 
