@@ -1,5 +1,14 @@
 from setuptools import find_packages, setup
 
+# Lower bounds are the oldest releases whose APIs the code calls: torch 2.4 added the CPU kernels of
+# Adam/AdamW(fused=True) that cm/train_util.py uses on every device (2.0 already has
+# scaled_dot_product_attention, torch.func.jvp and torch.load(weights_only=True)); torchvision 0.19 is
+# torch 2.4's. CI pins the exact pair in constraints.txt (pip install -e ".[test]" -c constraints.txt).
+# The only upper bound is the next major release, so a cluster's own CUDA build of torch is kept.
+MPI = ["mpi4py", "mpich"]
+DIFFUSERS = ["diffusers>=0.22"]  # 0.22: UNet2DModel(dropout=...), which the export passes
+DATA = ["lmdb"]
+
 setup(
     name="consistency-models",
     version="0.1.0",
@@ -8,18 +17,27 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cm", "cm.*", "evaluations", "evaluations.*"]),
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        "torch>=2.4,<3",
+        "torchvision>=0.19",
         "numpy",
         "scipy",
         "lpips",
-        "mpi4py",
-        "mpich",
         "blobfile",
         "tqdm",
         "pillow",
         "pyyaml",
         "scikit-learn",
+        "safetensors>=0.4",
+        "matplotlib>=3.5",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={
+        # mpiexec launches: mpi4py and an MPI library (with a cluster's own MPI, pip install mpi4py alone)
+        "mpi": MPI,
+        # scripts/export_diffusers.py (reading a diffusers folder back needs only safetensors)
+        "diffusers": DIFFUSERS,
+        # scripts/prepare_data.py --kind lsun (LSUN's lmdb exports)
+        "data": DATA,
+        # everything the test suite runs, so that no test is skipped in CI
+        "test": ["pytest", "pytest-timeout"] + MPI + DIFFUSERS + DATA,
+    },
 )

@@ -120,10 +120,13 @@ def read_bytes(path):
 
 
 def load_checkpoint_bytes(data, path, map_location=None):
-    """Decode checkpoint bytes by `path`'s extension: safetensors, or torch.load with weights_only=True."""
+    """Decode checkpoint bytes by `path`'s extension: safetensors, or torch.load with weights_only=True
+    (through cm.dist_util, whose errors name a truncated, corrupt or code-carrying file in one line)."""
     if is_safetensors(path):
         return load_safetensors_bytes(data, map_location)
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    from .dist_util import torch_load_bytes
+
+    return torch_load_bytes(data, path, map_location=map_location, weights_only=True)
 
 
 def load_checkpoint(path, map_location=None):

@@ -116,3 +116,6 @@ def test_convert_script_errors_are_one_line(tmp_path):
     torch.save({"step": 3, "w": torch.zeros(2)}, tmp_path / "opt.pt")
     result = run_convert(tmp_path / "opt.pt", tmp_path / "opt.safetensors")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    result = run_convert(tmp_path / "bad.pt", tmp_path / "bad.safetensors")
+    assert result.returncode == 1 and "corrupt" in result.stderr and result.stderr.count("\n") == 1

@@ -5,10 +5,7 @@ import importlib.util
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
-
-pytest.importorskip("matplotlib", reason="matplotlib is not installed (a dependency of the package)")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
