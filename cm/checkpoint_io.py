@@ -145,3 +145,30 @@ def convert_checkpoint(src, dst, metadata=None):
         state_dict = state_dict["state_dict"]
     save_checkpoint(state_dict, dst, metadata)
     return len(state_dict)
+
+
+def describe_state_dict_mismatch(model, state_dict, limit=3):
+    """One line naming missing keys, unexpected keys and shape mismatches ('' when the state dict fits)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+
+    def part(name, items):
+        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        return f"{name}: {', '.join(items[:limit])}{more}" if items else ""
+
+    return "; ".join(p for p in (part("missing keys", missing), part("unexpected keys", unexpected), part("shape mismatches", shapes)) if p)
+
+
+def load_fitting_state_dict(model, state_dict, path, what="checkpoint"):
+    """model.load_state_dict(state_dict, strict=True), or one line naming the keys and shapes that differ."""
+    problem = describe_state_dict_mismatch(model, state_dict)
+    if problem:
+        raise ValueError(f"{what} {path} does not fit the model flags: {problem}")
+    model.load_state_dict(state_dict, strict=True)
+    return model

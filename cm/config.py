@@ -10,6 +10,7 @@ it with the stored one. cm.train_cli.build_loop builds the objects from it.
 import json
 
 from .flags import FLAGS
+from .latent import latent_network
 from .training_modes import get_training_mode
 
 LEARN_SIGMA_ERROR = (
@@ -29,15 +30,20 @@ def as_flags(args):
 
 
 def resolve_model_config(args):
-    """{"training_mode", "network", "denoiser"}: how to build the network and its KarrasDenoiser from flags."""
+    """{"training_mode", "network", "denoiser"}: how to build the network and its denoiser (the mode's class, by
+    default KarrasDenoiser with the boundary-condition choice) from flags."""
     flags = as_flags(args)
     mode = get_training_mode(flags["training_mode"])
     network = group_values(flags, "network")
     if network.get("learn_sigma"):
         raise ValueError(LEARN_SIGMA_ERROR)
-    denoiser = group_values(flags, "denoiser")
-    denoiser["distillation"] = mode.boundary_condition
-    return {"training_mode": mode.name, "network": network, "denoiser": denoiser}
+    denoiser = {name: value for group in mode.denoiser_groups for name, value in group_values(flags, group).items()}
+    if mode.make_denoiser is None:
+        denoiser["distillation"] = mode.boundary_condition
+    latent = group_values(flags, "latent")
+    if latent.get("autoencoder_path"):  # the network works on latents: their channels and size (cm.latent)
+        network.update(latent_network(latent["autoencoder_path"], network["image_size"]))
+    return {"training_mode": mode.name, "network": network, "denoiser": denoiser, "latent": latent}
 
 
 def per_rank_batch(batch_size, global_batch_size, world_size):
@@ -71,19 +77,25 @@ def resolve_teacher(flags, mode, network):
         "in_loss": mode.teacher_in_loss,
         "solver": flags.get("teacher_solver", "heun"),
         "stochastic": stochastic,
-        "network": {**network, "dropout": flags.get("teacher_dropout", 0.0)},
+        # a diffusion model: the student's architecture without sCM's log-variance head, EDM's preconditioning
+        "network": {**network, "dropout": flags.get("teacher_dropout", 0.0), "logvar_channels": 0,
+                    **mode.teacher_network},
+        "denoiser": {**group_values(flags, "denoiser"), "distillation": False},
     }
     return teacher, init_student
 
 
-def resolve_schedule(flags, mode):
-    """The schedule of the mode: mu(k) / N(k) arguments, or the EDM noise-level sampler's name."""
+def resolve_schedule(flags, mode, images_per_step=None):
+    """The schedule of the mode: mu(k) / N(k) arguments, or the EDM noise-level sampler's name; images_per_step (the
+    global batch) joins them for modes whose stages are counted in images."""
     if mode.schedule == "schedule_sampler":
         return group_values(flags, "schedule_sampler")
     schedule = {}
     for group in mode.schedule_groups:
         schedule.update(group_values(flags, group))
     schedule["total_steps"] = flags["total_training_steps"]
+    if mode.schedule_in_images:
+        schedule["images_per_step"] = images_per_step
     return schedule
 
 
@@ -99,26 +111,35 @@ def resolve_training_config(args, world_size=1):
     network = model["network"]
     teacher, init_student = resolve_teacher(flags, mode, network)
     batch_size = per_rank_batch(flags["batch_size"], flags["global_batch_size"], world_size)
-    loop = group_values(flags, "loop", drop=("max_minutes",))
-    loop.update(batch_size=batch_size, use_fp16=network["use_fp16"], time_limit=60.0 * flags["max_minutes"])
+    if flags["time_budget_minutes"] < 0:
+        raise ValueError(f"--time_budget_minutes must be 0 (none) or positive, got {flags['time_budget_minutes']}")
+    loop = group_values(flags, "loop", drop=("max_minutes", "time_budget_minutes"))
+    loop.update(batch_size=batch_size, use_fp16=network["use_fp16"], time_limit=60.0 * flags["max_minutes"],
+                time_budget=60.0 * flags["time_budget_minutes"])
     data = group_values(flags, "data")
-    data.update(batch_size=batch_size, image_size=network["image_size"], class_cond=network["class_cond"],
+    data.update(batch_size=batch_size, image_size=flags["image_size"], class_cond=network["class_cond"],
                 seed=flags["seed"])
+    if loop.get("class_dropout_prob", 0) > 0 and not network.get("null_class"):
+        raise ValueError("--class_dropout_prob needs --null_class true (the null label that replaces dropped labels)")
     run = group_values(flags, "run", drop=("training_mode", "dry_run"))
     run["world_size"] = world_size
-    return {
+    config = {
         "training_mode": mode.name,
         "student_init": "teacher" if init_student else "random",
         "network": network,
         "denoiser": model["denoiser"],
-        "schedule": resolve_schedule(flags, mode),
+        "schedule": resolve_schedule(flags, mode, batch_size * world_size),
         "teacher": teacher,
         "loss": {k: v for group in mode.loss_groups for k, v in group_values(flags, group).items()},
         "optimizer": group_values(flags, "optimizer"),
         "loop": loop,
         "data": data,
+        "latent": model["latent"],
         "run": run,
     }
+    if mode.check_config is not None:
+        mode.check_config(config)
+    return config
 
 
 def resolve_script_config(args, script_groups):

@@ -1,10 +1,11 @@
 """Quality metrics for models of the embedded scikit-learn digits.
 
-A small classifier trained on a fixed 2/3 of the 1,797 digits (seeded, a few seconds on a CPU, cached)
-provides features and class predictions. "digits-FID" is the Frechet distance between classifier
-features of generated images and of the training split; the held-out third gives the real-data floor.
-Coverage is exp(entropy of the predicted-class histogram) / 10: 1 when all ten digits are equally
-frequent, 0.1 when only one digit appears.
+The digits are split once (cm.digits_data.SPLITS): generators and a small classifier (seeded, a few seconds on
+a CPU, cached) learn from the "train" half; the "reference" and "floor" quarters are seen by neither.
+"digits-FID" is the Frechet distance between classifier features of generated images and of the reference
+quarter; the floor quarter scored the same way is the real-data floor. Coverage is exp(entropy of the
+predicted-class histogram) / 10: 1 when all ten digits are equally frequent, 0.1 when only one digit appears.
+A nearest-neighbour check (memorisation_check) tells new digits from copies of the training half.
 """
 
 import math
@@ -16,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CACHE_VERSION = 1
-TRAIN_FRACTION = 2 / 3
+CACHE_VERSION = 2  # 2: trained on the "train" half of cm.digits_data.SPLITS
+COPY_QUANTILE = 0.05  # memorisation_check: a "copy" is nearer the training half than 95% of held-out digits are
 
 
 class DigitsClassifier(nn.Module):
@@ -49,24 +50,19 @@ def to_classifier_inputs(images):
     return ((gray + 1) / 2).clamp(0, 1).flatten(1)
 
 
-def digits_split(image_size=8):
-    """(train, test) images in [-1, 1] (N, 3, S, S) and labels, split by a fixed seeded permutation."""
+def digits_split(split, image_size=8):
+    """Images in [-1, 1] (N, 3, S, S) and labels of one split ("train", "reference" or "floor")."""
     from .digits_data import digits_arrays
     from .image_util import from_uint8
 
-    images, labels = digits_arrays(image_size)
-    x = from_uint8(images)
-    y = torch.from_numpy(labels)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    cut = int(len(x) * TRAIN_FRACTION)
-    train, test = order[:cut], order[cut:]
-    return (x[train], y[train]), (x[test], y[test])
+    images, labels = digits_arrays(image_size, split)
+    return from_uint8(images), torch.from_numpy(labels)
 
 
 def train_digits_classifier(steps=1500, seed=0):
-    """Fit the classifier on the training split (full-batch Adam, seeded)."""
+    """Fit the classifier on the training half (full-batch Adam, seeded)."""
     g = torch.Generator().manual_seed(seed)
-    (x, y), _ = digits_split()
+    x, y = digits_split("train")
     inputs = to_classifier_inputs(x)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -126,22 +122,22 @@ def _image_size(images):
     return images.shape[1] if images.dtype in (np.uint8, torch.uint8) and images.shape[-1] in (1, 3) else images.shape[-1]
 
 
-_REFERENCE_FEATURES = weakref.WeakKeyDictionary()  # classifier -> {image size: features of the training split}
+_REFERENCE_FEATURES = weakref.WeakKeyDictionary()  # classifier -> {image size: features of the reference split}
 
 
 def _reference_features(classifier, image_size):
-    """Classifier features of the training split at image_size, computed once per (classifier, size)."""
+    """Classifier features of the reference split at image_size, computed once per (classifier, size)."""
     per_size = _REFERENCE_FEATURES.setdefault(classifier, {})
     if image_size not in per_size:
-        (train_x, _), _ = digits_split(image_size)
-        per_size[image_size], _ = classifier_outputs(train_x, classifier)
+        reference_x, _ = digits_split("reference", image_size)
+        per_size[image_size], _ = classifier_outputs(reference_x, classifier)
     return per_size[image_size]
 
 
 def digits_metrics(samples, classifier=None):
-    """digits-FID of samples against the training split at the samples' resolution, coverage, class histogram.
+    """digits-FID of samples against the reference split at the samples' resolution, coverage, class histogram.
 
-    The training split's features are cached per (classifier, size): a classifier must not change after use.
+    The reference split's features are cached per (classifier, size): a classifier must not change after use.
     """
     from evaluations.metrics import frechet_distance
 
@@ -156,14 +152,53 @@ def digits_metrics(samples, classifier=None):
 
 
 def real_data_floor(image_size=8, classifier=None):
-    """digits_metrics of the held-out real digits at image_size: the best a model can expect."""
-    _, (test_x, _) = digits_split(image_size)
-    return digits_metrics(test_x, classifier)
+    """digits_metrics and memorisation_check of the floor split at image_size: what new real digits score (the
+    check leaves each floor digit out of the held-out digits it is compared with)."""
+    floor_x, _ = digits_split("floor", image_size)
+    num_reference = len(digits_split("reference", image_size)[0])
+    own_index = num_reference + torch.arange(len(floor_x))  # each floor digit's place among the held-out ones
+    return {**digits_metrics(floor_x, classifier), **memorisation_check(floor_x, skip=own_index)}
+
+
+def nearest_distances(queries, references, skip=None):
+    """Euclidean distance from each row of queries to its nearest row of references; skip[i]: a reference
+    index that query i may not use (itself)."""
+    distances = torch.cdist(queries.double(), references.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    if skip is not None:
+        distances[torch.arange(len(queries)), skip] = float("inf")
+    return distances.min(dim=1).values
+
+
+def memorisation_check(samples, skip=None):
+    """Nearest-neighbour memorisation check, on the classifier's 8x8 grayscale inputs (pixels in [0, 1]).
+
+    nearest_is_train: fraction of samples whose nearest real digit lies in the training half rather than the
+        held-out half (reference and floor, as many digits): 0.5 for new digits, 1 for copies of training digits.
+    copy_fraction: fraction of samples nearer a training digit than 95% of held-out digits are (COPY_QUANTILE):
+        about 0.05 for new digits, 1 for copies.
+    nn_distance: median distance of a sample to its nearest training digit (nn_distance_real: of a held-out one).
+    skip: per sample, an index of the held-out digits to leave out (for held-out digits checked themselves).
+    """
+    size = _image_size(samples)
+    train = to_classifier_inputs(digits_split("train", size)[0])
+    held_out = torch.cat([to_classifier_inputs(digits_split(s, size)[0]) for s in ("reference", "floor")])
+    real_to_train = nearest_distances(held_out, train)
+    queries = to_classifier_inputs(samples)
+    to_train = nearest_distances(queries, train)
+    to_held_out = nearest_distances(queries, held_out, skip)
+    threshold = torch.quantile(real_to_train, COPY_QUANTILE)
+    return {
+        "nearest_is_train": float((to_train < to_held_out).double().mean()),
+        "copy_fraction": float((to_train < threshold).double().mean()),
+        "nn_distance": float(to_train.median()),
+        "nn_distance_real": float(real_to_train.median()),
+    }
 
 
 def classifier_accuracy(classifier=None):
-    """Accuracy on the held-out split."""
+    """Accuracy on the held-out digits (reference and floor splits)."""
     classifier = classifier or load_digits_classifier()
-    _, (x, y) = digits_split()
+    held_out = [digits_split(s) for s in ("reference", "floor")]
+    x, y = torch.cat([x for x, _ in held_out]), torch.cat([y for _, y in held_out])
     _, pred = classifier_outputs(x, classifier)
     return float((torch.from_numpy(pred) == y).float().mean())

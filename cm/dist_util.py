@@ -171,6 +171,15 @@ def all_gather_object(obj):
     return out
 
 
+def gather_object(obj, dst=0):
+    """[obj of rank 0, obj of rank 1, ...] on rank `dst`; None on the other ranks."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def load_state_dict(path, **kwargs):
     """torch.load a (blobfile) path read once on rank 0 and broadcast; always weights_only=True."""
     kwargs["weights_only"] = True
@@ -200,14 +209,14 @@ def torch_load_bytes(data, path, **kwargs):
     try:
         return torch.load(io.BytesIO(data), **kwargs)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"checkpoint {path} is corrupt ({_first_line(e)})") from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"refers to {found.group(1)}, which is" if found else "holds objects that are"
-        raise CheckpointError(
-            f"checkpoint {path} {what} not tensor data and could run code when loaded; it was refused without "
-            "running anything (load only files you trust)"
-        ) from None
+        if found:
+            raise CheckpointError(
+                f"checkpoint {path} refers to {found.group(1)}, which is not tensor data and could run code when "
+                "loaded; it was refused without running anything (load only files you trust)"
+            ) from None
+        detail = _first_line(str(e).split("WeightsUnpickler error:")[-1])
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({detail})") from None
     except Exception as e:  # noqa: BLE001 - the unpickler fails in many ways on a damaged file
         if isinstance(e, RuntimeError) and ("device" in str(e) or "CUDA" in str(e)):
             raise  # a map_location problem, not a damaged file

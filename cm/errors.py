@@ -12,6 +12,7 @@
 
 import datetime
 import os
+import re
 import sys
 import tempfile
 import time
@@ -65,6 +66,12 @@ def is_peer_loss(exc):
     return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(m in str(exc) for m in PEER_LOSS_MESSAGES)
 
 
+def short_peer_message(line):
+    """A gloo / c10d error line without its source location and advice: 'Read error [addr]:port: ... by peer'."""
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)
+    return line.split(". ")[0].rstrip(".")
+
+
 def traceback_path(log_dir, rank):
     """Where the traceback of an unexpected error goes: log_dir/traceback_rankR.txt, else a new temp file."""
     if log_dir and "://" not in str(log_dir) and os.path.isdir(log_dir):
@@ -89,7 +96,10 @@ def one_line_report(exc, log_dir=None, rank=0):
     if is_input_error(exc):
         return f"error: {first}"
     if is_peer_loss(exc):
-        return f"error: rank {rank} lost contact with another rank ({first}); that rank's own message says why"
+        return (
+            f"error: rank {rank} lost contact with another rank ({short_peer_message(first)}); see that rank's own "
+            "error, or whether it was killed (e.g. out of memory)"
+        )
     try:
         where = f"full traceback in {write_traceback(exc, traceback_path(log_dir, rank))}"
     except OSError as e:  # the log dir may be the very thing that failed

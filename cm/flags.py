@@ -12,6 +12,9 @@ it is turned into one in cm.config):
   data              cm.image_datasets.load_data(**data)
   run               processes, devices, seeds and output
   sample, edit, search   the sampling, editing and ternary-search scripts
+  trigflow          cm.trigflow.TrigFlowDenoiser(**trigflow)                (sCM modes: sct, scd)
+  scm_schedule      cm.scm.scm_schedule (the tangent warm-up)               (sCM modes)
+  scm_loss          the sCM loss's options (cm.scm.bind_scm_loss)          (sCM modes)
 
 The reference's `*_defaults()` dicts (cm.script_util) and every script's parser are made from this table;
 a script may give some flags other defaults (SCRIPT_DEFAULTS), never other meanings.
@@ -19,6 +22,7 @@ a script may give some flags other defaults (SCRIPT_DEFAULTS), never other meani
 
 from dataclasses import dataclass
 
+from .ect import MAPPINGS
 from .editing import TASKS
 from .karras_diffusion import INDEX_SAMPLERS, TEACHER_SOLVERS, WEIGHT_SCHEDULES
 from .metrics import LOSS_NORMS
@@ -26,6 +30,8 @@ from .random_util import GENERATORS
 from .sampling import SAMPLER_NAMES
 from .schedules import SCALE_MODES, TARGET_EMA_MODES
 from .training_modes import TRAINING_MODES
+from .trigflow import TIME_CONDITIONINGS
+from .ufogen import UFOGEN_STEPS
 from .unet import ATTENTION_TYPES
 
 MODEL_TYPES = ("adm", "ncsnpp")
@@ -78,8 +84,17 @@ FLAGS = {
             ("dropout", 0.0, "dropout probability in residual blocks", None),
             ("class_cond", False, "class-conditional model (labels from file names or the dataset)", None),
             ("num_classes", NUM_CLASSES, "number of classes when class_cond", None),
+            ("null_class", False, "classifier-free guidance: one more label-embedding row, the null label num_classes "
+             "(--class_dropout_prob trains it, --guidance_scale samples with it); off keeps the reference's parameters",
+             None),
+            ("guidance_embed", False, "the network also takes the guidance scale w through an embedding (LCM students; "
+             "off keeps the reference's parameters)", None),
             ("use_checkpoint", False, "gradient checkpointing (less memory, more compute)", None),
             ("use_scale_shift_norm", True, "FiLM-style scale/shift conditioning in residual blocks", None),
+            ("adaptive_double_norm", False, "sCM's adaptive double normalisation of that conditioning: norm(h) "
+             "pnorm(1 + scale) + pnorm(shift) (ADM UNet; no parameters, so checkpoints load either way)", None),
+            ("logvar_channels", 0, "width of sCM's log-variance head u(t) of the adaptive weighting, a submodule "
+             "logvar_head of the network (0: none, the reference's parameters)", None),
             ("resblock_updown", False, "residual blocks for up/downsampling", None),
             ("use_fp16", False, "float16 network body with fp32 master weights and dynamic loss scaling", None),
             ("use_new_attention_order", False, "(three, heads, dim) qkv layout regardless of attention_type", None),
@@ -108,6 +123,8 @@ FLAGS = {
             ("p_mean", -1.1, "lognormal index sampler mean of log sigma (iCT: -1.1)", None),
             ("p_std", 2.0, "lognormal index sampler std of log sigma (iCT: 2.0)", None),
             ("lpips_vgg_path", "", "local torchvision VGG16 weights for LPIPS (or set CM_LPIPS_VGG_PATH)", None),
+            ("lcm_timestep_scaling", 10.0, "LCM boundary scalings: c_skip = sd^2/(s^2+sd^2), c_out = s/sqrt(s^2+sd^2) "
+             "with s = this * (sigma - sigma_min) (LCM's timestep_scaling)", None),
         ),
         *_flags(
             "schedule",
@@ -145,11 +162,15 @@ FLAGS = {
             "loop",
             ("total_training_steps", 600000, "training steps K: schedules span K and training stops there "
              "(0: until interrupted)", None),
+            ("time_budget_minutes", 0.0, "minutes of training to fit the run into (0: none): from its measured "
+             "speed the run re-plans total_training_steps, lr_anneal_steps and the mode's schedule to end on time", None),
             ("microbatch", -1, "images per forward/backward, gradients accumulated (-1: whole batch)", None),
             ("ema_rate", "0.9999", "comma list of EMA decays of the saved EMA models", None),
             ("fp16_scale_growth", 1e-3, "increase of lg_loss_scale per good fp16 step", None),
             ("use_bf16", False, "bfloat16 autocast (training) or a bfloat16 network body (sampling)", None),
             ("channels_last", True, "channels_last memory format for images and networks", None),
+            ("class_dropout_prob", 0.0, "classifier-free guidance: replace each training label by the null label with "
+             "this probability (needs --null_class true)", None),
         ),
         *_flags(
             "loop",
@@ -157,13 +178,18 @@ FLAGS = {
             ("save_interval", 10000, "steps between checkpoints (-1: only at the end)", None),
             ("resume_checkpoint", "", "modelNNNNNN.pt to start from when log_dir holds no checkpoint", None),
             ("max_minutes", 0.0, "checkpoint and stop after this many minutes of training (0: no limit)", None),
+            ("checkpoint_format", "pt", "file format of the model, EMA and target checkpoints: pt (the reference's "
+             "modelNNNNNN.pt names) or safetensors; resume, sampling and teacher paths read both", ("pt", "safetensors")),
             affects_result=False,
         ),
         *_flags(
             "data",
-            ("data_dir", "", "image folder, .npz file (arr_0 NHWC uint8) or 'digits' (embedded scikit-learn digits)", None),
+            ("data_dir", "", "image folder, .npz file (arr_0 NHWC uint8), 'digits' (the embedded scikit-learn digits) "
+             "or 'digits_train' (their training half, which the quickstart's metrics never see)", None),
             ("random_flip", True, "random horizontal flips", None),
             ("on_bad_image", "skip", "unreadable image: skip (with a warning naming it) or error", ("skip", "error")),
+            ("max_bad_images", 0.01, "with --on_bad_image skip, stop once more distinct images than this could not be "
+             "read on a rank: a count if >= 1, a fraction of the image files (rounded up) if below 1; -1: no limit", None),
         ),
         *_flags(
             "run",
@@ -180,6 +206,8 @@ FLAGS = {
              "training reruns resume from it", None),
             ("device", "auto", "auto (GPU of this rank if any), cpu or cuda", DEVICES),
             ("dry_run", False, "print the resolved configuration as JSON and exit", None),
+            ("allow_config_change", False, "resume a log dir whose checkpoints were made with other settings, using "
+             "the new ones (without it such a resume stops and names the settings that differ)", None),
             affects_result=False,
         ),
         *_flags(
@@ -203,6 +231,71 @@ FLAGS = {
              "the editing levels t_1 > t_2 > ..., the last index only closing the grid)", None),
             ("grid", "", "PNG grid of the first 64 samples: '' = samples_grid.png in the log dir, 'none' = no grid, "
              "else a path", None),
+            ("guidance_scale", 1.0, "classifier-free guidance scale w: D_uncond + w (D_cond - D_uncond) for models with "
+             "--null_class, the w input of models with --guidance_embed; 1 = the conditional model", None),
+        ),
+        *_flags(
+            "lcm",
+            ("skip_steps", 1, "LCM skipping step k: the teacher jumps from grid index n to n + k in one solver step", None),
+            ("w_min", 1.0, "LCM: smallest guidance scale w drawn per sample (1 = conditional teacher, no guidance)", None),
+            ("w_max", 1.0, "LCM: largest guidance scale w drawn per sample", None),
+        ),
+        *_flags(
+            "ufogen",
+            ("ufogen_step", "marginal", "UFOGen generator step to x'_(t-1): marginal q(x_(t-1) | x'_0) (UFOGen) or "
+             "posterior q(x_(t-1) | x_t, x'_0) (DDGAN / SIDDM)", UFOGEN_STEPS),
+            ("ufogen_t_skip", 1, "UFOGen: grid points between x_t and x_(t-1)", None),
+            ("ufogen_adv_weight", 1.0, "UFOGen: weight of the generator's adversarial term", None),
+            ("ufogen_rec_weight", 1.0, "UFOGen: weight of the reconstruction term gamma_t ||x_0 - x'_0||^2, gamma_t "
+             "the --weight_schedule weight of sigma_t (karras: EDM's loss, the teacher's objective)", None),
+            ("disc_lr", 1e-4, "UFOGen: discriminator learning rate (Adam, betas 0 and 0.999, gradients clipped to 1)", None),
+            ("disc_init", "teacher", "UFOGen discriminator start: teacher (the encoder half of --teacher_model_path, "
+             "as UFOGen starts from the diffusion model) or random", ("teacher", "random")),
+        ),
+        *_flags(
+            "latent",
+            ("autoencoder_path", "", "train and sample in the latent space of this autoencoder: a diffusers "
+             "AutoencoderKL directory or one written by scripts/train_autoencoder.py ('' = pixel space)", None),
+        ),
+        *_flags(
+            "ect",
+            ("ect_mapping", "sigmoid", "ECT mapping r = t (1 - n(t) / q^(stage+1)): sigmoid n(t) = 1 + k sigmoid(-b t) "
+             "(ECT's), const n(t) = 1; t ~ lognormal(--p_mean, --p_std)", MAPPINGS),
+            ("ect_k", 8.0, "ECT sigmoid mapping: k (ECT: 8)", None),
+            ("ect_b", 1.0, "ECT sigmoid mapping: b (ECT: 1)", None),
+            ("ect_c", 0.0, "ECT distance sqrt(||f_t - f_r||^2 + c^2) - c (pseudo-Huber): c (0: the l2 norm, ECT's "
+             "CIFAR-10 setting)", None),
+            ("ect_adaptive_p", 0.5, "ECT adaptive weighting (||f_t - f_r||^2 + c^2)^-p: p in [0, 1] (0.5: the "
+             "pseudo-Huber distance, ECT's; 0: squared l2; 1: Cauchy, needs ect_c > 0)", None),
+        ),
+        *_flags(
+            "ect_schedule",
+            ("ect_q", 2, "ECT: dt / t shrinks by this integer factor each stage, N(k) = q^(stage+1) (ECT: 2; its "
+             "one-hour run 256)", None),
+            ("ect_stage_images", 0, "ECT stage length in images over all ranks (ECT on CIFAR-10: 3200000; 0: not in "
+             "images)", None),
+            ("ect_stage_steps", 0, "ECT stage length in steps (0: not in steps)", None),
+            ("ect_stages", 8, "ECT: number of stages over total_training_steps when no stage length is given", None),
+        ),
+        *_flags(
+            "trigflow",
+            ("sigma_data", 0.5, "sCM: data standard deviation sigma_d; x_t = cos(t) x_0 + sin(t) z, z ~ N(0, sigma_d^2), "
+             "sigma = sigma_d tan(t)", None),
+            ("time_conditioning", "edm", "sCM: what the network is fed: edm (250 log sigma, its output negated: an EDM "
+             "checkpoint is an exact TrigFlow model) or trigflow (c_noise(t) = c_noise_scale t, the paper's)",
+             TIME_CONDITIONINGS),
+            ("c_noise_scale", 1.0, "sCM with time_conditioning trigflow: c_noise(t) = c_noise_scale t (paper: 1)", None),
+        ),
+        *_flags(
+            "scm_schedule",
+            ("tangent_warmup_steps", 10000, "sCM: steps over which the factor r of the tangent's sin(t) (x_t + "
+             "sigma_d dF/dt) term rises from 0 to 1 (0: r = 1)", None),
+        ),
+        *_flags(
+            "scm_loss",
+            ("tangent_norm_c", 0.1, "sCM: c of the tangent normalisation g / (||g|| + c) (negative: raw tangent)", None),
+            ("scm_p_mean", -1.0, "sCM: mean of log(sigma_d tan t) of the lognormal time proposal", None),
+            ("scm_p_std", 1.4, "sCM: standard deviation of log(sigma_d tan t) of the time proposal", None),
         ),
         *_flags(
             "edit",
@@ -258,6 +351,15 @@ SCRIPT_FLAGS = {
     "edit": _SCRIPT_COMMON + names_in("edit") + ("num_samples", "ts"),
     "search": _SCRIPT_COMMON + names_in("search") + ("num_samples",),
 }
+# the option groups of the LCM, UFOGen and latent-space modes (cm.lcm, cm.ufogen, cm.latent)
+SCRIPT_FLAGS["train"] += ("lcm_timestep_scaling",) + names_in("lcm", "ufogen", "latent")
+SCRIPT_FLAGS["sample"] += ("lcm_timestep_scaling", "guidance_scale", "autoencoder_path")
+# the option groups of ECT (consistency_tuning, cm.ect)
+SCRIPT_FLAGS["train"] += names_in("ect", "ect_schedule")
+# sCM (sct, scd): training options; the TrigFlow denoiser of every script that loads a model
+SCRIPT_FLAGS["train"] += names_in("trigflow", "scm_schedule", "scm_loss")
+for _script in ("sample", "edit", "search"):
+    SCRIPT_FLAGS[_script] += names_in("trigflow")
 SCRIPT_DEFAULTS = {
     "train": {},
     "sample": dict(training_mode="edm", batch_size=16),

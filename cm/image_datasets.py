@@ -24,7 +24,7 @@ from . import dist_util, logger
 from .digits_data import digits_arrays
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
-DIGITS = "digits"
+DIGITS = {"digits": None, "digits_train": "train"}  # --data_dir name -> split of cm.digits_data (None: all)
 
 
 def load_data(
@@ -45,7 +45,8 @@ def load_data(
 
     :param data_dir: an image folder (searched recursively; class = file-name prefix before the first "_"),
         an .npz file (arr_0 NHWC, uint8 or float in [-1, 1], C = 1 or 3; optional arr_1 labels; memory-mapped
-        when saved uncompressed with np.savez), or "digits" (scikit-learn's 8x8 digits).
+        when saved uncompressed with np.savez), "digits" (scikit-learn's 8x8 digits, all 1,797) or "digits_train"
+        (their training half, cm.digits_data.SPLITS: what the digits presets train on).
     :param batch_size: images per batch on this rank.
     :param image_size: side of the square images returned (center-crop resize like the reference).
     :param class_cond: include labels as kwargs["y"].
@@ -66,8 +67,8 @@ def load_data(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not data_dir:
         raise ValueError("no data given: pass --data_dir (an image folder, an .npz file, or 'digits')")
-    if data_dir == DIGITS:
-        images, labels = digits_arrays(image_size)
+    if data_dir in DIGITS:
+        images, labels = digits_arrays(image_size, DIGITS[data_dir])
         source = ArraySource(images, labels)
     elif str(data_dir).endswith(".npz"):
         source = ArraySource(*npz_arrays(data_dir, image_size), name=str(data_dir))
@@ -429,8 +430,8 @@ def _worker_batches(loader, plan, files):
     for indices, _ in plan:
         try:
             item = next(batches)
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
+        except (RuntimeError, OSError, EOFError) as e:  # OSError, EOFError: its pipe closed mid-transfer
+            if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
                 raise
             raise DataError(
                 f"a data-loading worker died ({str(e).strip()}) while decoding the batch that starts with "

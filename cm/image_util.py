@@ -20,8 +20,8 @@ from .image_datasets import center_crop_arr
 from .sampling import karras_sample
 from .config import resolve_model_config
 from .flags import DEVICES
-from .karras_diffusion import KarrasDenoiser
 from .script_util import create_model, load_model_checkpoint
+from .training_modes import get_training_mode
 GRID_IMAGES = 64
 
 
@@ -173,9 +173,10 @@ def select_device(name):
 
 
 def load_sampling_model(args, device):
-    """(network, KarrasDenoiser) from the model flags in `args`, with args.model_path loaded, ready for inference.
+    """(network, denoiser) from the model flags in `args`, with args.model_path loaded, ready for inference.
 
-    Checkpoints of consistency modes (cm.training_modes) get the boundary-condition scalings. The network is
+    The denoiser is the one the checkpoint's training mode names (cm.training_modes): KarrasDenoiser with the
+    boundary-condition scalings for consistency modes, TrigFlowDenoiser for sCM. The network is
     moved to `device`, optionally to channels_last, and its body to float16 (use_fp16, as the reference) or
     bfloat16.
     """
@@ -184,7 +185,8 @@ def load_sampling_model(args, device):
     if getattr(args, "use_fp16", False) and getattr(args, "use_bf16", False):
         raise ValueError("choose one of --use_fp16 and --use_bf16")
     config = resolve_model_config(args)
-    model, diffusion = create_model(**config["network"]), KarrasDenoiser(**config["denoiser"])
+    model = create_model(**config["network"])
+    diffusion = get_training_mode(config["training_mode"]).build_denoiser(config["denoiser"])
     load_model_checkpoint(model, args.model_path)
     model.to(device)
     if getattr(args, "channels_last", False):
@@ -210,7 +212,7 @@ def rank_batches(num_samples, batch_size, world_size):
 
 def generate_samples(
     diffusion, model, num_samples, batch_size, image_size, generator, sample_kwargs=None, num_classes=None,
-    progress=True,
+    progress=True, autoencoder=None, latent_shape=None,
 ):
     """num_samples images from karras_sample over all ranks; rank 0 gets (uint8 [N, H, W, 3], labels [N] or None).
 
@@ -228,6 +230,7 @@ def generate_samples(
     :param sample_kwargs: further karras_sample arguments (sampler, steps, ts, sigma_min, ...).
     :param num_classes: draw labels y in [0, num_classes) for a class-conditional model (None: unconditional).
     :param progress: tqdm bar on rank 0.
+    :param autoencoder: sample latents of latent_shape (C, H, W) and decode them with autoencoder.decode (cm.latent).
     """
     if num_samples <= 0 or batch_size <= 0:
         raise ValueError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
@@ -235,26 +238,43 @@ def generate_samples(
     device = next(model.parameters()).device
     images = np.zeros((num_samples, image_size, image_size, 3), np.uint8) if rank == 0 else None
     labels = np.zeros(num_samples, np.int64) if rank == 0 and num_classes else None
+    batches, kept = list(rank_batches(num_samples, batch_size, world)), []
     bar = tqdm(total=num_samples, disable=not progress or rank != 0, unit="img", desc="sampling")
-    for done, batch in rank_batches(num_samples, batch_size, world):
+    for done, batch in batches:
         generator.set_done_samples(done)
         model_kwargs = {}
         if num_classes:
             model_kwargs["y"] = generator.randint(0, num_classes, (batch,), device=device)
         with torch.inference_mode():
+            shape = (batch, *latent_shape) if autoencoder is not None else (batch, 3, image_size, image_size)
             x = karras_sample(
-                diffusion, model, (batch, 3, image_size, image_size), model_kwargs=model_kwargs, device=device,
-                generator=generator, **(sample_kwargs or {}),
+                diffusion, model, shape, model_kwargs=model_kwargs, device=device, generator=generator,
+                **(sample_kwargs or {}), **({"clamp": False} if autoencoder is not None else {}),
             )
+            if autoencoder is not None:
+                x = autoencoder.decode(x.float()).clamp(-1, 1)
             piece = (to_uint8(x).cpu().numpy(), model_kwargs["y"].cpu().numpy() if num_classes else None)
-        gathered = dist_util.all_gather_object(piece)
         if rank == 0:
-            for r, (imgs, ys) in enumerate(gathered):
-                index = done + r + world * np.arange(len(imgs))
-                keep = index < num_samples
-                images[index[keep]] = imgs[keep]
-                if num_classes:
-                    labels[index[keep]] = ys[keep]
+            _place(images, labels, done, 0, world, piece)
+        else:
+            kept.append(piece)
         bar.update(min(world * batch, num_samples - done))
     bar.close()
+    # one gather at the end, so the ranks never wait for each other between batches
+    gathered = dist_util.gather_object(kept)
+    if rank != 0:
+        return None, None
+    for r, pieces in enumerate(gathered[1:], start=1):
+        for (done, _), piece in zip(batches, pieces):
+            _place(images, labels, done, r, world, piece)
     return images, labels
+
+
+def _place(images, labels, done, rank, world, piece):
+    """Write rank `rank`'s batch after `done` samples (uint8 images, labels or None) at its global indices."""
+    imgs, ys = piece
+    index = done + rank + world * np.arange(len(imgs))
+    keep = index < len(images)
+    images[index[keep]] = imgs[keep]
+    if labels is not None:
+        labels[index[keep]] = ys[keep]

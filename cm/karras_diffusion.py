@@ -14,6 +14,7 @@ from .sampling import euler_step, heun_step, karras_sample, karras_sigma  # noqa
 WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform", "ict")
 TEACHER_SOLVERS = ("heun", "euler")
 INDEX_SAMPLERS = ("uniform", "lognormal")
+BOUNDARY_SCALINGS = ("cm", "lcm")
 
 
 def get_weightings(weight_schedule, snrs, sigma_data):
@@ -63,6 +64,9 @@ class KarrasDenoiser:
     :param p_mean, p_std: lognormal index sampler parameters (iCT: -1.1, 2.0).
     :param lpips_vgg_path: local torchvision VGG16 weights for loss_norm lpips.
     :param lpips_pretrained: False uses a random-init LPIPS backbone (tests only).
+    :param boundary_scalings: with distillation, which f(x, sigma_min) = x scalings: cm (CM paper App. C) or lcm
+        (LCM, Luo et al. 2023: c_skip x + c_out D(x, sigma) over the EDM denoiser D).
+    :param lcm_timestep_scaling: LCM's timestep_scaling kappa, in units of sigma - sigma_min (lcm scalings only).
     """
 
     def __init__(
@@ -79,8 +83,11 @@ class KarrasDenoiser:
         p_std=2.0,
         lpips_vgg_path=None,
         lpips_pretrained=True,
+        boundary_scalings="cm",
+        lcm_timestep_scaling=10.0,
     ):
         check_choice("weight_schedule", weight_schedule, WEIGHT_SCHEDULES)
+        check_choice("boundary_scalings", boundary_scalings, BOUNDARY_SCALINGS)
         check_loss_norm(loss_norm)
         check_choice("index_sampler", index_sampler, INDEX_SAMPLERS)
         if not 0 < sigma_min < sigma_max:
@@ -97,6 +104,8 @@ class KarrasDenoiser:
         self.p_std = p_std
         self.lpips_vgg_path = lpips_vgg_path
         self.lpips_pretrained = lpips_pretrained
+        self.boundary_scalings = boundary_scalings
+        self.lcm_timestep_scaling = lcm_timestep_scaling
         self.num_timesteps = 40
         self._distance = None
 
@@ -123,10 +132,23 @@ class KarrasDenoiser:
         c_in = 1 / (sigma**2 + self.sigma_data**2) ** 0.5
         return c_skip, c_out, c_in
 
+    def get_scalings_for_lcm_boundary_condition(self, sigma):
+        """LCM's f = c_skip x + c_out x0_pred (Luo et al. 2023, Sec. 4) over the EDM denoiser x0_pred = D(x):
+        a = sd^2/(s^2+sd^2), b = s/sqrt(s^2+sd^2), s = kappa (sigma - eps), as one (c_skip, c_out, c_in) triple."""
+        s = self.lcm_timestep_scaling * (sigma - self.sigma_min)
+        a = self.sigma_data**2 / (s**2 + self.sigma_data**2)
+        b = s / (s**2 + self.sigma_data**2) ** 0.5
+        c_skip, c_out, c_in = self.get_scalings(sigma)
+        return a + b * c_skip, b * c_out, c_in
+
     def denoise(self, model, x_t, sigmas, **model_kwargs):
         """D(x_t, sigma) = c_skip x_t + c_out F(c_in x_t, c_noise); returns (F's output, D)."""
         sigmas = sigmas.to(x_t.dtype)
-        scalings = self.get_scalings_for_boundary_condition if self.distillation else self.get_scalings
+        scalings = self.get_scalings
+        if self.distillation:
+            scalings = self.get_scalings_for_boundary_condition
+            if self.boundary_scalings == "lcm":
+                scalings = self.get_scalings_for_lcm_boundary_condition
         c_skip, c_out, c_in = [append_dims(c, x_t.ndim) for c in scalings(sigmas)]
         c_noise = noise_conditioning(sigmas)
         model_output = model(c_in * x_t, c_noise, **model_kwargs)

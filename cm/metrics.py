@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .nn import mean_flat
 
-LOSS_NORMS = ("l1", "l2", "l2-32", "lpips", "pseudo-huber")
+LOSS_NORMS = ("l1", "l2", "l2-32", "lpips", "pseudo-huber", "huber")
 LPIPS_VGG_ENV = "CM_LPIPS_VGG_PATH"
 VGG16_FILENAME = "vgg16-397923af.pth"
 
@@ -43,6 +43,14 @@ def pseudo_huber(x, y, c=None):
     if c is None:
         c = pseudo_huber_c(diff.shape[1])
     return torch.sqrt(diff.pow(2).sum(dim=1) + c**2) - c
+
+
+LCM_HUBER_C = 0.001  # LCM's huber_c
+
+
+def huber(x, y, c=LCM_HUBER_C):
+    """LCM's Huber distance: the mean over elements of sqrt((x - y)^2 + c^2) - c, c = 0.001 (Luo et al. 2023)."""
+    return mean_flat(torch.sqrt((x - y) ** 2 + c**2) - c)
 
 
 def default_vgg16_path():
@@ -151,4 +159,4 @@ def get_distance_fn(loss_norm, lpips_vgg_path=None, lpips_pretrained=True):
     check_loss_norm(loss_norm)
     if loss_norm == "lpips":
         return LPIPSDistance(vgg_path=lpips_vgg_path, pretrained=lpips_pretrained)
-    return {"l1": l1, "l2": l2, "l2-32": l2_32, "pseudo-huber": pseudo_huber}[loss_norm]
+    return {"l1": l1, "l2": l2, "l2-32": l2_32, "pseudo-huber": pseudo_huber, "huber": huber}[loss_norm]

@@ -88,6 +88,11 @@ def mean_flat(tensor):
     return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
+def pixel_norm(x, dim=1, eps=1e-8):
+    """x / sqrt(mean(x^2 over `dim`) + eps): unit root-mean-square feature vectors (Karras et al. 2018, Eq. 2)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=dim, keepdim=True) + eps)
+
+
 def append_dims(x, target_dims):
     """Append trailing singleton dimensions until x has target_dims dimensions."""
     missing = target_dims - x.ndim

@@ -11,9 +11,10 @@ import math
 
 import torch
 
+from .guidance import guided_denoiser, takes_guidance
 from .nn import append_dims, append_zero
 from .random_util import get_generator
-from .trigflow import sample_trigflow_onestep, sample_trigflow_twostep
+from .trigflow import T_MID, sample_trigflow_onestep, sample_trigflow_twostep
 
 
 def karras_sigma(i, n, sigma_min, sigma_max, rho=7.0):
@@ -147,6 +148,40 @@ def stochastic_iterative_sampler(
     return x
 
 
+def lcm_ts(num_steps, steps):
+    """num_steps grid indices spread evenly from index 0 of the steps-point grid (LCM's evenly strided timesteps)."""
+    if not 1 <= num_steps <= steps:
+        raise ValueError(f"LCM sampling takes 1 to {steps} steps on a {steps}-point grid, got {num_steps}")
+    return tuple(round(i * (steps - 1) / num_steps) for i in range(num_steps))
+
+
+def lcm_sigmas(ts, steps, sigma_min, sigma_max, rho=7.0, device="cpu"):
+    """Noise levels at increasing grid indices ts of the steps-point Karras grid, then a final 0 (LCM sampling)."""
+    ts = [int(t) for t in ts]
+    if not ts or any(t < 0 or t > steps - 1 for t in ts) or any(b <= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"ts must be one or more strictly increasing indices in [0, {steps - 1}] (steps={steps}), got {ts}")
+    sigmas = karras_sigma(torch.tensor(ts, dtype=torch.float64), steps, sigma_min, sigma_max, rho)
+    return append_zero(sigmas).to(device)
+
+
+@torch.no_grad()
+def sample_lcm(denoiser, x, sigmas, generator=None, progress=False, callback=None):
+    """LCM's multistep sampling (Luo et al. 2023): denoise to x0, re-noise to the next level with fresh noise
+    (x0 + sigma_next z), repeat; the last denoised image is the sample."""
+    generator = generator or get_generator("dummy")
+    sigmas = sigmas.tolist()
+    for i in _steps(len(sigmas) - 1, progress):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        # denoise to x0
+        x0 = denoiser(x, _batch_sigma(t_cur, x))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "denoised": x0})
+        # re-noise to t_next
+        if t_next > 0:
+            x = x0 + generator.randn_like(x) * t_next
+    return x0
+
+
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, generator=None, progress=False, callback=None):
     """Euler solver of the PF-ODE over the given sigmas (EDM Alg. 1 without the Heun correction)."""
@@ -261,12 +296,25 @@ def sample_progdist(denoiser, x, sigmas, generator=None, progress=False, callbac
     return sample_euler(denoiser, x, sigmas, generator, progress=progress, callback=callback)
 
 
-def make_denoiser(diffusion, model, clip_denoised=True, model_kwargs=None):
-    """x0 = D(x, sigma [B]) of a network wrapped by a KarrasDenoiser, clamped to [-1, 1] when clip_denoised."""
+def make_denoiser(diffusion, model, clip_denoised=True, model_kwargs=None, guidance_scale=1.0):
+    """x0 = D(x, sigma [B]) of a network wrapped by a KarrasDenoiser, clamped to [-1, 1] when clip_denoised.
+
+    guidance_scale w: the guidance input of a network built with guidance_embed (LCM students), else classifier-free
+    guidance of a network with a null class (cm.guidance); w = 1 is the conditional model itself.
+    """
     model_kwargs = model_kwargs or {}
 
+    def denoise(x, sigma, **kwargs):
+        return diffusion.denoise(model, x, sigma, **kwargs)[1]
+
+    if takes_guidance(model):
+        def base(x, sigma):
+            return denoise(x, sigma, **model_kwargs, guidance=x.new_full((x.shape[0],), float(guidance_scale)))
+    else:
+        base = guided_denoiser(denoise, model, model_kwargs, guidance_scale)
+
     def denoiser(x, sigma):
-        x0 = diffusion.denoise(model, x, sigma, **model_kwargs)[1]
+        x0 = base(x, sigma)
         return x0.clamp(-1, 1) if clip_denoised else x0
 
     return denoiser
@@ -283,9 +331,11 @@ SAMPLERS = {
     "progdist": sample_progdist,
     "trigflow_onestep": sample_trigflow_onestep,
     "trigflow_twostep": sample_trigflow_twostep,
+    "lcm": sample_lcm,
 }
 SAMPLER_NAMES = (
-    "onestep", "multistep", "heun", "euler", "euler_ancestral", "dpm", "progdist", "trigflow_onestep", "trigflow_twostep"
+    "onestep", "multistep", "heun", "euler", "euler_ancestral", "dpm", "progdist", "trigflow_onestep", "trigflow_twostep",
+    "lcm",
 )
 
 
@@ -310,13 +360,19 @@ def karras_sample(
     generator=None,
     ts=None,
     x_T=None,
+    guidance_scale=1.0,
+    clamp=True,
+    t_mid=T_MID,
 ):
     """Draw samples of `shape` from `model` wrapped by `diffusion` (a KarrasDenoiser) with the named sampler.
 
-    :param steps: grid size N (multistep: the grid `ts` indexes; progdist: N + 1 levels).
-    :param ts: multistep grid indices, e.g. (0, 22, 39); default: every index of the grid.
+    :param steps: grid size N (multistep, lcm: the grid `ts` indexes; progdist: N + 1 levels).
+    :param ts: multistep / lcm grid indices, e.g. (0, 22, 39); default: every index of the grid.
     :param generator: a cm.random_util generator (default: the global torch RNG).
     :param x_T: starting noise at sigma_max (default: generator.randn(shape) * sigma_max).
+    :param guidance_scale: w of classifier-free guidance, or the guidance input of LCM students (1: none).
+    :param clamp: clamp the result to [-1, 1] (images; latents are left as they are).
+    :param t_mid: trigflow_twostep's intermediate TrigFlow time (sCM: 1.1), with the denoiser's sigma_data.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
@@ -329,6 +385,8 @@ def karras_sample(
     elif sampler == "multistep":
         ts = range(steps) if ts is None else ts
         sigmas = sigmas_from_ts(ts, steps, sigma_min, sigma_max, rho, device=device)
+    elif sampler == "lcm":
+        sigmas = lcm_sigmas(range(steps) if ts is None else ts, steps, sigma_min, sigma_max, rho, device=device)
     else:
         sigmas = get_sigmas_karras(steps, sigma_min, sigma_max, rho, device=device)
 
@@ -340,10 +398,12 @@ def karras_sample(
         options = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     elif sampler == "multistep":
         options = dict(t_min=sigma_min, t_max=sigma_max, rho=rho, steps=steps)
+    elif sampler == "trigflow_twostep":
+        options = dict(t_mid=t_mid, sigma_data=diffusion.sigma_data)
 
-    denoiser = make_denoiser(diffusion, model, clip_denoised, model_kwargs)
+    denoiser = make_denoiser(diffusion, model, clip_denoised, model_kwargs, guidance_scale)
     x_0 = SAMPLERS[sampler](denoiser, x_T, sigmas, generator, progress=progress, callback=callback, **options)
-    return x_0.clamp(-1, 1)
+    return x_0.clamp(-1, 1) if clamp else x_0
 
 
 def ternary_search(objective, lo, hi):

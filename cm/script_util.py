@@ -12,6 +12,7 @@ import os
 import sys
 
 from . import errors, schedules
+from .checkpoint_io import describe_state_dict_mismatch, load_fitting_state_dict  # noqa: F401
 from .config import config_to_json, group_values
 from .flags import (
     CM_TRAIN_FLAGS,
@@ -27,6 +28,7 @@ from .flags import (
     script_defaults,
 )
 from .karras_diffusion import KarrasDenoiser
+from .scm import add_logvar_head
 from .training_modes import TRAINING_MODES as _MODE_TABLE
 from .unet import UNetModel
 
@@ -162,17 +164,27 @@ def create_model(
     num_classes=NUM_CLASSES,
     model_type="adm",
     in_channels=3,
+    null_class=False,
+    guidance_embed=False,
+    adaptive_double_norm=False,
+    logvar_channels=0,
     **ncsnpp_options,
 ):
-    """Build the network named by model_type from flag values (ADM UNet by default, as the reference)."""
+    """Build the network named by model_type from flag values (ADM UNet by default, as the reference); with
+    logvar_channels > 0 it carries sCM's log-variance head as `logvar_head` (cm.scm.add_logvar_head)."""
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r}; allowed: {', '.join(MODEL_TYPES)}")
+    if model_type == "ncsnpp" and adaptive_double_norm:
+        raise ValueError("--adaptive_double_norm acts on the ADM UNet's scale-shift blocks (NCSN++ adds its time "
+                         "embedding); use --model_type adm")
+    if model_type == "ncsnpp" and (null_class or guidance_embed):
+        raise ValueError("--null_class and --guidance_embed are options of the ADM UNet; use --model_type adm")
     channel_mult = resolve_channel_mult(channel_mult, image_size)
     out_channels = 2 * in_channels if learn_sigma else in_channels
     if model_type == "ncsnpp":
         from .ncsnpp import create_ncsnpp_model
 
-        return create_ncsnpp_model(
+        network = create_ncsnpp_model(
             image_size=image_size,
             num_channels=num_channels,
             num_res_blocks=num_res_blocks,
@@ -184,7 +196,8 @@ def create_model(
             out_channels=out_channels,
             **ncsnpp_options,
         )
-    return UNetModel(
+        return add_logvar_head(network, logvar_channels)
+    network = UNetModel(
         image_size=image_size,
         in_channels=in_channels,
         model_channels=num_channels,
@@ -203,7 +216,11 @@ def create_model(
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
         attention_type=attention_type,
+        null_class=null_class,
+        guidance_embed=guidance_embed,
+        adaptive_double_norm=adaptive_double_norm,
     )
+    return add_logvar_head(network, logvar_channels)
 
 
 # ----- command line ------------------------------------------------------------------------------
@@ -337,24 +354,6 @@ def args_to_json(args):
     return json.dumps(vars(args), indent=2, sort_keys=True, default=str)
 
 
-def describe_state_dict_mismatch(model, state_dict, limit=3):
-    """One line naming missing keys, unexpected keys and shape mismatches ('' when the state dict fits)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-
-    def part(name, items):
-        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-        return f"{name}: {', '.join(items[:limit])}{more}" if items else ""
-
-    return "; ".join(p for p in (part("missing keys", missing), part("unexpected keys", unexpected), part("shape mismatches", shapes)) if p)
-
-
 def load_model_checkpoint(model, path, what="checkpoint"):
     """Load a state dict file into model (strict), or stop with one line saying which keys / shapes differ."""
     from . import dist_util
@@ -364,8 +363,4 @@ def load_model_checkpoint(model, path, what="checkpoint"):
     state_dict = dist_util.load_state_dict(path, map_location="cpu")
     if isinstance(state_dict, dict) and "state_dict" in state_dict and not any(k.endswith(".weight") for k in state_dict):
         state_dict = state_dict["state_dict"]
-    problem = describe_state_dict_mismatch(model, state_dict)
-    if problem:
-        raise ValueError(f"{what} {path} does not fit the model flags: {problem}")
-    model.load_state_dict(state_dict, strict=True)
-    return model
+    return load_fitting_state_dict(model, state_dict, path, what)

@@ -13,8 +13,10 @@ import torch
 from . import dist_util, logger
 from .config import config_to_json, resolve_training_config
 from .image_datasets import load_data
+from .latent import LatentStream, load_autoencoder
 from .karras_diffusion import KarrasDenoiser
 from .resample import create_named_schedule_sampler
+from .run_dir import check_log_dir
 from .script_util import create_model, create_parser, load_model_checkpoint, run_script
 from .train_util import CMTrainLoop, TrainLoop
 from .training_modes import get_training_mode
@@ -62,7 +64,7 @@ def build_teacher(config):
     teacher = create_model(**teacher_config["network"])
     load_model_checkpoint(teacher, teacher_config["model_path"], "teacher checkpoint")
     teacher.train(teacher_config["stochastic"])
-    return teacher, KarrasDenoiser(**{**config["denoiser"], "distillation": False})
+    return teacher, KarrasDenoiser(**teacher_config["denoiser"])
 
 
 def describe_teacher(teacher_config):
@@ -84,9 +86,10 @@ def init_student(model, config, teacher):
         return
     source = teacher
     if source is None:  # a throwaway copy (building it advances the RNG, which the run's streams rely on)
-        source = create_model(**config["network"])
+        source = create_model(**config["teacher"]["network"])
         load_model_checkpoint(source, config["teacher"]["model_path"], "teacher checkpoint")
-    model.load_state_dict(source.state_dict())
+    # strict over the teacher's parameters; the student's own additions (sCM's logvar_head) keep their initialisation
+    model.load_state_dict({**model.state_dict(), **source.state_dict()})
     why = "" if mode.teacher == "required" else " (the reference's behaviour for --teacher_model_path; " \
         "--init_from_teacher false starts from scratch)"
     logger.log(f"student starts from the teacher's weights ({config['teacher']['model_path']}){why}")
@@ -97,6 +100,7 @@ def build_training(config):
     mode = get_training_mode(config["training_mode"])
     run_config = config["run"]
     log_dir = logger.configure(dir=run_config["log_dir"] or None)
+    check_log_dir(log_dir, config)  # another run's checkpoints, or this run's with other settings, stop here
     rank = dist_util.get_rank()
     if rank == 0:
         with open(os.path.join(log_dir, "config.json"), "w") as f:
@@ -107,7 +111,7 @@ def build_training(config):
     channels_last = config["loop"]["channels_last"]
 
     model = create_model(**config["network"])
-    diffusion = KarrasDenoiser(**config["denoiser"])
+    diffusion = mode.build_denoiser(config["denoiser"])
     if mode.uses_distance:
         diffusion.build_distance()  # LPIPS weights load now, so a missing file fails before training
     logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({config['network']['model_type']})")
@@ -123,6 +127,11 @@ def build_training(config):
         logger.log(f"warning: global_batch_size {run_config['global_batch_size']} is not divisible by "
                    f"{run_config['world_size']} ranks; using {batch_size * run_config['world_size']}")
     data = load_data(**config["data"])
+    autoencoder_path = config.get("latent", {}).get("autoencoder_path")
+    if autoencoder_path:  # train on the autoencoder's latents (cm.latent)
+        data = LatentStream(data, load_autoencoder(autoencoder_path, device), device)
+        logger.log(f"latent space of {autoencoder_path}: the network sees {config['network']['in_channels']} x "
+                   f"{config['network']['image_size']}^2 latents")
     common = dict(
         model=_prepare(model, device, channels_last),
         diffusion=diffusion,

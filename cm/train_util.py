@@ -25,16 +25,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from .checkpoint_io import load_fitting_state_dict, save_checkpoint
 from .errors import CheckpointError, CheckpointWriteError
+from .guidance import drop_labels, null_label
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401  (the reference's location)
 from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
+from .time_budget import TimeBudget, planned_lengths, run_length
 from .training_modes import LossContext, get_training_mode
 
 OPTIMIZERS = ("radam", "adam", "adamw")
-_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
-_TEMPORARY_FILE = re.compile(r"\d{6}\.pt\.tmp\d+$")
+CHECKPOINT_FORMATS = ("pt", "safetensors")  # of the network files (model, EMAs, *_model); opt and state are .pt
+_MODEL_FILE = re.compile(r"^model(\d+)\.(pt|safetensors)$")
+_TEMPORARY_FILE = re.compile(r"\d{6}\.(pt|safetensors)\.tmp\d+$")
 
 
 # ----- small pieces ----------------------------------------------------------------------------
@@ -96,43 +100,58 @@ def get_blob_logdir():
 
 
 def parse_resume_step_from_filename(filename):
-    """The step NNNNNN of path/to/modelNNNNNN.pt (0 when the name has none)."""
-    match = re.search(r"model(\d+)\.pt$", bf.basename(filename))
+    """The step NNNNNN of path/to/modelNNNNNN.pt (or .safetensors; 0 when the name has none)."""
+    match = re.search(r"model(\d+)\.(pt|safetensors)$", bf.basename(filename))
     return int(match.group(1)) if match else 0
 
 
-def checkpoint_files(step, ema_rates, extra_names=()):
-    """File names of a complete checkpoint at `step`, the model file last."""
-    names = [f"ema_{rate}_{step:06d}.pt" for rate in ema_rates]
+def checkpoint_format_of(path):
+    """"safetensors" for a .safetensors file, else "pt" (the reference's files, and any other name)."""
+    return "safetensors" if str(path).endswith(".safetensors") else "pt"
+
+
+def network_file(prefix, step, fmt="pt"):
+    """The file name of a network's weights at `step`: modelNNNNNN.pt, ema_RATE_NNNNNN.safetensors, ..."""
+    return f"{prefix}{step:06d}.{fmt}"
+
+
+def checkpoint_files(step, ema_rates, extra_names=(), fmt="pt"):
+    """File names of a complete checkpoint at `step`, the model file last. Networks (the model, its EMAs and
+    extras named *_model) are in `fmt`; the optimizer, the run state and other extras are always .pt."""
+    names = [network_file(f"ema_{rate}_", step, fmt) for rate in ema_rates]
     names += [f"opt{step:06d}.pt", f"state{step:06d}.pt"]
-    names += [f"{name}{step:06d}.pt" for name in extra_names]
-    return names + [f"model{step:06d}.pt"]
+    names += [network_file(name, step, fmt if name.endswith("_model") else "pt") for name in extra_names]
+    return names + [network_file("model", step, fmt)]
 
 
 def find_resume_checkpoint(log_dir=None, ema_rates=(), extra_names=()):
-    """The newest modelNNNNNN.pt in log_dir whose companion files all exist, else None."""
+    """The newest modelNNNNNN.pt (or .safetensors) in log_dir whose companion files all exist, else None."""
     log_dir = log_dir or get_blob_logdir()
     if not log_dir or not bf.exists(log_dir):
         return None
     present = set(bf.listdir(log_dir))
-    steps = sorted((int(m.group(1)) for m in map(_MODEL_FILE.match, present) if m), reverse=True)
-    for step in steps:
-        if all(name in present for name in checkpoint_files(step, ema_rates, extra_names)):
-            return bf.join(log_dir, f"model{step:06d}.pt")
+    found = sorted(((int(m.group(1)), m.group(2)) for m in map(_MODEL_FILE.match, present) if m), reverse=True)
+    for step, fmt in found:
+        if all(name in present for name in checkpoint_files(step, ema_rates, extra_names, fmt)):
+            return bf.join(log_dir, network_file("model", step, fmt))
     return None
 
 
 def find_ema_checkpoint(main_checkpoint, step, rate):
-    """ema_RATE_NNNNNN.pt next to main_checkpoint, if it exists."""
+    """ema_RATE_NNNNNN.pt (or .safetensors, as main_checkpoint) next to main_checkpoint, if it exists."""
     if not main_checkpoint:
         return None
-    path = bf.join(bf.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    name = network_file(f"ema_{rate}_", step, checkpoint_format_of(main_checkpoint))
+    path = bf.join(bf.dirname(main_checkpoint), name)
     return path if bf.exists(path) else None
 
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, flush it to disk, then rename: readers never see a partial file, and a
     failed write (disk full) leaves no temporary file behind."""
+    if checkpoint_format_of(path) == "safetensors":
+        save_checkpoint(obj, path)  # the same temporary file and rename
+        return
     if "://" in path:  # object stores publish a blob only once it is fully written
         with bf.BlobFile(path, "wb") as f:
             torch.save(obj, f)
@@ -221,10 +240,15 @@ class TrainLoop:
     :param total_training_steps: stop after this many steps (0: run until interrupted).
     :param run_config: dict recorded in every checkpoint (the resolved configuration, cm.config).
     :param seed: the run's seed (restarts the RNG streams when a checkpoint of another world size is resumed).
+    :param checkpoint_format: "pt" (the reference's files) or "safetensors" for the model, EMA and *_model files.
     :param max_consecutive_skips: stop with an error after this many steps in a row with non-finite gradients.
     :param channels_last: feed images in channels_last memory format.
     :param time_limit: seconds of training after which to checkpoint and stop (0: none).
+    :param time_budget: seconds of training to fit the run into (0: none): from its measured speed the run re-plans
+        its length, lr decay and schedules so that it ends on time (cm.time_budget).
     :param progress: tqdm progress bar on rank 0.
+    :param class_dropout_prob: classifier-free guidance: each label becomes the model's null label with this
+        probability (cm.guidance; the model needs null_class).
     """
 
     @property
@@ -256,10 +280,13 @@ class TrainLoop:
         total_training_steps=0,
         run_config=None,
         seed=0,
+        checkpoint_format="pt",
         max_consecutive_skips=100,
         channels_last=False,
         time_limit=0.0,
+        time_budget=0.0,
         progress=True,
+        class_dropout_prob=0.0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -279,10 +306,17 @@ class TrainLoop:
         self.total_training_steps = total_training_steps
         self.run_config = run_config or {}
         self.seed = seed
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}; allowed: {', '.join(CHECKPOINT_FORMATS)}")
+        self.checkpoint_format = checkpoint_format
         self.max_consecutive_skips = max_consecutive_skips
         self.channels_last = channels_last
         self.time_limit = time_limit
+        self.configured_steps = (total_training_steps, lr_anneal_steps)  # what a time budget re-plans
+        self.budget = TimeBudget(time_budget) if time_budget else None
         self.progress = progress
+        self.class_dropout_prob = class_dropout_prob
+        self.null_label = null_label(model) if class_dropout_prob > 0 else None
         self.device = dist_util.dev()
         self.global_batch = batch_size * dist_util.get_world_size()
         self.step = 0
@@ -325,7 +359,7 @@ class TrainLoop:
         directory = bf.dirname(path)
         logger.log(f"resuming from {path} (step {self.step})")
         try:
-            self.model.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
+            load_fitting_state_dict(self.model, dist_util.load_state_dict(path, map_location=self.device), path)
             for rate, params in zip(self.ema_rate, self.ema_params):
                 ema_path = find_ema_checkpoint(path, self.step, rate)
                 source = dist_util.load_state_dict(ema_path, map_location=self.device) if ema_path else None
@@ -334,7 +368,7 @@ class TrainLoop:
             opt_path = bf.join(directory, f"opt{self.step:06d}.pt")
             if bf.exists(opt_path):
                 self.opt.load_state_dict(dist_util.load_state_dict(opt_path, map_location=self.device))
-            self._load_extra_checkpoints(directory, self.step)
+            self._load_extra_checkpoints(directory, self.step, checkpoint_format_of(path))
             state_path = bf.join(directory, f"state{self.step:06d}.pt")
             if bf.exists(state_path):
                 self._load_state(dist_util.load_state_dict(state_path, map_location="cpu"))
@@ -359,8 +393,9 @@ class TrainLoop:
             torch.manual_seed(int(state.get("seed", self.seed)) + 1000 * self.step + rank)
         if hasattr(self.data, "load_state_dict") and "data" in state:
             self.data.load_state_dict(state["data"])
+        self._load_plan(state.get("plan"))
 
-    def _load_extra_checkpoints(self, directory, step):
+    def _load_extra_checkpoints(self, directory, step, fmt="pt"):
         """Hook: CMTrainLoop loads its target / teacher networks here."""
 
     # ----- the loop -----------------------------------------------------------------------------
@@ -378,13 +413,17 @@ class TrainLoop:
             bar = tqdm(total=self.total_training_steps or None, initial=self.step, desc="train", dynamic_ncols=True)
         self._interval_start = (time.time(), self.step)
         deadline = time.time() + self.time_limit if self.time_limit else float("inf")
+        if self.budget is not None:
+            self.budget.start(self.step, run_length(self.total_training_steps, self.lr_anneal_steps))
         with StopRequest() as stop:
             while not self.done():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
                 if bar is not None:
                     bar.update(1)
-                should_stop = stop.requested or time.time() > deadline
+                if self.budget is not None:
+                    self._follow_budget(bar)
+                should_stop = stop.requested or time.time() > deadline or self._overran_budget()
                 if self.step % self.log_interval == 0:
                     self.dump_logs(bar)
                     should_stop = self._agree(should_stop)
@@ -404,6 +443,8 @@ class TrainLoop:
             self.data.log_summary()  # unreadable images skipped over the run
         if bar is not None:
             bar.close()
+        if self.budget is not None:
+            self.budget.stop()
 
     @staticmethod
     def _agree(flag):
@@ -431,6 +472,7 @@ class TrainLoop:
             if self.channels_last:
                 micro = micro.contiguous(memory_format=torch.channels_last)
             micro_cond = {k: v[i : i + self.microbatch].to(self.device, non_blocking=True) for k, v in cond.items()}
+            micro_cond = self._drop_labels(micro_cond)
             last = i + self.microbatch >= n
             with dist_util.ddp_sync(self.ddp_model, sync=last):
                 with self.mp_trainer.autocast():
@@ -439,6 +481,12 @@ class TrainLoop:
                 terms = {k: weighted if k == "loss" else v * weights for k, v in losses.items() if k != "sigma"}
                 log_loss_dict(self.diffusion, losses["sigma"], terms)
                 self.mp_trainer.backward(weighted.mean() * (micro.shape[0] / n))
+
+    def _drop_labels(self, cond):
+        """Classifier-free guidance training: labels replaced by the null label with probability class_dropout_prob."""
+        if self.null_label is None:
+            return cond
+        return {**cond, "y": drop_labels(cond["y"], self.class_dropout_prob, self.null_label)}
 
     def _bind_loss(self):
         """The EDM loss with this loop's noise-level sampler (CMTrainLoop binds its mode's loss instead)."""
@@ -463,6 +511,63 @@ class TrainLoop:
             lr *= max(0.0, 1 - self.step / self.lr_anneal_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
+
+    # ----- time budget (cm.time_budget) -----------------------------------------------------------
+    def set_run_length(self, total_training_steps, lr_anneal_steps):
+        """Make the run end at total_training_steps with its lr decay over lr_anneal_steps (CMTrainLoop: and
+        rebuild its schedule for the new length)."""
+        self.total_training_steps, self.lr_anneal_steps = total_training_steps, lr_anneal_steps
+        self._anneal_lr()
+
+    def replan(self, total_steps):
+        """Re-plan the configured run to end at step total_steps: the lr decay and the schedules scale with it."""
+        self.set_run_length(*planned_lengths(*self.configured_steps, total_steps))
+
+    def plan_state(self):
+        """A budgeted run's plan, stored in each checkpoint (None without a budget)."""
+        if self.budget is None:
+            return None
+        return {"total_training_steps": self.total_training_steps, "lr_anneal_steps": self.lr_anneal_steps,
+                "budget": self.budget.state_dict()}
+
+    def _load_plan(self, plan):
+        """Resume a budgeted run's plan: its length and schedules, the time spent and whether the plan is final."""
+        if plan is None:
+            return
+        if self.budget is None:
+            logger.log("the checkpoint holds a time-budget plan, but this run has no --time_budget_minutes: "
+                       "the flags' step counts apply")
+            return
+        self.budget.spent, self.budget.final = plan["budget"]["spent"], plan["budget"]["final"]
+        self.set_run_length(plan["total_training_steps"], plan["lr_anneal_steps"])
+        how = "final" if self.budget.final else "re-planned as it goes"
+        logger.log(f"time budget: resuming the plan of {self.total_training_steps} steps ({how}); "
+                   f"{self.budget.spent / 60:.2f} of {self.budget.seconds / 60:.2f} min spent")
+
+    def _follow_budget(self, bar):
+        """Re-plan when the budget says so; rank 0's measurement decides for every rank, at log steps."""
+        if self.budget.final:
+            return
+        shared = dist_util.get_world_size() > 1
+        if shared and self.step % self.log_interval:
+            return
+        steps = self.budget.plan(self.step) if self.budget.due(self.step) else None
+        if shared:
+            steps = dist_util.broadcast_object(steps)
+        if steps is None:
+            return
+        self.budget.accept(self.step, steps)
+        self.replan(steps)
+        if bar is not None:
+            bar.total = self.total_training_steps
+            bar.refresh()
+        speed = f"{self.budget.seconds_per_step:.3f} s/step, " if self.budget.seconds_per_step else ""
+        then = "final plan" if self.budget.final else f"next re-plan at step {self.budget.next_check}"
+        logger.log(f"time budget: step {self.step}, {speed}{self.budget.elapsed() / 60:.2f} of "
+                   f"{self.budget.seconds / 60:.2f} min used -> {self.total_training_steps} steps ({then})")
+
+    def _overran_budget(self):
+        return self.budget is not None and self.budget.overrun()
 
     # ----- logging ------------------------------------------------------------------------------
     def log_step(self, found_inf=None):
@@ -551,15 +656,16 @@ class TrainLoop:
                 "lg_loss_scale": self.mp_trainer.lg_loss_scale.detach().cpu(),
                 "seed": int(self.seed),
                 "config": dict(self.run_config),
+                "plan": self.plan_state(),
             }
 
         as_state_dict = self.mp_trainer.master_params_to_state_dict
-        contents = [(f"ema_{rate}_{step:06d}.pt", lambda p=params: as_state_dict(p)) for rate, params in zip(self.ema_rate, self.ema_params)]
-        contents.append((f"opt{step:06d}.pt", self.opt.state_dict))
-        contents += [(f"{name}{step:06d}.pt", module.state_dict) for name, module in self._extra_checkpoints()]
-        contents.append((f"state{step:06d}.pt", state))
-        contents.append((f"model{step:06d}.pt", lambda: as_state_dict(self.mp_trainer.master_params)))
-        return contents
+        names = checkpoint_files(step, self.ema_rate, self.extra_checkpoint_names, self.checkpoint_format)
+        makers = [lambda p=params: as_state_dict(p) for params in self.ema_params]
+        makers += [self.opt.state_dict, state]
+        makers += [module.state_dict for _, module in self._extra_checkpoints()]
+        makers.append(lambda: as_state_dict(self.mp_trainer.master_params))
+        return list(zip(names, makers))
 
     def _extra_checkpoints(self):
         """Hook: (file prefix, module) pairs saved with each checkpoint."""
@@ -582,6 +688,8 @@ class CMTrainLoop(TrainLoop):
     :param total_training_steps: K; training stops there.
     :param teacher_solver: heun | euler, the teacher's ODE step in consistency distillation.
     :param loss_options: values of the mode's own flag groups (cm.training_modes.TrainingMode.loss_groups).
+    :param make_ema_scale_fn: total_steps -> a new ema_scale_fn spanning total_steps, used when a time budget
+        re-plans the run (default: the mode's schedule_fn of run_config["schedule"]).
     Other arguments as TrainLoop.
     """
 
@@ -596,9 +704,12 @@ class CMTrainLoop(TrainLoop):
         total_training_steps,
         teacher_solver="heun",
         loss_options=None,
+        make_ema_scale_fn=None,
         **kwargs,
     ):
         mode = get_training_mode(training_mode)
+        if kwargs.get("time_budget") and make_ema_scale_fn is None and "schedule" not in (kwargs.get("run_config") or {}):
+            raise ValueError("a time budget re-plans the schedule: pass make_ema_scale_fn or a run_config with its schedule")
         if mode.schedule != "ema_and_scales":
             raise ValueError(f"training_mode {mode.name} has no mu(k) / N(k) schedule; train it with TrainLoop")
         if mode.teacher_in_loss and teacher_model is None:
@@ -613,6 +724,7 @@ class CMTrainLoop(TrainLoop):
         self.teacher_diffusion = teacher_diffusion
         self.teacher_solver = teacher_solver
         self.loss_options = dict(loss_options or {})
+        self.make_ema_scale_fn = make_ema_scale_fn or self._schedule_from_config
         if self.target_model is not None:
             self.target_model.requires_grad_(False)
             self.target_model.train()
@@ -628,12 +740,12 @@ class CMTrainLoop(TrainLoop):
     def _bind_loss(self):
         """The mode's loss, bound once to this loop's networks."""
         context = LossContext(self.target_model, self.teacher_model, self.teacher_diffusion, self.teacher_solver,
-                              options=self.loss_options)
+                              options=self.loss_options, config=self.run_config)
         return self.mode.bind_loss(self.diffusion, context)
 
-    def _load_extra_checkpoints(self, directory, step):
+    def _load_extra_checkpoints(self, directory, step, fmt="pt"):
         for name, module in self._extra_checkpoints():
-            path = bf.join(directory, f"{name}{step:06d}.pt")
+            path = bf.join(directory, network_file(name, step, fmt if name.endswith("_model") else "pt"))
             if bf.exists(path):
                 module.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
             elif name == "target_model":
@@ -642,7 +754,17 @@ class CMTrainLoop(TrainLoop):
 
     def _extra_checkpoints(self):
         networks = {"target_model": self.target_model, "teacher_model": self.teacher_model}
-        return [(name, networks[name]) for name in self.mode.saved_networks]
+        # a bound loss may own state of its own (UFOGen's discriminator and its optimizer): saved and resumed too
+        owned = list(getattr(self.loss_fn, "extra_checkpoints", ()))
+        return [(name, networks[name]) for name in self.mode.saved_networks] + owned
+
+    def _schedule_from_config(self, total_steps):
+        """The mode's schedule (mu(k), N(k), stages) built from the resolved configuration, spanning total_steps."""
+        return self.mode.schedule_fn({**self.run_config["schedule"], "total_steps": total_steps})
+
+    def set_run_length(self, total_training_steps, lr_anneal_steps):
+        super().set_run_length(total_training_steps, lr_anneal_steps)
+        self.ema_scale_fn = self.make_ema_scale_fn(total_training_steps)
 
     @property
     def global_step(self):

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
+from .ect import bind_ect_loss, create_ect_schedule
+from .scm import bind_scm_loss, check_scm_config, scm_schedule
+from .trigflow import TrigFlowDenoiser
+
 
 @dataclass(frozen=True)
 class LossContext:
@@ -25,6 +29,7 @@ class LossContext:
     teacher_solver: str = "heun"
     schedule_sampler: object = None
     options: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the resolved run configuration (cm.config), where the loop has one
 
 
 def bind_edm_loss(diffusion, context):
@@ -73,6 +78,36 @@ def bind_progdist_loss(diffusion, context):
     )
 
 
+def bind_lcm_loss(diffusion, context):
+    """Latent consistency distillation (Luo et al. 2023): guided teacher, skipping step k, w-conditioned student;
+    with no teacher in the loss, latent consistency fine-tuning (LCF). See cm.lcm."""
+    from .lcm import bind_lcm
+
+    return bind_lcm(diffusion, context)
+
+
+def lcm_denoiser(**denoiser_config):
+    """KarrasDenoiser with LCM's boundary-condition scalings (c_skip x + c_out D(x), f(x, sigma_min) = x)."""
+    from .karras_diffusion import KarrasDenoiser
+
+    return KarrasDenoiser(**denoiser_config, distillation=True, boundary_scalings="lcm")
+
+
+def check_lcm_config(config):
+    """One-line errors for LCM / LCF configurations that cannot train (cm.lcm.check_lcm_options)."""
+    from .lcm import check_lcm_options
+
+    check_lcm_options(config)
+
+
+def bind_ufogen_loss(diffusion, context):
+    """UFOGen (Xu et al. 2023): a diffusion-GAN generator x_t -> x'_0 -> x'_(t-1) against a noise-level-conditioned
+    discriminator that the bound loss owns and checkpoints. See cm.ufogen."""
+    from .ufogen import bind_ufogen
+
+    return bind_ufogen(diffusion, context)
+
+
 @dataclass(frozen=True)
 class TrainingMode:
     """What one training mode needs.
@@ -90,8 +125,17 @@ class TrainingMode:
     :param schedule: "ema_and_scales" (step -> (mu(k), N(k))) or "schedule_sampler" (EDM sigma sampler).
     :param schedule_groups: flag groups that configure the mu(k), N(k) schedule (plus total_steps).
     :param make_schedule: builds step -> (mu(k), N(k)) from those values (None: cm.schedules.create_ema_and_scales_fn).
+    :param schedule_in_images: the schedule also gets images_per_step (the global batch), for stages in images.
     :param promotes_student: at each change of N the student becomes the teacher (progressive distillation).
     :param flag_defaults: defaults of this mode's own script (e.g. ct_train.py); cm_train.py keeps the table's.
+    :param denoiser_groups: flag groups whose values build the mode's denoiser (its keyword arguments).
+    :param make_denoiser: the class (or factory) of the denoiser whose `denoise` the mode's checkpoints need, in
+        training and sampling (None: KarrasDenoiser with the boundary_condition choice).
+    :param samplers: names in cm.sampling of the (one-step, two-step) samplers of the mode's checkpoints.
+    :param check_config: resolved configuration -> None, raising ValueError in one line for a combination the mode
+        cannot train (None: no check).
+    :param teacher_network: network flags in which the teacher differs from the student (an LCM student's guidance
+        embedding, which its EDM teacher lacks).
     """
 
     name: str
@@ -106,8 +150,22 @@ class TrainingMode:
     schedule: str = "ema_and_scales"
     schedule_groups: tuple = ("schedule",)
     make_schedule: Callable = None
+    schedule_in_images: bool = False
     promotes_student: bool = False
     flag_defaults: dict = field(default_factory=dict)
+    denoiser_groups: tuple = ("denoiser",)
+    make_denoiser: Callable = None
+    samplers: tuple = ("onestep", "multistep")
+    check_config: Callable = None
+    teacher_network: dict = field(default_factory=dict)
+
+    def build_denoiser(self, denoiser_config):
+        """The denoiser of this mode's networks (training and sampling) from its resolved configuration."""
+        if self.make_denoiser is not None:
+            return self.make_denoiser(**denoiser_config)
+        from .karras_diffusion import KarrasDenoiser
+
+        return KarrasDenoiser(**denoiser_config)
 
     def schedule_fn(self, schedule_config):
         """step -> (mu(k), N(k)) from the resolved schedule group."""
@@ -172,6 +230,96 @@ TRAINING_MODES = {
             teacher="required",
             teacher_in_loss=True,
             promotes_student=True,
+        ),
+        TrainingMode(
+            name="consistency_tuning",
+            description="easy consistency tuning (ECT, Geng et al. 2025) of a pretrained EDM network (cm.ect)",
+            bind_loss=bind_ect_loss,
+            loss_groups=("ect", "ect_schedule"),
+            teacher="required",  # the EDM checkpoint the student starts from; no teacher network runs in the loss
+            uses_distance=False,
+            boundary_condition=True,
+            schedule_groups=("ect_schedule",),
+            make_schedule=create_ect_schedule,
+            schedule_in_images=True,
+            flag_defaults=dict(  # ECT's CIFAR-10 run (locuslab/ect run_ecm.sh): batch 128, 200k steps, and with
+                weight_schedule="ict",  # the table's 8 stages over the run, 3.2M images per stage
+                global_batch_size=128,
+                lr=1e-4,
+                total_training_steps=200000,
+            ),
+        ),
+        TrainingMode(
+            name="sct",
+            description="continuous-time consistency training, sCT (Lu & Song 2024): TrigFlow, the tangent by one JVP",
+            bind_loss=bind_scm_loss,
+            loss_groups=("scm_loss",),
+            teacher="optional",
+            uses_distance=False,
+            schedule_groups=("scm_schedule",),
+            make_schedule=scm_schedule,
+            denoiser_groups=("trigflow",),
+            make_denoiser=TrigFlowDenoiser,
+            samplers=("trigflow_onestep", "trigflow_twostep"),
+            check_config=check_scm_config,
+            flag_defaults=dict(time_conditioning="trigflow", adaptive_double_norm=True, logvar_channels=128,
+                               total_training_steps=400000),
+        ),
+        TrainingMode(
+            name="scd",
+            description="continuous-time consistency distillation, sCD (Lu & Song 2024), from an EDM teacher",
+            bind_loss=bind_scm_loss,
+            loss_groups=("scm_loss",),
+            teacher="required",
+            teacher_in_loss=True,
+            uses_distance=False,
+            schedule_groups=("scm_schedule",),
+            make_schedule=scm_schedule,
+            denoiser_groups=("trigflow",),
+            make_denoiser=TrigFlowDenoiser,
+            samplers=("trigflow_onestep", "trigflow_twostep"),
+            check_config=check_scm_config,
+            flag_defaults=dict(logvar_channels=128, total_training_steps=400000),
+        ),
+        TrainingMode(
+            name="lcm",
+            description="latent consistency distillation (Luo et al. 2023): a guided EDM teacher jumps k grid steps, "
+            "the student takes the guidance scale w (cm.lcm)",
+            bind_loss=bind_lcm_loss,
+            loss_groups=("lcm",),
+            teacher="required",
+            teacher_in_loss=True,
+            target=True,
+            boundary_condition=True,
+            make_denoiser=lcm_denoiser,
+            samplers=("onestep", "lcm"),
+            check_config=check_lcm_config,
+            teacher_network=dict(guidance_embed=False),
+            flag_defaults=dict(start_ema=0.95, weight_schedule="uniform", loss_norm="huber", teacher_solver="euler"),
+        ),
+        TrainingMode(
+            name="lcf",
+            description="latent consistency fine-tuning (Luo et al. 2023): the LCM given as --teacher_model_path trained "
+            "on new data by the same consistency loss, without a teacher (cm.lcm)",
+            bind_loss=bind_lcm_loss,
+            loss_groups=("lcm",),
+            teacher="required",  # the trained LCM the student starts from; no teacher runs in the loss
+            target=True,
+            boundary_condition=True,
+            make_denoiser=lcm_denoiser,
+            samplers=("onestep", "lcm"),
+            check_config=check_lcm_config,
+            flag_defaults=dict(start_ema=0.95, weight_schedule="uniform", loss_norm="huber"),
+        ),
+        TrainingMode(
+            name="ufogen",
+            description="UFOGen (Xu et al. 2023): a one-step diffusion-GAN generator initialised from an EDM teacher "
+            "(cm.ufogen)",
+            bind_loss=bind_ufogen_loss,
+            loss_groups=("ufogen",),
+            teacher="required",  # the EDM checkpoint generator (and discriminator encoder) start from
+            uses_distance=False,
+            samplers=("onestep", "lcm"),
         ),
     )
 }

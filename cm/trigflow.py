@@ -24,10 +24,11 @@ The time derivative of F_theta- along the trajectory is one JVP through the netw
 import torch
 import torch.nn as nn
 
-from .nn import append_dims, mean_flat, network_jvp, timestep_embedding
+from .nn import append_dims, mean_flat, network_jvp, noise_conditioning, timestep_embedding
 from .random_util import get_generator
 
 T_MID = 1.1  # sCM's intermediate time of two-step sampling
+TIME_CONDITIONINGS = ("edm", "trigflow")  # what a TrigFlow model's network is fed (TrigFlowDenoiser)
 
 
 def _per_sample(v, x):
@@ -92,6 +93,20 @@ def output_from_denoised(x_t, t, denoised, sigma_data=0.5):
     return (cos * x_t - denoised) / (sigma_data * sin)
 
 
+def edm_conditioned(network, sigma_data=0.5, c_noise_scale=1.0):
+    """An EDM-parameterised network as TrigFlow's F: F(x_in, c) = -F_edm(x_in, 250 log(sigma_d tan(c / scale))).
+
+    EDM's c_in is TrigFlow's 1 / sigma_d on x_t and its c_out is TrigFlow's with F negated (module docstring), so
+    with this F the TrigFlow model of an EDM checkpoint is that checkpoint's denoiser exactly.
+    """
+
+    def model(x_in, c_noise, **model_kwargs):
+        sigma = t_to_sigma(c_noise / c_noise_scale, sigma_data)
+        return -network(x_in, noise_conditioning(sigma), **model_kwargs)
+
+    return model
+
+
 def velocity_from_denoiser(denoiser, sigma_data=0.5):
     """EDM denoiser D(x, sigma) -> TrigFlow PF-ODE v(x_t, t) = (cos(t) x_t - D(x_t / cos t, sigma_d tan t)) / sin t.
 
@@ -117,22 +132,34 @@ class TrigFlowDenoiser:
     :param sigma_max: largest EDM noise level; sampling starts at t = arctan(sigma_max / sigma_d) (80: 1.56454).
     :param sigma_min: smallest EDM noise level of the Karras grids (f(x, 0) = x holds at sigma = 0).
     :param c_noise_scale: the network sees c_noise(t) = c_noise_scale * t (sCM: 1).
+    :param time_conditioning: "trigflow": the network is F(x_t / sigma_d, c_noise(t)) (sCM); "edm": it is an
+        EDM-parameterised network, fed EDM's 250 log(sigma) and negated (`edm_conditioned`), so an EDM checkpoint
+        is an exact TrigFlow model.
     """
 
-    def __init__(self, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, c_noise_scale=1.0):
+    def __init__(self, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, c_noise_scale=1.0, time_conditioning="trigflow"):
         if sigma_data <= 0 or not 0 < sigma_min < sigma_max:
             raise ValueError(
                 f"need sigma_data > 0 and 0 < sigma_min < sigma_max, got {sigma_data}, {sigma_min}, {sigma_max}"
             )
+        if time_conditioning not in TIME_CONDITIONINGS:
+            raise ValueError(f"unknown time_conditioning {time_conditioning!r}; allowed: {', '.join(TIME_CONDITIONINGS)}")
         self.sigma_data = sigma_data
         self.sigma_max = sigma_max
         self.sigma_min = sigma_min
         self.c_noise_scale = c_noise_scale
+        self.time_conditioning = time_conditioning
+
+    def network(self, model):
+        """TrigFlow's F(x_in, c_noise, **model_kwargs) of a network (itself, or `edm_conditioned` for "edm")."""
+        if self.time_conditioning == "edm":
+            return edm_conditioned(model, self.sigma_data, self.c_noise_scale)
+        return model
 
     def denoise(self, model, x, sigmas, **model_kwargs):
         """(F's output, f(x_t, t)) for EDM x at noise levels sigmas [B]."""
         x_t, t = edm_to_trigflow(x, sigmas.to(x.dtype), self.sigma_data)
-        model_output = model(x_t / self.sigma_data, trigflow_c_noise(t, self.c_noise_scale), **model_kwargs)
+        model_output = self.network(model)(x_t / self.sigma_data, trigflow_c_noise(t, self.c_noise_scale), **model_kwargs)
         return model_output, trigflow_f(model_output, x_t, t, self.sigma_data)
 
 
@@ -219,6 +246,7 @@ def scm_losses(
     p_mean=-1.0,
     p_std=1.4,
     rng=None,
+    target_model=None,
 ):
     """The sCM loss per sample: sCT (teacher None: dx_t/dt = cos(t) z - sin(t) x_0) or sCD (dx_t/dt = teacher(x_t, t)).
 
@@ -233,6 +261,8 @@ def scm_losses(
     :param warmup: tangent warm-up factor r in [0, 1] (`tangent_warmup(step, warmup_steps)`).
     :param tangent_norm_c: c of the tangent normalisation (0.1); None leaves the tangent unnormalised.
     :param rng: a cm.karras_diffusion.DeviceRNG-like snapshot helper; the JVP pass replays the online pass's dropout.
+    :param target_model: the network the JVP pass runs (default `model`): the same weights, e.g. the module inside a
+        DistributedDataParallel `model`, so the no-gradient pass skips its hooks.
     :return: {"loss": [B], "mse": [B] (unweighted), "logvar": [B], "t": t, "sigma": sigma_d tan(t)}.
     """
     from .karras_diffusion import DeviceRNG  # here: karras_diffusion imports cm.sampling, which imports this module
@@ -260,7 +290,8 @@ def scm_losses(
     with torch.no_grad():
         # F_theta- and its time derivative by one JVP, with the same dropout masks
         rng.set_state(rng_state)
-        target_output, output_jvp = trigflow_jvp(model, x_t, t, dxt_dt, sigma_data, c_noise_scale, model_kwargs)
+        target_model = model if target_model is None else target_model
+        target_output, output_jvp = trigflow_jvp(target_model, x_t, t, dxt_dt, sigma_data, c_noise_scale, model_kwargs)
         g = scm_tangent(target_output.to(x_t.dtype), output_jvp.to(x_t.dtype), x_t, dxt_dt, t, sigma_data, warmup)
         if tangent_norm_c is not None:
             g = normalize_tangent(g, tangent_norm_c)

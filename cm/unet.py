@@ -30,6 +30,7 @@ from .nn import (
     conv_nd,
     linear,
     normalization,
+    pixel_norm,
     scaled_dot_product_attention,
     timestep_embedding,
     zero_module,
@@ -104,6 +105,8 @@ class ResBlock(TimestepBlock):
     :param out_channels: output channels (default: channels).
     :param use_conv: 3x3 instead of 1x1 convolution on the skip path when the width changes.
     :param use_scale_shift_norm: condition as norm(h) * (1 + scale) + shift.
+    :param adaptive_double_norm: with use_scale_shift_norm, norm(h) * pnorm(1 + scale) + pnorm(shift) (sCM Sec. 4.1,
+        pnorm = pixel_norm over channels); no parameters of its own.
     :param dims: 1, 2 or 3 spatial dimensions.
     :param use_checkpoint: recompute activations in backward to save memory.
     :param up, down: make this block resample by 2.
@@ -121,8 +124,11 @@ class ResBlock(TimestepBlock):
         use_checkpoint=False,
         up=False,
         down=False,
+        adaptive_double_norm=False,
     ):
         super().__init__()
+        if adaptive_double_norm and not use_scale_shift_norm:
+            raise ValueError("adaptive_double_norm normalises the scale and shift of use_scale_shift_norm; turn that on")
         self.channels = channels
         self.emb_channels = emb_channels
         self.dropout = dropout
@@ -130,6 +136,7 @@ class ResBlock(TimestepBlock):
         self.use_conv = use_conv
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.adaptive_double_norm = adaptive_double_norm
 
         self.in_layers = nn.Sequential(
             normalization(channels),
@@ -177,7 +184,10 @@ class ResBlock(TimestepBlock):
         emb_out = emb_out[(...,) + (None,) * (h.ndim - emb_out.ndim)]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
+            scale = 1 + scale
+            if self.adaptive_double_norm:
+                scale, shift = pixel_norm(scale), pixel_norm(shift)
+            h = self.out_layers[0](h) * scale + shift
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
@@ -421,6 +431,14 @@ def attention_heads(model):
     return {f"{name}.": m.num_heads for name, m in model.named_modules() if isinstance(m, AttentionBlock)}
 
 
+GUIDANCE_EMBED_SCALE = 1000.0  # LCM's guidance-scale embedding multiplies w by 1000 before the sinusoids
+
+
+def guidance_features(w, dim):
+    """Sinusoidal features of guidance scales w [N] (LCM's w-embedding: timestep_embedding of 1000 w)."""
+    return timestep_embedding(GUIDANCE_EMBED_SCALE * w.float(), dim)
+
+
 def downsample_rates(channel_mult):
     """Downsample rates 1, 2, 4, ... that a UNet with these channel multipliers passes through."""
     return [2**i for i in range(len(channel_mult))]
@@ -447,10 +465,17 @@ class UNetModel(HalfPrecisionBody, nn.Module):
     :param num_head_channels: fixed width per attention head (-1: use num_heads).
     :param num_heads_upsample: heads in the decoder (-1: same as num_heads).
     :param use_scale_shift_norm: FiLM-like conditioning in residual blocks.
+    :param adaptive_double_norm: sCM's adaptive double normalisation of that conditioning (see ResBlock); the
+        parameters stay the reference's.
     :param resblock_updown: residual blocks (instead of plain layers) for up/downsampling.
     :param use_new_attention_order: with attention_type "guided", the (three, heads, head_dim) qkv layout.
     :param attention_type: "flash" or "legacy" (the reference's; the released checkpoints' qkv layout) or
         "guided" (guided-diffusion's (heads, three, head_dim) layout); always SDPA.
+    :param null_class: classifier-free guidance: the label embedding gets one more row, the null label
+        `num_classes` (`self.null_label`); off, the parameters are the reference's.
+    :param guidance_embed: the network also takes a guidance scale w [N] (`guidance=`), embedded like a time and
+        projected by a zero-initialised layer onto the time features (LCM, Luo et al. 2023, Sec. 4.2); off, the
+        parameters are the reference's.
     """
 
     def __init__(
@@ -475,8 +500,13 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         resblock_updown=False,
         use_new_attention_order=False,
         attention_type="flash",
+        adaptive_double_norm=False,
+        null_class=False,
+        guidance_embed=False,
     ):
         super().__init__()
+        if null_class and num_classes is None:
+            raise ValueError("null_class (classifier-free guidance) needs a class-conditional model (class_cond true)")
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"unknown attention_type {attention_type!r}; allowed: {', '.join(ATTENTION_TYPES)}")
         levels = downsample_rates(channel_mult)
@@ -504,6 +534,8 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         self.channel_mult = channel_mult
         self.conv_resample = conv_resample
         self.num_classes = num_classes
+        self.null_label = num_classes if null_class else None
+        self.guidance_embed = guidance_embed
         self.use_checkpoint = use_checkpoint
         self.dtype = torch.float16 if use_fp16 else torch.float32
         self.num_heads = num_heads
@@ -520,6 +552,7 @@ class UNetModel(HalfPrecisionBody, nn.Module):
                 dims=dims,
                 use_checkpoint=use_checkpoint,
                 use_scale_shift_norm=use_scale_shift_norm,
+                adaptive_double_norm=adaptive_double_norm,
                 **kw,
             )
 
@@ -541,7 +574,9 @@ class UNetModel(HalfPrecisionBody, nn.Module):
             linear(time_embed_dim, time_embed_dim),
         )
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            self.label_emb = nn.Embedding(num_classes + int(null_class), time_embed_dim)
+        if guidance_embed:
+            self.guidance_proj = zero_module(linear(model_channels, model_channels, bias=False))
 
         ch = input_ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
@@ -599,14 +634,23 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         """The parts that convert_to_fp16 runs in half precision (the embeddings and the output head stay)."""
         return (self.input_blocks, self.middle_block, self.output_blocks)
 
-    def forward(self, x, timesteps, y=None):
-        """Apply the UNet to x [N, C, ...] at timesteps [N] (rescaled noise levels), labels y [N]."""
+    def forward(self, x, timesteps, y=None, guidance=None):
+        """Apply the UNet to x [N, C, ...] at timesteps [N] (rescaled noise levels), labels y [N], guidance scales
+        guidance [N] (models with guidance_embed)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(
                 "pass class labels y if and only if the model is class-conditional "
                 f"(num_classes={self.num_classes}, y {'given' if y is not None else 'missing'})"
             )
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if (guidance is not None) != self.guidance_embed:
+            raise ValueError(
+                "pass guidance scales if and only if the model was built with guidance_embed "
+                f"(guidance_embed={self.guidance_embed}, guidance {'given' if guidance is not None else 'missing'})"
+            )
+        features = timestep_embedding(timesteps, self.model_channels)
+        if self.guidance_embed:
+            features = features + self.guidance_proj(guidance_features(guidance, self.model_channels).to(features.dtype))
+        emb = self.time_embed(features)
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")

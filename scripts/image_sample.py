@@ -27,9 +27,17 @@ from cm.image_util import (
     select_device,
 )
 from cm.config import config_to_json, resolve_script_config
+from cm.latent import load_autoencoder
 from cm.random_util import get_generator
-from cm.sampling import sigmas_from_ts
+from cm.sampling import lcm_sigmas, lcm_ts, sigmas_from_ts
 from cm.script_util import create_parser, run_script
+
+
+# samplers that walk grid indices --ts, with an example --ts for a grid of N points
+INDEXED_SAMPLERS = {
+    "multistep": lambda n: f"0,{round(0.55 * (n - 1))},{n - 1}",
+    "lcm": lambda n: ",".join(map(str, lcm_ts(2, n))),
+}
 
 
 def create_argparser():
@@ -45,15 +53,16 @@ def resolve_config(args):
 
 def sample_kwargs(args):
     """karras_sample arguments from the flags; ts is checked against the grid before any model is built."""
-    ts = parse_ts(args.ts) if args.sampler == "multistep" else None
-    if args.sampler == "multistep" and ts is None:
+    ts = parse_ts(args.ts) if args.sampler in INDEXED_SAMPLERS else None
+    if args.sampler in INDEXED_SAMPLERS and ts is None:
         raise ValueError(
-            f"--sampler multistep needs --ts, increasing indices into the {args.steps}-point grid, "
-            f"e.g. --ts 0,{round(0.55 * (args.steps - 1))},{args.steps - 1}"
+            f"--sampler {args.sampler} needs --ts, increasing indices into the {args.steps}-point grid, "
+            f"e.g. --ts {INDEXED_SAMPLERS[args.sampler](args.steps)}"
         )
     if ts is not None:
-        sigmas_from_ts(ts, args.steps, args.sigma_min, args.sigma_max)
+        (lcm_sigmas if args.sampler == "lcm" else sigmas_from_ts)(ts, args.steps, args.sigma_min, args.sigma_max)
     return dict(
+        guidance_scale=args.guidance_scale,
         steps=args.steps,
         clip_denoised=args.clip_denoised,
         sampler=args.sampler,
@@ -72,6 +81,19 @@ def npz_name(num_samples, image_size):
     return f"samples_{num_samples}x{image_size}x{image_size}x3.npz"
 
 
+def latent_sampling(args, device, kwargs):
+    """generate_samples' autoencoder and latent_shape for --autoencoder_path (cm.latent), else {}; latents are
+    not clamped to [-1, 1] (clip_denoised applies to pixels)."""
+    if not args.autoencoder_path:
+        return {}
+    network = resolve_config(args)["network"]
+    if kwargs["clip_denoised"]:
+        logger.log("note: --clip_denoised acts on pixels; latents are not clamped (the decoded images are)")
+        kwargs["clip_denoised"] = False
+    shape = (network["in_channels"], network["image_size"], network["image_size"])
+    return {"autoencoder": load_autoencoder(args.autoencoder_path, device), "latent_shape": shape}
+
+
 def run(args):
     """Load the model, sample over all ranks, write the npz (and grid) on rank 0; returns the npz path there."""
     kwargs = sample_kwargs(args)
@@ -82,7 +104,7 @@ def run(args):
     log_dir = logger.configure(dir=args.log_dir or None, format_strs=["stdout", "log"])
     rank = dist_util.get_rank()
     if args.ts and kwargs["ts"] is None:
-        logger.log(f"note: --ts is used by --sampler multistep only; ignored for {args.sampler}")
+        logger.log(f"note: --ts is used by --sampler multistep and lcm only; ignored for {args.sampler}")
     torch.manual_seed(args.seed + rank)  # the global RNG (--generator dummy): seeded, different on every rank
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
@@ -96,11 +118,12 @@ def run(args):
         f"{', ts ' + ','.join(map(str, kwargs['ts'])) if kwargs['ts'] else ''}) from {args.model_path} on {device}, "
         f"{dist_util.get_world_size()} rank(s), batch {args.batch_size} per rank"
     )
+    latent = latent_sampling(args, device, kwargs)
     generator = get_generator(args.generator, args.num_samples, args.seed)
     start = time.perf_counter()
     images, labels = generate_samples(
         diffusion, model, args.num_samples, args.batch_size, args.image_size, generator, kwargs,
-        num_classes=args.num_classes if args.class_cond else None,
+        num_classes=args.num_classes if args.class_cond else None, **latent,
     )
     seconds = time.perf_counter() - start
     path = None

@@ -6,16 +6,23 @@
 
 Everything goes to --out: one-step and two-step sample grids next to real digits, training curves, the
 checkpoints, samples as npz and metrics.json. The run uses the library's own training loop
-(cm.train_util.CMTrainLoop); the number of steps is chosen so that training fits the time budget.
-Quality is measured with cm.digits_eval: a small digits classifier's Frechet distance ("digits-FID",
-lower is better; the held-out real digits give the floor) and class coverage (1 = all ten digits equally).
+(cm.train_util.CMTrainLoop) with --time_budget_minutes, so it re-plans its step count and schedules to fit
+the time budget. The generator trains on the training half of the digits (data_dir digits_train); quality is
+measured with cm.digits_eval on the other half, which it never sees: a small digits classifier's Frechet
+distance to the reference quarter ("digits-FID", lower is better; the floor quarter gives the real-data floor),
+class coverage (1 = all ten digits equally) and a nearest-neighbour memorisation check (nearest=train: share
+of samples whose nearest real digit is a training one, 0.5 for new digits, 1 for copies). Two-step sampling is
+scored at the default intermediate time (DEFAULT_MID_FRACTION of the grid) and at the ternary-searched one.
+Every result names the CPU it ran on and whether that CPU computes bfloat16 natively.
 """
 
 import argparse
 import copy
 import csv
 import json
+import math
 import os
+import platform
 import time
 
 
@@ -24,24 +31,29 @@ import torch
 from PIL import Image
 
 from cm import logger
-from cm.digits_eval import digits_metrics, digits_split, load_digits_classifier, real_data_floor
+from cm.digits_eval import digits_metrics, digits_split, load_digits_classifier, memorisation_check, real_data_floor
 from cm.fp16_util import bf16_is_native
 from cm.image_util import image_grid, save_npz, to_uint8
 from cm.random_util import get_generator
 from cm.sampling import karras_sample, ternary_search
 from cm.script_util import parse_args_with_config
-from cm.train_cli import build_loop, create_argparser, ema_and_scales_fn
+from cm.train_cli import build_loop, create_argparser
+from cm.trigflow import T_MID
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 EVAL_RESERVE_S = 15  # sampling, the two-step search and the metrics after training (about 8 s)
-TIMING_STEPS = 100  # opening steps of each stage that are timed to plan the rest
-FINAL_STRETCH = 300  # steps: below this many left, the plan is final
-STEP_TIME_MARGIN = 1.03
+# default two-step times: the intermediate grid index as a fraction of the grid, from the reference's ImageNet-64
+# two-step command (--ts 0,22,39 on a 40-point grid)
+DEFAULT_MID_FRACTION = 22 / 39
+T_MIDS = tuple(round(0.3 + 0.1 * i, 1) for i in range(13))  # sCM two-step: intermediate times searched, 0.3 .. 1.5
 # --mode: the stages of the run as (name, preset in configs/, training mode); each stage's EMA model is the
 # teacher of the next
 PLANS = {
     "ct": [("CT", "digits_ct.yaml", "consistency_training")],
     "cd": [("EDM", "digits_edm.yaml", "edm"), ("CD", "digits_cd.yaml", "consistency_distillation")],
+    "ect": [("EDM", "digits_edm.yaml", "edm"), ("ECT", "digits_ect.yaml", "consistency_tuning")],
+    "sct": [("sCT", "digits_sct.yaml", "sct")],
+    "scd": [("EDM", "digits_edm.yaml", "edm"), ("sCD", "digits_scd.yaml", "scd")],
 }
 
 
@@ -60,12 +72,47 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run_device(opts):
+    """--device resolved: auto picks CUDA when available."""
+    return opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def use_bf16(opts):
     """--precision resolved: auto picks bfloat16 on a CUDA GPU or CPU with native bf16 (about 1.3x faster here)."""
     if opts.precision != "auto":
         return opts.precision == "bf16"
-    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return bf16_is_native(device)
+    return bf16_is_native(run_device(opts))
+
+
+def cpu_name():
+    """The CPU's model name: /proc/cpuinfo's "model name" on Linux, else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def hardware(device):
+    """What a run's numbers were measured on: the CPU, its cores for this process, native bfloat16, the GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu_name(), "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
+            "cpu_bf16_native": bf16_is_native("cpu")}
+    if device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), gpu_bf16_native=bf16_is_native("cuda"))
+    return info
+
+
+def describe_hardware(info):
+    """One line naming the CPU (and GPU) and whether it computes bfloat16 natively."""
+    native = "yes" if info["cpu_bf16_native"] else "no"
+    line = f"{info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads), native bfloat16: {native}"
+    if "gpu" in info:
+        line += f"; GPU {info['gpu']}, native bfloat16: {'yes' if info['gpu_bf16_native'] else 'no'}"
+    return line
 
 
 def training_args(config, mode, log_dir, opts, extra=()):
@@ -78,43 +125,17 @@ def training_args(config, mode, log_dir, opts, extra=()):
 def train_stage(args, budget_s, fixed_steps):
     """Run one stage with fixed_steps, or with as many steps as fit in budget_s; returns the loop.
 
-    With a budget, the run is timed as it goes: after the first TIMING_STEPS steps, and then halfway through
-    what is left, the step count (and with it the N(k) / mu(k) schedule and the learning-rate decay) is set
-    again from the latest speed, so that the stage ends on time even when the machine's speed varies.
+    With a budget the stage trains with --time_budget_minutes: the loop times itself and re-plans its step count,
+    N(k) / mu(k) schedule and learning-rate decay from the measured speed (cm.time_budget), so that it ends on
+    time even when the machine's speed varies. Ctrl-C ends it early; what was trained is sampled.
     """
     if fixed_steps:
         args.total_training_steps = args.lr_anneal_steps = fixed_steps
-        args.max_minutes = 0.0
-        loop = build_loop(args)
-        loop.run_loop()
-        return loop
-    start = time.time()
-    args.max_minutes = budget_s * 1.5 / 60  # a safety stop; the plan ends well before it
-    loop = build_loop(args)  # provisional schedule: the config's step count
-    loop.total_training_steps, loop.progress = TIMING_STEPS, False
-    print(f"{args.training_mode}: timing the first {TIMING_STEPS} steps", flush=True)
-    while True:
-        timed_from, first = time.time(), loop.step
-        loop.run_loop()
-        if loop.step < loop.total_training_steps:  # Ctrl-C or the safety stop: sample what was trained
-            return loop
-        per_step = (time.time() - timed_from) / (loop.step - first) * STEP_TIME_MARGIN
-        steps = loop.step + max(0, int((budget_s - (time.time() - start)) / per_step))
-        print(f"{args.training_mode}: {per_step:.3f} s/step -> {steps} steps in {budget_s / 60:.1f} min", flush=True)
-        set_total_steps(loop, args, steps)
-        left = steps - loop.step
-        loop.total_training_steps = steps if left <= FINAL_STRETCH else loop.step + left // 2
-        loop.progress = True
-        if left <= FINAL_STRETCH:
-            loop.run_loop()
-            return loop
-
-
-def set_total_steps(loop, args, steps):
-    """Re-plan a run to end at `steps`: learning-rate decay and the N(k) / mu(k) schedule follow."""
-    args.total_training_steps = args.lr_anneal_steps = loop.lr_anneal_steps = steps
-    if hasattr(loop, "ema_scale_fn"):
-        loop.ema_scale_fn = ema_and_scales_fn(loop.run_config, steps)
+    else:
+        args.time_budget_minutes = budget_s / 60
+    loop = build_loop(args)
+    loop.run_loop()
+    return loop
 
 
 def ema_model(loop):
@@ -132,6 +153,12 @@ def draw(diffusion, model, num, image_size, seed, **sampler):
                              device=next(model.parameters()).device, **sampler)
 
 
+def default_two_step_ts(n):
+    """Two-step times (0, mid, n - 1) with mid at DEFAULT_MID_FRACTION of an n-point grid (n = 41: (0, 23, 40))."""
+    mid = min(max(round(DEFAULT_MID_FRACTION * (n - 1)), 1), n - 2)
+    return (0, mid, n - 1)
+
+
 def best_two_step_ts(diffusion, model, n, image_size, seed, classifier):
     """The paper's ternary search of the intermediate grid index, scored by digits-FID on 300 samples."""
     def score(mid):
@@ -140,6 +167,36 @@ def best_two_step_ts(diffusion, model, n, image_size, seed, classifier):
 
     mid, _ = ternary_search(score, 1, n - 2)
     return (0, mid, n - 1)
+
+
+def best_t_mid(diffusion, model, image_size, seed, classifier):
+    """sCM two-step sampling: the intermediate time t_mid among T_MIDS by the same search, scored the same way."""
+    def score(i):
+        x = draw(diffusion, model, 300, image_size, seed, sampler="trigflow_twostep", steps=2, t_mid=T_MIDS[i])
+        return digits_metrics(x.cpu(), classifier)["digits_fid"]
+
+    best, _ = ternary_search(score, 0, len(T_MIDS) - 1)
+    return T_MIDS[best]
+
+
+def few_step_samples(loop, model, diffusion, size, opts, classifier):
+    """(one-step samples, {"default", "searched": two-step samples}, {the same: their times}) with the samplers of
+    the stage's training mode: consistency models at Karras-grid indices (the reference's fraction, and the index
+    found by search), sCM models at TrigFlow times (T, t_mid) (the paper's t_mid, and the one found by search)."""
+    one_step, two_step = loop.mode.samplers
+    if two_step == "multistep":
+        n = loop.ema_scale_fn(loop.step - 1)[1]
+        ts = {"default": default_two_step_ts(n),
+              "searched": best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier)}
+        kwargs = {which: dict(steps=n, ts=t) for which, t in ts.items()}
+    else:
+        start = round(math.atan(80.0 / diffusion.sigma_data), 4)  # karras_sample starts at sigma_max 80
+        ts = {"default": (start, T_MID), "searched": (start, best_t_mid(diffusion, model, size, opts.seed + 1, classifier))}
+        kwargs = {which: dict(steps=2, t_mid=t[1]) for which, t in ts.items()}
+    one = draw(diffusion, model, opts.num_samples, size, opts.seed, sampler=one_step, steps=kwargs["default"]["steps"])
+    two = {which: draw(diffusion, model, opts.num_samples, size, opts.seed, sampler=two_step, **kw).cpu()
+           for which, kw in kwargs.items()}
+    return one.cpu(), two, ts
 
 
 def save_grid(images, path, scale=4):
@@ -212,40 +269,53 @@ def main(argv=None):
     logger.configure(dir=opts.out, format_strs=[])
 
     model, diffusion = ema_model(loop), loop.diffusion
-    size, n = args.image_size, loop.ema_scale_fn(loop.step - 1)[1]
-    ts = best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier)
-    one = draw(diffusion, model, opts.num_samples, size, opts.seed, sampler="onestep", steps=n).cpu()
-    two = draw(diffusion, model, opts.num_samples, size, opts.seed, sampler="multistep", steps=n, ts=ts).cpu()
-    (_, _), (real, _) = digits_split(size)
+    size = args.image_size
+    one, two, ts = few_step_samples(loop, model, diffusion, size, opts, classifier)
+    real, _ = digits_split("floor", size)
 
     save_grid(one, os.path.join(opts.out, "onestep_grid.png"))
-    save_grid(two, os.path.join(opts.out, "twostep_grid.png"))
+    save_grid(two["searched"], os.path.join(opts.out, "twostep_grid.png"))
+    save_grid(two["default"], os.path.join(opts.out, "twostep_default_grid.png"))
     save_grid(real, os.path.join(opts.out, "real_grid.png"))
     plot_curves(stages, os.path.join(opts.out, "training_curves.png"))
-    save_npz(os.path.join(opts.out, f"samples_onestep_{opts.num_samples}x{size}x{size}x3.npz"), to_uint8(one).numpy())
-    save_npz(os.path.join(opts.out, f"samples_twostep_{opts.num_samples}x{size}x{size}x3.npz"), to_uint8(two).numpy())
+    shape = f"{opts.num_samples}x{size}x{size}x3"
+    save_npz(os.path.join(opts.out, f"samples_onestep_{shape}.npz"), to_uint8(one).numpy())
+    save_npz(os.path.join(opts.out, f"samples_twostep_{shape}.npz"), to_uint8(two["searched"]).numpy())
+    save_npz(os.path.join(opts.out, f"samples_twostep_default_{shape}.npz"), to_uint8(two["default"]).numpy())
+
+    def scores(images):
+        return {**digits_metrics(images, classifier), **memorisation_check(images)}
 
     rows = {
-        "one-step": digits_metrics(one, classifier),
-        f"two-step {ts}": digits_metrics(two, classifier),
+        "one-step": scores(one),
+        "two-step default": scores(two["default"]),
+        "two-step searched": scores(two["searched"]),
         "real digits (floor)": real_data_floor(size, classifier),
     }
+    labels = {"two-step default": f"two-step {ts['default']} default",
+              "two-step searched": f"two-step {ts['searched']} searched"}
     metrics = {
         "mode": opts.mode,
         "precision": "bf16" if args.use_bf16 else "fp32",
+        "hardware": hardware(run_device(opts)),
         "steps": loop.step,
         "train_minutes": round(train_s / 60, 2),
         "total_minutes": round((time.time() - start) / 60, 2),
-        "two_step_ts": list(ts),
+        "two_step_ts_default": list(ts["default"]),
+        "two_step_ts_searched": list(ts["searched"]),
         **rows,
     }
     with open(os.path.join(opts.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
 
     print(f"\n{opts.mode.upper()} on digits: {loop.step} steps ({metrics['precision']}), {metrics['total_minutes']} min in all")
-    print(f"{'samples':<22}{'digits-FID':>12}{'coverage':>10}")
-    for name, r in rows.items():
-        print(f"{name:<22}{r['digits_fid']:>12.3f}{r['coverage']:>10.3f}")
+    print(f"hardware: {describe_hardware(metrics['hardware'])}")
+    print(f"{'samples':<31}{'digits-FID':>11}{'coverage':>10}{'nearest=train':>15}{'copies':>8}")
+    for key, r in rows.items():
+        print(f"{labels.get(key, key):<31}{r['digits_fid']:>11.3f}{r['coverage']:>10.3f}"
+              f"{r['nearest_is_train']:>15.3f}{r['copy_fraction']:>8.3f}")
+    print("nearest=train: share of samples whose nearest real digit is a training one (0.5: new digits, 1: copies);"
+          "\ncopies: share nearer a training digit than 95% of held-out digits are (about 0.05 for new digits)")
     print(f"\ngrids, curves, checkpoints and metrics.json in {os.path.abspath(opts.out)}")
     return metrics
 

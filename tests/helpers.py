@@ -71,3 +71,45 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+CFG_FLAGS = dict(class_cond="true", num_classes=10, null_class="true")  # class-conditional with a null class
+
+
+def train_cfg_teacher(log_dir, steps=2):
+    """A few-step class-conditional EDM teacher with a null class (label dropout 0.2); returns its model file."""
+    from cm.train_cli import main
+
+    main("edm", tiny_argv(log_dir=log_dir, total_training_steps=steps, class_dropout_prob=0.2, **CFG_FLAGS))
+    return os.path.join(str(log_dir), f"model{steps:06d}.pt")
+
+
+def nested_equal(a, b):
+    """Bit-for-bit equality of nested dicts / lists of tensors and plain values (state dicts, optimizer states)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(nested_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(nested_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def resumes_bit_exactly(mode, tmp_path, **flags):
+    """Train `mode` 2 steps straight and 1 + 1 steps with a restart from the step-1 checkpoint; returns (whether
+    every checkpoint file of step 2 -- model, EMAs, optimizer, target, a loss's own state -- is bit-for-bit the
+    same, the file names compared)."""
+    from cm.train_cli import build_loop, create_argparser, main
+
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    main(mode, tiny_argv(log_dir=straight, total_training_steps=2, save_interval=1, **flags))
+    first = build_loop(create_argparser(mode).parse_args(tiny_argv(log_dir=restarted, total_training_steps=2, **flags)))
+    first.total_training_steps = 1  # killed after the checkpoint of step 1
+    first.run_loop()
+    torch.manual_seed(12345)  # a new process has other RNG states until the resume restores them
+    loop = main(mode, tiny_argv(log_dir=restarted, total_training_steps=2, save_interval=1, **flags))
+    assert loop.step == 2
+    names = sorted(n for n in os.listdir(straight) if n.endswith("000002.pt") and not n.startswith("state"))
+    assert names == sorted(n for n in os.listdir(restarted) if n.endswith("000002.pt") and not n.startswith("state"))
+    load = lambda d, n: torch.load(d / n, map_location="cpu", weights_only=False)  # noqa: E731
+    return all(nested_equal(load(straight, n), load(restarted, n)) for n in names), names

@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from cm.digits_eval import classifier_accuracy, coverage, digits_metrics, digits_split, load_digits_classifier, real_data_floor
+from cm.digits_data import SPLITS, digits_arrays, split_indices
+from cm.digits_eval import (classifier_accuracy, coverage, digits_metrics, digits_split, load_digits_classifier,
+                            memorisation_check, real_data_floor)
+from cm.image_datasets import load_data
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def test_digits_fid_is_small_for_real_and_large_for_noise(classifier):
     assert floor["digits_fid"] < 2.0 and floor["coverage"] > 0.95
     noise = digits_metrics(torch.rand(600, 3, 16, 16) * 2 - 1, classifier)
     assert noise["digits_fid"] > 20 * floor["digits_fid"]
-    (_, _), (x, _) = digits_split(16)
+    x, _ = digits_split("floor", 16)
     as_uint8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert digits_metrics(as_uint8, classifier)["digits_fid"] == pytest.approx(floor["digits_fid"], rel=0.05)
 
@@ -36,3 +39,29 @@ def test_digits_fid_is_small_for_real_and_large_for_noise(classifier):
 def test_coverage():
     assert coverage(np.arange(10).repeat(5)) == pytest.approx(1.0)
     assert coverage(np.zeros(50, dtype=int)) == pytest.approx(0.1)
+
+
+def test_the_splits_are_disjoint_and_cover_the_digits():
+    parts = {name: set(split_indices(1797, name).tolist()) for name in SPLITS}
+    assert [len(parts[n]) for n in ("train", "reference", "floor")] == [898, 449, 450]
+    assert set().union(*parts.values()) == set(range(1797)) and sum(map(len, parts.values())) == 1797
+    with pytest.raises(ValueError, match="unknown digits split"):
+        split_indices(1797, "test")
+
+
+def test_digits_train_loads_only_the_training_half():
+    images, _ = digits_arrays(8)
+    train = {bytes(row) for row in images[split_indices(len(images), "train")]}
+    held_out = {bytes(row) for row in images[split_indices(len(images), "floor")]} - train
+    data = load_data(data_dir="digits_train", batch_size=898, image_size=8, random_flip=False)
+    batch, _ = next(data)
+    seen = {bytes(row) for row in ((batch + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()}
+    assert seen <= train and not seen & held_out
+
+
+def test_memorisation_check_tells_copies_from_new_digits(classifier):
+    copies = memorisation_check(digits_split("train", 16)[0][:300])
+    assert copies["nearest_is_train"] == 1.0 and copies["copy_fraction"] == 1.0 and copies["nn_distance"] == 0.0
+    floor = real_data_floor(16, classifier)  # held-out digits, each left out of the set it is compared with
+    assert 0.4 < floor["nearest_is_train"] < 0.6 and floor["copy_fraction"] < 0.1
+    assert floor["nn_distance"] == pytest.approx(floor["nn_distance_real"], rel=0.1)

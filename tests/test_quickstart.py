@@ -20,35 +20,69 @@ def cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cm-cache"))
 
 
-@pytest.mark.parametrize("mode", ["ct", "cd"])
-def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode):
+@pytest.mark.parametrize("mode, default_ts", [("ct", [0, 23, 40]), ("cd", [0, 10, 17])])
+def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode, default_ts, capsys):
     metrics = load_quickstart().main(["--mode", mode, "--steps", "8", "--out", str(tmp_path), "--num_samples", "64"])
     names = set(os.listdir(tmp_path))
-    for name in ("onestep_grid.png", "twostep_grid.png", "real_grid.png", "training_curves.png", "metrics.json",
-                 "samples_onestep_64x16x16x3.npz", "samples_twostep_64x16x16x3.npz"):
+    for name in ("onestep_grid.png", "twostep_grid.png", "twostep_default_grid.png", "real_grid.png",
+                 "training_curves.png", "metrics.json", "samples_onestep_64x16x16x3.npz",
+                 "samples_twostep_64x16x16x3.npz", "samples_twostep_default_64x16x16x3.npz"):
         assert name in names, name
     with open(tmp_path / "metrics.json") as f:
         saved = json.load(f)
     assert saved["steps"] == 8 and saved["mode"] == mode
-    floor = saved["real digits (floor)"]["digits_fid"]
-    assert metrics["one-step"]["digits_fid"] > floor  # 8 steps are far from the data
+    assert saved["two_step_ts_default"] == default_ts and len(saved["two_step_ts_searched"]) == 3
+    floor = saved["real digits (floor)"]
+    for row in ("one-step", "two-step default", "two-step searched", "real digits (floor)"):
+        assert 0 <= saved[row]["nearest_is_train"] <= 1 and 0 <= saved[row]["copy_fraction"] <= 1
+        assert metrics[row]["digits_fid"] == saved[row]["digits_fid"]
+    assert metrics["one-step"]["digits_fid"] > floor["digits_fid"]  # 8 steps are far from the data
+    hardware = saved["hardware"]
+    assert hardware["cpu"] and isinstance(hardware["cpu_bf16_native"], bool) and hardware["cpu_cores"] >= 1
+    printed = capsys.readouterr().out
+    assert f"hardware: {hardware['cpu']}" in printed and "native bfloat16:" in printed
+    assert f"two-step {tuple(default_ts)} default" in printed and "nearest=train" in printed
     stage = "ct" if mode == "ct" else "cd"
     assert "model000008.pt" in os.listdir(tmp_path / stage)
 
 
-def test_time_budget_replans_steps_and_schedules_to_end_on_time(tmp_path, monkeypatch):
+def test_the_generator_trains_on_the_training_half(tmp_path):
     quickstart = load_quickstart()
-    monkeypatch.setattr(quickstart, "TIMING_STEPS", 4)
-    monkeypatch.setattr(quickstart, "FINAL_STRETCH", 6)
+    opts = quickstart.parse_args(["--out", str(tmp_path)])
+    for _, config, mode in quickstart.PLANS["ct"] + quickstart.PLANS["cd"]:
+        assert quickstart.training_args(config, mode, str(tmp_path), opts).data_dir == "digits_train"
+
+
+def test_time_budget_replans_steps_and_schedules_to_end_on_time(tmp_path, monkeypatch):
+    from cm import time_budget
+
+    quickstart = load_quickstart()
+    monkeypatch.setattr(time_budget, "TIMING_STEPS", 4)
+    monkeypatch.setattr(time_budget, "FINAL_STRETCH", 6)
     opts = quickstart.parse_args(["--out", str(tmp_path), "--precision", "fp32"])
     args = quickstart.training_args("digits_ct.yaml", "consistency_training", str(tmp_path / "ct"), opts,
                                     ["--batch_size", "4"])
     assert not args.use_bf16
     loop = quickstart.train_stage(args, budget_s=3.0, fixed_steps=0)
-    assert loop.step == loop.total_training_steps == loop.lr_anneal_steps == args.total_training_steps > 4
+    assert loop.budget.final and loop.budget.elapsed() <= 1.5 * 3.0
+    assert 4 < loop.step == loop.total_training_steps == loop.lr_anneal_steps != args.total_training_steps
     # the schedule was re-planned for the final step count: N(k) reaches end_scales + 1 on the last step
     assert loop.ema_scale_fn(loop.step - 1)[1] == args.end_scales + 1
     assert loop.opt.param_groups[0]["lr"] == 0.0
+
+
+def test_default_two_step_times_follow_the_reference_fraction_of_the_grid():
+    quickstart = load_quickstart()
+    assert quickstart.default_two_step_ts(40) == (0, 22, 39)  # the reference's ImageNet-64 --ts 0,22,39
+    assert quickstart.default_two_step_ts(41) == (0, 23, 40)
+    assert quickstart.default_two_step_ts(3) == (0, 1, 2)
+
+
+def test_hardware_names_the_cpu_and_its_bfloat16_support():
+    quickstart = load_quickstart()
+    info = quickstart.hardware("cpu")
+    line = quickstart.describe_hardware(info)
+    assert info["cpu"] in line and ("native bfloat16: yes" in line) == info["cpu_bf16_native"]
 
 
 def test_precision_auto_follows_the_hardware():

@@ -100,11 +100,12 @@ def test_dummy_generator_is_seeded(tmp_path, class_cond_ckpt):
     assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
 
 
-def test_mpiexec_two_ranks_write_one_npz_equal_to_one_process(tmp_path, class_cond_ckpt):
+@pytest.mark.parametrize("generator", ["determ-indiv", "determ"])
+def test_mpiexec_two_ranks_write_one_npz_equal_to_one_process(tmp_path, class_cond_ckpt, generator):
     exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     common = CC_FLAGS + [
         "--model_path", class_cond_ckpt, "--training_mode", "consistency_distillation", "--num_samples", "5",
-        "--batch_size", "2", "--generator", "determ-indiv", "--sampler", "multistep", "--ts", "0,10,39",
+        "--batch_size", "2", "--generator", generator, "--sampler", "multistep", "--ts", "0,10,39",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CM_DIST_TIMEOUT="60", CUDA_VISIBLE_DEVICES="")
     script = os.path.join(ROOT, "scripts", "image_sample.py")

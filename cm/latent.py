@@ -1,0 +1,181 @@
+"""Latent space (LCM, Luo et al. 2023; latent diffusion, Rombach et al. 2022): any training mode on the latents of a
+frozen autoencoder, and sampling that decodes them.
+
+`--autoencoder_path DIR` names either a diffusers `AutoencoderKL` folder (config.json and weights, loaded through the
+optional diffusers extra) or a small autoencoder written by scripts/train_autoencoder.py (no extra needed). The
+network is then built for latents (their channels and size, read from DIR/config.json when the configuration is
+resolved), training batches are encoded on the fly (`LatentStream`, deterministic: the posterior mean), and samples
+are decoded before they are written. Latents are scaled by the autoencoder's scaling factor, to a standard
+deviation near the denoiser's sigma_data.
+"""
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OWN_CLASS = "CMAutoencoder"
+WEIGHTS = "model.safetensors"
+DIFFUSERS_HINT = 'pip install -e ".[diffusers]"'
+
+
+# ----- which autoencoder, and the latents' shape -------------------------------------------------------------------
+
+
+def autoencoder_config(path):
+    """The config.json of an autoencoder folder, or a one-line error saying what the folder must hold."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"--autoencoder_path {path} holds no config.json: give a diffusers AutoencoderKL folder or one written by "
+            "scripts/train_autoencoder.py"
+        )
+    with open(file) as f:
+        return json.load(f)
+
+
+def latent_geometry(config):
+    """(latent channels, downsampling factor) of an autoencoder from its config (ours or AutoencoderKL's)."""
+    if config.get("_class_name") == OWN_CLASS:
+        return config["latent_channels"], 2 ** config["levels"]
+    if "latent_channels" not in config or "block_out_channels" not in config:
+        raise ValueError("the autoencoder's config.json has no latent_channels / block_out_channels (not an AutoencoderKL)")
+    return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def latent_network(path, image_size):
+    """The network flags a latent model decides: {"image_size": latent side, "in_channels": latent channels}."""
+    channels, factor = latent_geometry(autoencoder_config(path))
+    if image_size % factor:
+        raise ValueError(f"image_size {image_size} is not divisible by the autoencoder's downsampling factor {factor}")
+    return {"image_size": image_size // factor, "in_channels": channels}
+
+
+# ----- our small autoencoder ---------------------------------------------------------------------------------------
+
+
+def _conv(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+
+class Autoencoder(nn.Module):
+    """A small convolutional autoencoder: `levels` stride-2 stages from images to latents of `latent_channels` at
+    1 / 2^levels of the side, and back. `encode` returns latents times `scaling_factor`; `decode` undoes it.
+
+    :param in_channels: image channels.
+    :param latent_channels: latent channels.
+    :param channels: width of the convolutions.
+    :param levels: number of 2x downsamplings.
+    :param scaling_factor: latents are multiplied by it (set after training so that their std is sigma_data).
+    """
+
+    def __init__(self, in_channels=3, latent_channels=4, channels=32, levels=1, scaling_factor=1.0):
+        super().__init__()
+        self.config = dict(_class_name=OWN_CLASS, in_channels=in_channels, latent_channels=latent_channels,
+                           channels=channels, levels=levels, scaling_factor=scaling_factor)
+        down = [_conv(in_channels, channels), nn.SiLU()]
+        up = [_conv(latent_channels, channels), nn.SiLU()]
+        for _ in range(levels):
+            down += [_conv(channels, channels, stride=2), nn.SiLU(), _conv(channels, channels), nn.SiLU()]
+            up += [nn.Upsample(scale_factor=2, mode="nearest"), _conv(channels, channels), nn.SiLU(),
+                   _conv(channels, channels), nn.SiLU()]
+        self.encoder = nn.Sequential(*down, _conv(channels, latent_channels))
+        self.decoder = nn.Sequential(*up, _conv(channels, in_channels))
+
+    @property
+    def scaling_factor(self):
+        return self.config["scaling_factor"]
+
+    def encode(self, x):
+        """Images in [-1, 1] -> scaled latents."""
+        return self.encoder(x) * self.scaling_factor
+
+    def decode(self, z):
+        """Scaled latents -> images (about [-1, 1])."""
+        return self.decoder(z / self.scaling_factor)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+    def save(self, path):
+        """Write config.json and model.safetensors into the folder `path`."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, os.path.join(path, WEIGHTS))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config, f, indent=2)
+        return path
+
+
+def autoencoder_loss(autoencoder, x, latent_weight=1e-4):
+    """Training loss of our autoencoder: mean squared reconstruction error plus a small penalty on the latents'
+    magnitude (which keeps their scale finite, as the KL term of a VAE does)."""
+    z = autoencoder.encoder(x)
+    return F.mse_loss(autoencoder.decoder(z), x) + latent_weight * z.pow(2).mean()
+
+
+# ----- diffusers' AutoencoderKL -------------------------------------------------------------------------------------
+
+
+class DiffusersAutoencoder(nn.Module):
+    """An AutoencoderKL behind the same encode / decode: latents = (posterior mean - shift) * scaling_factor."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def encode(self, x):
+        return (self.vae.encode(x).latent_dist.mode() - self.shift_factor) * self.scaling_factor
+
+    def decode(self, z):
+        return self.vae.decode(z / self.scaling_factor + self.shift_factor).sample
+
+
+def load_autoencoder(path, device="cpu"):
+    """The frozen autoencoder of `path` (ours or a diffusers AutoencoderKL) on `device`, in eval mode."""
+    config = autoencoder_config(path)
+    if config.get("_class_name") == OWN_CLASS:
+        from safetensors.torch import load_file
+
+        model = Autoencoder(**{k: v for k, v in config.items() if k != "_class_name"})
+        model.load_state_dict(load_file(os.path.join(path, WEIGHTS)))
+    else:
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError:
+            raise ImportError(f"--autoencoder_path {path} is a diffusers AutoencoderKL; install the extra: "
+                              f"{DIFFUSERS_HINT}") from None
+        model = DiffusersAutoencoder(AutoencoderKL.from_pretrained(path))
+    return model.to(device).eval().requires_grad_(False)
+
+
+# ----- training data as latents ------------------------------------------------------------------------------------
+
+
+class LatentStream:
+    """A training data stream whose images are encoded to latents on the device (no gradients); its position
+    (state_dict / load_state_dict) and everything else are the underlying stream's."""
+
+    def __init__(self, data, autoencoder, device):
+        self.data = data
+        self.autoencoder = autoencoder
+        self.device = device
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, log_summary, ... of the image stream
+        if name in ("data", "autoencoder", "device"):
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        images, cond = next(self.data)
+        with torch.no_grad():
+            latents = self.autoencoder.encode(images.to(self.device)).float()
+        return latents, cond

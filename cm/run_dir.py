@@ -1,0 +1,124 @@
+"""A log dir belongs to one run: before a run writes anything there, what the directory holds is checked.
+
+* No checkpoints: a new run.
+* Checkpoints with the complete set of files this run writes: a resume. The resolved configuration stored
+  in the newest one is compared with the run's; settings that change what the run computes must agree,
+  unless --allow_config_change is given (then the differences are logged and the new values used). A larger
+  --total_training_steps alone is a longer run when the steps already trained keep their schedule values.
+* Checkpoint files, but no complete set of this run's files (e.g. another --ema_rate): another run's. The run
+  stops with one line rather than start at step 0 and overwrite them.
+"""
+
+import json
+import re
+
+import blobfile as bf
+import numpy as np
+
+from . import dist_util, logger
+from .flags import FLAGS
+from .train_util import (
+    checkpoint_files,
+    find_resume_checkpoint,
+    parse_ema_rates,
+    parse_resume_step_from_filename,
+)
+from .training_modes import get_training_mode
+
+_MODEL_FILE = re.compile(r"^model(\d+)\.(pt|safetensors)$")
+# decided values that follow from flags which do not change what a run computes
+OPERATIONAL_KEYS = frozenset({"loop.time_limit"})
+# settings a resume may change to run longer, when the steps already trained keep their schedule values
+RUN_LENGTH_KEYS = frozenset({"loop.total_training_steps", "schedule.total_steps"})
+SCHEDULE_CHECKS = 2000  # steps at which an old and a new schedule are compared
+
+
+def flatten_config(config, prefix=""):
+    """{"group.key": value} of a nested configuration (JSON-normalised, so tuples and lists compare equal)."""
+    flat = {}
+    for key, value in json.loads(json.dumps(config, default=str)).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def affects_result(key):
+    """Whether a flattened configuration key changes what a run computes (log and output settings do not)."""
+    if key in OPERATIONAL_KEYS:
+        return False
+    flag = FLAGS.get(key.rsplit(".", 1)[-1])
+    return flag is None or flag.affects_result
+
+
+def config_differences(stored, current):
+    """["key: stored -> current", ...] for the settings that change what a run computes and differ."""
+    old, new = flatten_config(stored), flatten_config(current)
+    keys = sorted(k for k in old.keys() | new.keys() if affects_result(k) and old.get(k) != new.get(k))
+    return [f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys]
+
+
+def extends_the_run(stored, current, step):
+    """Whether `current` only makes the run of `stored` longer: the mode's schedule (mu(k), N(k), stages) gives
+    the same values at every step already trained (checked at up to SCHEDULE_CHECKS steps)."""
+    mode = get_training_mode(current["training_mode"])
+    if mode.schedule != "ema_and_scales":
+        return True
+    try:
+        old, new = mode.schedule_fn(stored["schedule"]), mode.schedule_fn(current["schedule"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    checked = range(step) if step <= SCHEDULE_CHECKS else np.linspace(0, step - 1, SCHEDULE_CHECKS).astype(int)
+    return all(old(int(k)) == new(int(k)) for k in checked)
+
+
+def checkpoint_steps(log_dir):
+    """(step, format) of the modelNNNNNN.pt / .safetensors files in log_dir, newest first."""
+    if not log_dir or not bf.exists(log_dir):
+        return []
+    return sorted(((int(m.group(1)), m.group(2)) for m in map(_MODEL_FILE.match, bf.listdir(log_dir)) if m), reverse=True)
+
+
+def expected_files(config):
+    """(EMA rates, extra network prefixes) of the checkpoints a run with this configuration writes."""
+    mode = get_training_mode(config["training_mode"])
+    return parse_ema_rates(config["loop"]["ema_rate"]), mode.saved_networks
+
+
+def check_log_dir(log_dir, config):
+    """Stop with one line when log_dir holds another run's checkpoints or a run with other settings."""
+    steps = checkpoint_steps(log_dir)
+    if not steps:
+        return
+    ema_rates, extra = expected_files(config)
+    found = find_resume_checkpoint(log_dir, ema_rates, extra)
+    if found is None:
+        present = set(bf.listdir(log_dir))
+        step, fmt = steps[0]
+        missing = [n for n in checkpoint_files(step, ema_rates, extra, fmt) if n not in present]
+        raise ValueError(
+            f"log dir {log_dir} holds checkpoints of another run (model{step:06d}.{fmt} without "
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); pass a new --log_dir so they are not "
+            "overwritten"
+        )
+    step = parse_resume_step_from_filename(found)
+    state_path = bf.join(log_dir, f"state{step:06d}.pt")
+    stored = dist_util.load_state_dict(state_path, map_location="cpu").get("config") if bf.exists(state_path) else None
+    if not isinstance(stored, dict) or "training_mode" not in stored or "network" not in stored:
+        logger.log(f"note: {state_path} records no resolved configuration to compare with this run's")
+        return
+    differences = config_differences(stored, config)
+    if not differences:
+        return
+    if all(d.split(":")[0] in RUN_LENGTH_KEYS for d in differences) and extends_the_run(stored, config, step):
+        logger.log(f"continuing the run in {log_dir} (step {step}) for longer: {'; '.join(differences)}")
+        return
+    listed = "; ".join(differences[:6]) + (f" (+{len(differences) - 6} more)" if len(differences) > 6 else "")
+    if not config["run"].get("allow_config_change"):
+        raise ValueError(
+            f"log dir {log_dir} holds a run (step {step}) with other settings: {listed}; pass "
+            "--allow_config_change true to continue it with the new ones, or a new --log_dir"
+        )
+    logger.log(f"continuing the run in {log_dir} (step {step}) with changed settings: {listed}")
