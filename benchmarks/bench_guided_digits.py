@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import platform
+import re
 import time
 
 import numpy as np
@@ -33,13 +34,15 @@ from cm.training_modes import get_training_mode
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PILOT_STEPS = 30
-# method: (preset, [(row name, sampler, number of steps, guidance scale)])
+# method: (preset, [(row name, sampler, number of steps, guidance scale)], flags added to the preset's)
 METHODS = {
     "CD": ("digits_cd_cfg.yaml", [("CD 1 step", "onestep", 1, 1.0), ("CD 2 steps", "multistep", 2, 1.0),
-                                  ("CD 4 steps", "multistep", 4, 1.0)]),
+                                  ("CD 4 steps", "multistep", 4, 1.0)], []),
     "LCM": ("digits_lcm.yaml", [(f"LCM {k} step{'s' * (k > 1)}, w = {w:g}", "lcm", k, w)
-                                for w in (1.0, 2.0) for k in (1, 2, 4)]),
-    "UFOGen": ("digits_ufogen.yaml", [("UFOGen 1 step", "onestep", 1, 1.0), ("UFOGen 2 steps", "lcm", 2, 1.0)]),
+                                for w in (1.0, 2.0) for k in (1, 2, 4)], []),
+    "LCM_w1": ("digits_lcm.yaml", [(f"LCM (trained at w = 1) {k} step{'s' * (k > 1)}", "lcm", k, 1.0)
+                                   for k in (1, 2, 4)], ["--w_min", "1", "--w_max", "1"]),
+    "UFOGen": ("digits_ufogen.yaml", [("UFOGen 1 step", "onestep", 1, 1.0), ("UFOGen 2 steps", "lcm", 2, 1.0)], []),
 }
 
 
@@ -47,30 +50,31 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="class-conditional EDM checkpoint of configs/digits_edm_cfg.yaml")
     p.add_argument("--cpu_minutes", type=float, default=5.0, help="CPU time of each method's training")
-    p.add_argument("--methods", default="CD,LCM,UFOGen", help="comma list of " + ", ".join(METHODS))
+    p.add_argument("--methods", default="CD,LCM,LCM_w1,UFOGen", help="comma list of " + ", ".join(METHODS))
     p.add_argument("--num_samples", type=int, default=1000, help="samples per row (labels 0..9 in turn)")
     p.add_argument("--out", default="guided_digits_out", help="output folder (logs, grids, results.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_teacher", action="store_true", help="leave out the teacher's own rows")
     return p.parse_args(argv)
 
 
-def training_args(preset, log_dir, teacher, steps, seed):
+def training_args(preset, log_dir, teacher, steps, seed, extra=()):
     argv = ["--config", os.path.join(CONFIGS, preset), "--log_dir", log_dir, "--teacher_model_path", teacher,
             "--total_training_steps", str(steps), "--lr_anneal_steps", str(steps), "--save_interval", "-1",
-            "--seed", str(seed), "--device", "cpu"]
+            "--seed", str(seed), "--device", "cpu", *extra]
     return parse_args_with_config(create_argparser(None), argv)
 
 
-def train_for_cpu_time(preset, teacher, cpu_seconds, out, seed):
+def train_for_cpu_time(preset, teacher, cpu_seconds, out, seed, extra=()):
     """(loop, steps, CPU seconds spent): a pilot measures CPU seconds per step, then the run that fits cpu_seconds."""
-    pilot = build_loop(training_args(preset, os.path.join(out, "pilot"), teacher, PILOT_STEPS, seed))
+    pilot = build_loop(training_args(preset, os.path.join(out, "pilot"), teacher, PILOT_STEPS, seed, extra))
     pilot.progress = False
     start = time.process_time()
     pilot.run_loop()
     per_step = (time.process_time() - start) / PILOT_STEPS
     steps = max(1, int(cpu_seconds / per_step))
     print(f"{preset}: {per_step:.3f} CPU s/step -> {steps} steps", flush=True)
-    loop = build_loop(training_args(preset, os.path.join(out, "run"), teacher, steps, seed))
+    loop = build_loop(training_args(preset, os.path.join(out, "run"), teacher, steps, seed, extra))
     start = time.process_time()
     loop.run_loop()
     return loop, steps, time.process_time() - start
@@ -118,8 +122,8 @@ def save_class_grid(images, labels, path, scale=4):
 
 
 def grid_name(row):
-    """'LCM 2 steps, w = 2' -> 'LCM_2_steps_w2.png'."""
-    return row.replace(", w = ", "_w").replace(" ", "_") + ".png"
+    """'LCM 2 steps, w = 2' -> 'LCM_2_steps_w_2.png'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_") + ".png"
 
 
 def evaluate(name, diffusion, model, grid, sampler, num_steps, guidance, opts, classifier, row):
@@ -145,11 +149,11 @@ def main(argv=None):
     os.makedirs(opts.out, exist_ok=True)
     torch.set_num_threads(1)
     classifier = load_digits_classifier()
-    results = teacher_rows(opts, classifier)
+    results = [] if opts.no_teacher else teacher_rows(opts, classifier)
     for method in opts.methods.split(","):
-        preset, rows = METHODS[method]
+        preset, rows, extra = METHODS[method]
         loop, steps, cpu = train_for_cpu_time(preset, opts.teacher, 60 * opts.cpu_minutes,
-                                              os.path.join(opts.out, method), opts.seed)
+                                              os.path.join(opts.out, method), opts.seed, extra)
         mode = get_training_mode(loop.training_mode)
         diffusion, model = mode.build_denoiser(loop.run_config["denoiser"]), ema_model(loop)
         grid = loop.run_config["schedule"]["start_scales"]

@@ -6,16 +6,18 @@
 
 Cases: a CD training step (Heun teacher, l2), a CT training step (l2), one-step and two-step (ts 0,22,39)
 sampling of one batch, and scripts/image_sample.py end to end against the reference's image_sample.py (separate
-processes, npz written). Each case prints the time per call of both, the ratio ours / reference in speed
-(above 1: ours is faster), the FLOPs of one call (torch.utils.flop_counter, both sides) and the FLOP/s each
-reaches against this machine's matrix-product peak, measured here with a large matmul. Asserts nothing.
+processes, npz written; on CPU the digits network with the reference's defaults --num_samples 10000,
+--batch_size 16, --generator determ, so that the work around the network shows). Each case prints the speed of
+both, the ratio ours / reference (above 1: ours is faster), the FLOPs of one call (torch.utils.flop_counter, both
+sides) and the FLOP/s each reaches against this machine's matrix-product peak, measured here. Asserts nothing.
 
 The reference is imported from the path given (as package `reference_cm`, so it does not clash with `cm`).
 Packages it imports that are missing here are replaced in sys.modules before the import, and the output says
 which: flash_attn (v1, CUDA only) by a module computing the same attention with torch's fused
-scaled_dot_product_attention; einops by a rearrange for the patterns the reference uses; piq (LPIPS, unused
-with l2) by a module that refuses to build LPIPS; mpi4py by a one-process communicator. With the stand-in,
-the reference's attention is the computation ours does (SDPA, in the body's dtype).
+scaled_dot_product_attention; einops by a rearrange for the patterns the reference uses; piq by an LPIPS that
+refuses to compute (the cases use l2; the reference's sampling script builds one and never calls it); mpi4py by a
+one-process communicator. With the stand-in, the reference's attention is the computation ours does (SDPA, in
+the body's dtype); like flash_attn, it packs qkv contiguously first.
 
 CPU: both run in float32 (the 32 px comparison net of bench_train.py, batch 8). CUDA: the reference as its
 launch commands run it (use_fp16: float16 body, fp32 master weights, loss scaling; flash attention), ours in
@@ -55,6 +57,10 @@ NETWORKS = {
     "small": dict(image_size=32, num_channels=64, num_res_blocks=2, attention_resolutions="16,8", channel_mult="1,2,2",
                   num_heads=4, num_head_channels=-1, use_scale_shift_norm=True, resblock_updown=False,
                   class_cond=False, dropout=0.0),
+    # the digits network (configs/digits_ct.yaml): 16 px, 32 channels, attention at 4 px
+    "digits": dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="4", channel_mult="1,2,2",
+                   num_heads=4, num_head_channels=32, use_scale_shift_norm=True, resblock_updown=False,
+                   class_cond=False, dropout=0.0),
     # the released ImageNet-64 consistency models (scripts/launch.sh of the reference)
     "imagenet64": dict(image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
                        channel_mult="", num_heads=4, num_head_channels=64, use_scale_shift_norm=True,
@@ -221,12 +227,15 @@ def describe_machine(device):
             f"AVX512-BF16 {'yes' if bf16 else 'no'}, torch {torch.__version__}")
 
 
-def matmul_peak(device, dtype, n=None, repeats=5):
-    """FLOP/s of the fastest of `repeats` n x n matrix products in `dtype`: the practical peak of this machine."""
-    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    time_call(lambda: a @ b, device)
-    return 2 * n**3 / min(time_call(lambda: a @ b, device) for _ in range(repeats))
+def matmul_peak(device, dtype, repeats=8):
+    """FLOP/s of the fastest square matrix product in `dtype` (two sizes, `repeats` each): this machine's practical
+    peak (a lower bound on a busy machine)."""
+    best = 0.0
+    for n in ((4096, 8192) if torch.device(device).type == "cuda" else (1024, 2048)):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        time_call(lambda: a @ b, device)
+        best = max(best, 2 * n**3 / min(time_call(lambda: a @ b, device) for _ in range(repeats)))
+    return best
 
 
 def _cpu_attention_flops():
@@ -270,11 +279,11 @@ def init_one_process_group(device):
 class Setup:
     """The case settings both sides share: device, network flags, batch, precision, data."""
 
-    def __init__(self, args, ref):
+    def __init__(self, args, ref, network):
         self.ref = ref
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.net = dict(NETWORKS[args.network])
+        self.net = dict(NETWORKS[network])
         self.batch = args.batch
         self.channels_last = bool(args.channels_last)
         g = torch.Generator().manual_seed(0)
@@ -478,11 +487,12 @@ def script_commands(s, sampler, ckpt, args, work):
     """{name: fn(r) -> (seconds, images)} running ours, the reference and any --baseline checkout end to end."""
     flags = sample_flags(s, sampler, ckpt, args.e2e_samples, args.e2e_batch)
     device_flag = [f"--device={s.device.type}"]
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
 
     def ours_at(root, name):
         def run(r):
             log_dir = tempfile.mkdtemp(dir=work)
-            env = dict(os.environ, PYTHONPATH=root)
+            env = dict(os.environ, PYTHONPATH=root, **threads)
             command = [sys.executable, os.path.join(root, "scripts", "image_sample.py"), *flags, *device_flag,
                        "--grid=none", f"--log_dir={log_dir}"]
             return run_script(command, env, log_dir)
@@ -494,7 +504,7 @@ def script_commands(s, sampler, ckpt, args, work):
         launcher = (f"import sys, runpy; sys.path[:0] = [{HERE!r}, {args.reference!r}]; import bench_reference; "
                     f"bench_reference.install_standins(); sys.argv = [{script!r}] + {flags!r}; "
                     f"runpy.run_path({script!r}, run_name='__main__')")
-        env = dict(os.environ, OPENAI_LOGDIR=log_dir, OPENAI_LOG_FORMAT="log")
+        env = dict(os.environ, OPENAI_LOGDIR=log_dir, OPENAI_LOG_FORMAT="log", **threads)
         env.pop("PYTHONPATH", None)
         return run_script([sys.executable, "-c", launcher], env, log_dir)
 
@@ -555,9 +565,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=0, help="images per step (0: 8 on CPU, 256 on CUDA)")
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per side (0: 6 on CPU, 10 on CUDA)")
     parser.add_argument("--channels_last", type=int, default=None, help="ours in channels_last (default: on CUDA)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--e2e_samples", type=int, default=0, help="image_sample.py --num_samples (0: 2000 on CPU, "
-                        "50000 on CUDA)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads, also of the sampling processes (0: torch's "
+                        "default)")
+    parser.add_argument("--e2e_network", choices=sorted(NETWORKS), default=None,
+                        help="network of the image_sample.py runs (default: digits on CPU, imagenet64 on CUDA)")
+    parser.add_argument("--e2e_samples", type=int, default=0, help="image_sample.py --num_samples (0: 10000, the "
+                        "reference's default, on CPU; 50000 on CUDA)")
     parser.add_argument("--e2e_batch", type=int, default=0, help="image_sample.py --batch_size (0: 16 on CPU, the "
                         "reference's default; 256 on CUDA)")
     parser.add_argument("--e2e_repeats", type=int, default=2, help="runs of each script, in turns")
@@ -569,7 +582,8 @@ def parse_args(argv=None):
     args.batch = args.batch or (256 if cuda else 8)
     args.repeats = args.repeats or (10 if cuda else 6)
     args.channels_last = cuda if args.channels_last is None else args.channels_last
-    args.e2e_samples = args.e2e_samples or (50000 if cuda else 2000)
+    args.e2e_network = args.e2e_network or ("imagenet64" if cuda else "digits")
+    args.e2e_samples = args.e2e_samples or (50000 if cuda else 10000)
     args.e2e_batch = args.e2e_batch or (256 if cuda else 16)
     args.reference = os.path.abspath(args.reference)
     return args
@@ -582,7 +596,7 @@ def main(argv=None):
     notes = install_standins()
     ref = load_reference(args.reference)
     init_one_process_group(args.device)
-    s = Setup(args, ref)
+    s = Setup(args, ref, args.network)
     body = {"ours": torch.bfloat16, "reference": torch.float16} if s.cuda else dict.fromkeys(("ours", "reference"),
                                                                                             torch.float32)
     peaks = {dtype: matmul_peak(s.device, dtype) for dtype in set(body.values())}
@@ -608,9 +622,10 @@ def main(argv=None):
             name = f"{'one-step' if case == 'onestep' else 'two-step (ts 0,22,39)'} sampling, batch {s.batch}"
             print(row(name, seconds, s.batch, "img/s", flops, peak, note), flush=True)
         elif case == "image_sample":
+            e2e = Setup(args, ref, args.e2e_network)
             for sampler in SAMPLERS:
-                seconds, note = script_case(s, sampler, args)
-                name = f"image_sample.py {sampler}, {args.e2e_samples} samples, batch {args.e2e_batch}"
+                seconds, note = script_case(e2e, sampler, args)
+                name = f"image_sample.py {sampler}, {args.e2e_network} net, {args.e2e_samples} samples, batch {args.e2e_batch}"
                 print(row(name, seconds, args.e2e_samples, "img/s", None, peak, note), flush=True)
         else:
             raise SystemExit(f"error: unknown case {case!r}; allowed: {', '.join(CASES)}")

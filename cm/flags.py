@@ -247,7 +247,7 @@ FLAGS = {
             ("ufogen_t_skip", 1, "UFOGen: grid points between x_t and x_(t-1)", None),
             ("ufogen_adv_weight", 1.0, "UFOGen: weight of the generator's adversarial term", None),
             ("ufogen_rec_weight", 1.0, "UFOGen: weight of the reconstruction term gamma_t ||x_0 - x'_0||^2, gamma_t "
-             "the --weight_schedule weight of sigma_t (karras: EDM's loss, the teacher's objective)", None),
+             "the --weight_schedule weight of sigma_t (snr: the epsilon loss of UFOGen's code; karras: EDM's loss)", None),
             ("disc_lr", 1e-4, "UFOGen: discriminator learning rate (Adam, betas 0 and 0.999, gradients clipped to 1)", None),
             ("disc_init", "teacher", "UFOGen discriminator start: teacher (the encoder half of --teacher_model_path, "
              "as UFOGen starts from the diffusion model) or random", ("teacher", "random")),
