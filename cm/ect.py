@@ -151,14 +151,21 @@ def ect_losses(diffusion, model, x_start, num_scales, model_kwargs=None, mapping
     return {"loss": loss, "sigma": t, "dt_over_t": (t - r) / t}
 
 
+def check_ect_config(config):
+    """One-line errors, at resolve time (--dry_run too), for ECT options that cannot train: the stage schedule, the
+    mapping and the adaptive weighting are built once from the resolved configuration."""
+    create_ect_schedule(**config["schedule"])
+    options = config["loss"]
+    ect_n(torch.zeros(1), options["ect_mapping"])
+    adaptive_distance(torch.zeros(1, 1), torch.zeros(1, 1), options["ect_c"], options["ect_adaptive_p"])
+
+
 def bind_ect_loss(diffusion, context):
     """ECT (consistency_tuning) bound to the mode's options (cm.flags groups "ect" and "ect_schedule"); logs the stage."""
     options = context.options
     q = int(options["ect_q"])
     settings = dict(mapping=options["ect_mapping"], k=options["ect_k"], b=options["ect_b"], c=options["ect_c"],
                     p=options["ect_adaptive_p"])
-    ect_n(torch.zeros(1), settings["mapping"])  # an unknown mapping fails now, not at the first step
-    adaptive_distance(torch.zeros(1, 1), torch.zeros(1, 1), settings["c"], settings["p"])
 
     def loss(model, x_start, model_kwargs, num_scales):
         logger.logkv("ect_stage", ect_stage_of(num_scales, q))

@@ -281,9 +281,9 @@ FLAGS = {
             "trigflow",
             ("sigma_data", 0.5, "sCM: data standard deviation sigma_d; x_t = cos(t) x_0 + sin(t) z, z ~ N(0, sigma_d^2), "
              "sigma = sigma_d tan(t)", None),
-            ("time_conditioning", "edm", "sCM: what the network is fed: edm (250 log sigma, its output negated: an EDM "
-             "checkpoint is an exact TrigFlow model) or trigflow (c_noise(t) = c_noise_scale t, the paper's)",
-             TIME_CONDITIONINGS),
+            ("time_conditioning", "trigflow", "sCM: what the network is fed: trigflow (c_noise(t) = c_noise_scale t, "
+             "the paper's) or edm (250 log sigma, its output negated: an EDM checkpoint is an exact TrigFlow model, "
+             "to start from; its time derivative is large, as sCM Fig. 4 warns)", TIME_CONDITIONINGS),
             ("c_noise_scale", 1.0, "sCM with time_conditioning trigflow: c_noise(t) = c_noise_scale t (paper: 1)", None),
         ),
         *_flags(

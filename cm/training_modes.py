@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from .ect import bind_ect_loss, create_ect_schedule
+from .ect import bind_ect_loss, check_ect_config, create_ect_schedule
 from .scm import bind_scm_loss, check_scm_config, scm_schedule
 from .trigflow import TrigFlowDenoiser
 
@@ -242,6 +242,7 @@ TRAINING_MODES = {
             schedule_groups=("ect_schedule",),
             make_schedule=create_ect_schedule,
             schedule_in_images=True,
+            check_config=check_ect_config,
             flag_defaults=dict(  # ECT's CIFAR-10 run (locuslab/ect run_ecm.sh): batch 128, 200k steps, and with
                 weight_schedule="ict",  # the table's 8 stages over the run, 3.2M images per stage
                 global_batch_size=128,
@@ -262,8 +263,7 @@ TRAINING_MODES = {
             make_denoiser=TrigFlowDenoiser,
             samplers=("trigflow_onestep", "trigflow_twostep"),
             check_config=check_scm_config,
-            flag_defaults=dict(time_conditioning="trigflow", adaptive_double_norm=True, logvar_channels=128,
-                               total_training_steps=400000),
+            flag_defaults=dict(adaptive_double_norm=True, logvar_channels=128, total_training_steps=400000),
         ),
         TrainingMode(
             name="scd",
@@ -279,7 +279,8 @@ TRAINING_MODES = {
             make_denoiser=TrigFlowDenoiser,
             samplers=("trigflow_onestep", "trigflow_twostep"),
             check_config=check_scm_config,
-            flag_defaults=dict(logvar_channels=128, total_training_steps=400000),
+            # the student from scratch: the EDM teacher's weights expect its time input (--time_conditioning edm)
+            flag_defaults=dict(init_from_teacher="false", logvar_channels=128, total_training_steps=400000),
         ),
         TrainingMode(
             name="lcm",

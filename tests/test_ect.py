@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from cm import logger
+from cm.config import resolve_training_config
 from cm.ect import adaptive_distance, create_ect_schedule, ect_losses, ect_r, ect_stage_fn
 from cm.karras_diffusion import KarrasDenoiser
 from cm.metrics import pseudo_huber
-from cm.train_cli import main
+from cm.train_cli import create_argparser, main
 from cm.train_util import CMTrainLoop, TrainLoop
 
 from helpers import read_progress, state_equal, tiny_argv
@@ -74,6 +75,21 @@ def test_stages_advance_every_so_many_images_steps_or_parts_of_the_run():
 def test_impossible_schedules_stop_with_one_line(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         create_ect_schedule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (dict(ect_stage_images=10, ect_stage_steps=10), "not both"),
+        (dict(ect_adaptive_p=2.0), "must lie in"),
+        (dict(ect_adaptive_p=1.0), "needs ect_c > 0"),
+        (dict(teacher_model_path=""), "needs --teacher_model_path"),
+    ],
+)
+def test_impossible_ect_configurations_stop_when_resolved(flags, needle):
+    args = create_argparser("consistency_tuning").parse_args(tiny_argv(**{"teacher_model_path": "t.pt", **flags}))
+    with pytest.raises(ValueError, match=needle):
+        resolve_training_config(args)
 
 
 def test_adaptive_distance_is_pseudo_huber_at_p_half_and_weights_its_gradient():

@@ -113,6 +113,17 @@ def test_later_batches_read_the_cache_which_holds_this_ranks_rows_once(monkeypat
     assert not g._draws
 
 
+def sampling_model(**kw):
+    """A tiny consistency model whose zero-initialised output layers get random weights (so images depend on it)."""
+    torch.manual_seed(0)
+    model, diffusion = tiny_model_and_diffusion(distillation=True, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model.eval().requires_grad_(False), diffusion
+
+
 def old_samples(model, diffusion, num_samples, batch_size, seed, num_classes, sampler_kwargs):
     """generate_samples' images and labels made with the full-draw generator (one process)."""
     gen = FullDrawGenerator(num_samples, seed)
@@ -129,9 +140,7 @@ def old_samples(model, diffusion, num_samples, batch_size, seed, num_classes, sa
 
 @pytest.mark.parametrize("sampler", ["onestep", "multistep"])
 def test_generate_samples_gives_the_images_of_full_draws(sampler):
-    torch.manual_seed(0)
-    model, diffusion = tiny_model_and_diffusion(class_cond=True, num_classes=10, distillation=True)
-    model.eval().requires_grad_(False)
+    model, diffusion = sampling_model(class_cond=True, num_classes=10)
     kw = dict(sampler=sampler, steps=40, ts=(0, 10, 39) if sampler == "multistep" else None)
     images, labels = generate_samples(diffusion, model, 7, 3, 8, get_generator("determ", 7, 4), kw, num_classes=10,
                                       progress=False)
@@ -140,9 +149,7 @@ def test_generate_samples_gives_the_images_of_full_draws(sampler):
 
 
 def test_generate_samples_with_determ_indiv_gives_each_samples_own_stream():
-    torch.manual_seed(0)
-    model, diffusion = tiny_model_and_diffusion(distillation=True)
-    model.eval().requires_grad_(False)
+    model, diffusion = sampling_model()
     kw = dict(sampler="multistep", steps=40, ts=(0, 10, 39))
     images, _ = generate_samples(diffusion, model, 5, 2, 8, get_generator("determ-indiv", 5, 3), kw, progress=False)
     for done, batch in rank_batches(5, 2, 1):

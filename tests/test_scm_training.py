@@ -34,7 +34,7 @@ def teacher_path(tmp_path_factory):
 def scm_argv(mode, log_dir, teacher_path, **flags):
     extra = dict(SCM, time_conditioning="trigflow", **flags)
     if mode == "scd":
-        extra.update(teacher_model_path=teacher_path, time_conditioning="edm")
+        extra.update(teacher_model_path=teacher_path, init_from_teacher="true", time_conditioning="edm")
     return tiny_argv(log_dir=log_dir, **extra)
 
 
@@ -148,9 +148,9 @@ def test_configurations_name_the_trigflow_denoiser_and_stop_on_a_mismatched_star
     assert config["loss"] == {"tangent_norm_c": 0.1, "scm_p_mean": -1.0, "scm_p_std": 1.4}
     assert config["network"]["logvar_channels"] == 128 and config["network"]["adaptive_double_norm"] is True
     scd = cm_config.resolve_training_config(create_argparser("scd").parse_args(tiny_argv(teacher_model_path="t.pt")))
-    assert scd["student_init"] == "teacher" and scd["denoiser"]["time_conditioning"] == "edm"
+    assert scd["student_init"] == "random" and scd["denoiser"]["time_conditioning"] == "trigflow"
     assert scd["teacher"]["network"]["logvar_channels"] == 0 and scd["teacher"]["denoiser"]["distillation"] is False
-    for mode, flags in (("scd", dict(teacher_model_path="t.pt", time_conditioning="trigflow")),
+    for mode, flags in (("scd", dict(teacher_model_path="t.pt", init_from_teacher="true")),
                         ("sct", dict(teacher_model_path="t.pt"))):
         with pytest.raises(ValueError, match="--time_conditioning edm"):
             cm_config.resolve_training_config(create_argparser(mode).parse_args(tiny_argv(**flags)))
