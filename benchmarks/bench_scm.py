@@ -50,8 +50,8 @@ def teacher_checkpoint(args, extra):
     from cm.script_util import create_model, parse_args_with_config
     from cm.train_cli import create_argparser
 
-    flags = parse_args_with_config(create_argparser("edm"), ["--config", os.path.join(ROOT, "configs", "digits_edm.yaml"),
-                                                              *extra])
+    argv = ["--config", os.path.join(ROOT, "configs", "digits_edm.yaml"), *extra]
+    flags = parse_args_with_config(create_argparser("edm"), argv)
     path = os.path.join(tempfile.mkdtemp(), "teacher.pt")
     torch.save(create_model(**resolve_model_config(flags)["network"]).state_dict(), path)
     return path

@@ -140,11 +140,9 @@ def ect_losses(diffusion, model, x_start, num_scales, model_kwargs=None, mapping
 
     with torch.no_grad():
         # the same network at (x + r z, r) with the same dropout masks; at the boundary the data itself
-        rng_after = rng.get_state()
-        rng.set_state(rng_state)
         x_r = x_start + append_dims(r, dims) * noise
-        at_r = diffusion.denoise(_without_ddp(model), x_r, r.clamp(min=diffusion.sigma_min), **model_kwargs)[1]
-        rng.set_state(rng_after)
+        with rng.replaying(rng_state):
+            at_r = diffusion.denoise(_without_ddp(model), x_r, r.clamp(min=diffusion.sigma_min), **model_kwargs)[1]
         target = torch.where(append_dims(boundary, dims), x_start, at_r.to(x_start.dtype))
 
     loss = adaptive_distance(online, target, c, p) * diffusion.loss_weights(t, r)

@@ -226,7 +226,7 @@ class KarrasDenoiser:
 
         loss = lambda(t_n) d(f_theta(x + t_n z, t_n), f_theta-(x_hat_(n+1), t_(n+1))), where x_hat_(n+1) is
         one teacher ODE step from x + t_n z (CD) or x + t_(n+1) z (CT). The target pass replays the online
-        pass's dropout randomness (`rng`: a cm.train_util-style RNG snapshot helper; default: the device's).
+        pass's dropout randomness (`rng`: a cm.random_util.DeviceRNG; default: the device's).
         Returns {"loss": [B], "sigma": t_n}.
         """
         if target_model is None:
@@ -254,10 +254,8 @@ class KarrasDenoiser:
                 x_next = step(teacher, x_t, t, t_next)
             # target network at (x_next, t_(n+1)) with the online pass's dropout masks; afterwards the RNG
             # continues past every draw of this step (a stochastic teacher's included), never replaying them
-            rng_after = rng.get_state()
-            rng.set_state(rng_state)
-            target = self.denoise(target_model, x_next, t_next, **model_kwargs)[1]
-            rng.set_state(rng_after)
+            with rng.replaying(rng_state):
+                target = self.denoise(target_model, x_next, t_next, **model_kwargs)[1]
 
         loss = self.distance(distiller, target) * self.loss_weights(t, t_next)
         return {"loss": loss, "sigma": t}

@@ -99,10 +99,8 @@ def lcm_losses(
 
             x_next = teacher_jump(guided_denoiser(denoise, teacher_model, model_kwargs, w), x_t, t, t_next, teacher_solver)
         # target at (x_next, t_(n+k), w) with the online pass's dropout masks
-        rng_after = rng.get_state()
-        rng.set_state(rng_state)
-        target = diffusion.denoise(target_model, x_next, t_next, **student_kwargs)[1]
-        rng.set_state(rng_after)
+        with rng.replaying(rng_state):
+            target = diffusion.denoise(target_model, x_next, t_next, **student_kwargs)[1]
 
     loss = diffusion.distance(online, target) * diffusion.loss_weights(t, t_next)
     return {"loss": loss, "sigma": t}

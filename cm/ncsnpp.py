@@ -20,6 +20,7 @@ Parameter counts equal those of score_sde_pytorch's ``NCSNpp`` for every option 
 (StyleGAN2's ``upfirdn2d``) is written as plain PyTorch matrix products, so it runs on every device and dtype.
 """
 
+import inspect
 import math
 
 import torch
@@ -548,29 +549,6 @@ def ncsnpp_config_errors(
 # ----- the network ------------------------------------------------------------------------------
 
 
-# The CIFAR-10 network of openai/consistency_models_cifar10 (configs/cifar10_ve_cd.py, cifar10_ve_ct_*.py):
-# NCSNpp keyword arguments, also the NCSN++ flag defaults of cm.script_util.
-CIFAR10_CONFIG = dict(
-    image_size=32,
-    nf=128,
-    ch_mult=(2, 2, 2),
-    num_res_blocks=4,
-    attn_resolutions=(16,),
-    dropout=0.0,
-    resamp_with_conv=True,
-    fir=True,
-    fir_kernel=(1, 3, 3, 1),
-    skip_rescale=True,
-    resblock_type="biggan",
-    progressive="none",
-    progressive_input="residual",
-    progressive_combine="sum",
-    embedding_type="fourier",
-    fourier_scale=16.0,
-    init_scale=0.0,
-)
-
-
 class NCSNpp(HalfPrecisionBody, nn.Module):
     """NCSN++ (score_sde `ncsnpp`): a UNet of BigGAN / DDPM residual blocks with FIR resampling,
     optional progressive input / output pyramids, and a Fourier or positional noise embedding.
@@ -825,3 +803,15 @@ def create_ncsnpp_model(
         init_scale=init_scale,
         num_classes=num_classes,
     )
+
+
+def _keyword_defaults(cls, leave_out):
+    """cls.__init__'s keyword defaults, without the names in leave_out."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty and p.name not in leave_out}
+
+
+# The CIFAR-10 network of openai/consistency_models_cifar10 (configs/cifar10_ve_cd.py, cifar10_ve_ct_*.py), which
+# NCSNpp's defaults are: its keyword arguments, also the NCSN++ flag defaults of cm.script_util.
+CIFAR10_CONFIG = _keyword_defaults(NCSNpp, leave_out=("in_channels", "out_channels", "conditional", "num_classes",
+                                                      "use_fp16"))

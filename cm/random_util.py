@@ -5,6 +5,8 @@ size or the number of ranks. A batch on rank r covers the global sample indices
 ``done_samples + r, done_samples + r + world_size, ...``; call `set_done_samples` after each batch.
 """
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -274,3 +276,14 @@ class DeviceRNG:
         torch.set_rng_state(state["cpu"])
         if self.device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    @contextlib.contextmanager
+    def replaying(self, state):
+        """Inside: the draws made since `state` was taken come again (a target pass gets the online pass's dropout
+        masks). After: the RNG goes on from where it was on entry, so no draw is replayed twice."""
+        now = self.get_state()
+        self.set_state(state)
+        try:
+            yield
+        finally:
+            self.set_state(now)

@@ -195,6 +195,15 @@ def sample_euler(denoiser, x, sigmas, generator=None, progress=False, callback=N
     return x
 
 
+def _churned_slope(denoiser, x, i, t_cur, n_steps, generator, callback, **churn):
+    """Step i's start shared by Heun and DPM-2: churn to t_hat, denoise there, report it; (x_hat, t_hat, dx/dt)."""
+    x, t_hat = _churn(x, t_cur, n_steps, generator, **churn)
+    denoised = denoiser(x, _batch_sigma(t_hat, x))
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised})
+    return x, t_hat, to_d(x, t_hat, denoised)
+
+
 @torch.no_grad()
 def sample_heun(
     denoiser,
@@ -212,15 +221,11 @@ def sample_heun(
     generator = generator or get_generator("dummy")
     sigmas = sigmas.tolist()
     n = len(sigmas) - 1
+    churn = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     for i in _steps(n, progress):
-        t_cur, t_next = sigmas[i], sigmas[i + 1]
-        # increase noise temporarily
-        x, t_hat = _churn(x, t_cur, n, generator, s_churn, s_tmin, s_tmax, s_noise)
+        t_next = sigmas[i + 1]
+        x, t_hat, d = _churned_slope(denoiser, x, i, sigmas[i], n, generator, callback, **churn)
         # Euler step from t_hat to t_next
-        denoised = denoiser(x, _batch_sigma(t_hat, x))
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised})
-        d = to_d(x, t_hat, denoised)
         x_next = x + d * (t_next - t_hat)
         # 2nd-order correction unless t_next = 0
         if t_next > 0:
@@ -249,13 +254,10 @@ def sample_dpm(
     generator = generator or get_generator("dummy")
     sigmas = sigmas.tolist()
     n = len(sigmas) - 1
+    churn = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     for i in _steps(n, progress):
-        t_cur, t_next = sigmas[i], sigmas[i + 1]
-        x, t_hat = _churn(x, t_cur, n, generator, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoiser(x, _batch_sigma(t_hat, x))
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised})
-        d = to_d(x, t_hat, denoised)
+        t_next = sigmas[i + 1]
+        x, t_hat, d = _churned_slope(denoiser, x, i, sigmas[i], n, generator, callback, **churn)
         # midpoint step: evaluate at t_mid, move the whole way with that slope
         t_mid = ((t_hat ** (1 / 3) + t_next ** (1 / 3)) / 2) ** 3
         x_mid = x + d * (t_mid - t_hat)

@@ -187,6 +187,19 @@ class TrainingMode:
         return names + (("teacher_model",) if self.promotes_student else ())
 
 
+# what sct and scd share: the loss of cm.scm, TrigFlow's denoiser and samplers, the tangent warm-up as schedule
+SCM_ENTRY = dict(
+    bind_loss=bind_scm_loss,
+    loss_groups=("scm_loss",),
+    uses_distance=False,
+    schedule_groups=("scm_schedule",),
+    make_schedule=scm_schedule,
+    denoiser_groups=("trigflow",),
+    make_denoiser=TrigFlowDenoiser,
+    samplers=("trigflow_onestep", "trigflow_twostep"),
+    check_config=check_scm_config,
+)
+
 TRAINING_MODES = {
     mode.name: mode
     for mode in (
@@ -253,32 +266,16 @@ TRAINING_MODES = {
         TrainingMode(
             name="sct",
             description="continuous-time consistency training, sCT (Lu & Song 2024): TrigFlow, the tangent by one JVP",
-            bind_loss=bind_scm_loss,
-            loss_groups=("scm_loss",),
             teacher="optional",
-            uses_distance=False,
-            schedule_groups=("scm_schedule",),
-            make_schedule=scm_schedule,
-            denoiser_groups=("trigflow",),
-            make_denoiser=TrigFlowDenoiser,
-            samplers=("trigflow_onestep", "trigflow_twostep"),
-            check_config=check_scm_config,
+            **SCM_ENTRY,
             flag_defaults=dict(adaptive_double_norm=True, logvar_channels=128, total_training_steps=400000),
         ),
         TrainingMode(
             name="scd",
             description="continuous-time consistency distillation, sCD (Lu & Song 2024), from an EDM teacher",
-            bind_loss=bind_scm_loss,
-            loss_groups=("scm_loss",),
             teacher="required",
             teacher_in_loss=True,
-            uses_distance=False,
-            schedule_groups=("scm_schedule",),
-            make_schedule=scm_schedule,
-            denoiser_groups=("trigflow",),
-            make_denoiser=TrigFlowDenoiser,
-            samplers=("trigflow_onestep", "trigflow_twostep"),
-            check_config=check_scm_config,
+            **SCM_ENTRY,
             # the student from scratch: the EDM teacher's weights expect its time input (--time_conditioning edm)
             flag_defaults=dict(init_from_teacher="false", logvar_channels=128, total_training_steps=400000),
         ),

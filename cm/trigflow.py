@@ -137,13 +137,16 @@ class TrigFlowDenoiser:
         is an exact TrigFlow model.
     """
 
-    def __init__(self, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, c_noise_scale=1.0, time_conditioning="trigflow"):
+    def __init__(
+        self, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, c_noise_scale=1.0, time_conditioning="trigflow"
+    ):
         if sigma_data <= 0 or not 0 < sigma_min < sigma_max:
             raise ValueError(
                 f"need sigma_data > 0 and 0 < sigma_min < sigma_max, got {sigma_data}, {sigma_min}, {sigma_max}"
             )
         if time_conditioning not in TIME_CONDITIONINGS:
-            raise ValueError(f"unknown time_conditioning {time_conditioning!r}; allowed: {', '.join(TIME_CONDITIONINGS)}")
+            allowed = ", ".join(TIME_CONDITIONINGS)
+            raise ValueError(f"unknown time_conditioning {time_conditioning!r}; allowed: {allowed}")
         self.sigma_data = sigma_data
         self.sigma_max = sigma_max
         self.sigma_min = sigma_min
@@ -159,7 +162,8 @@ class TrigFlowDenoiser:
     def denoise(self, model, x, sigmas, **model_kwargs):
         """(F's output, f(x_t, t)) for EDM x at noise levels sigmas [B]."""
         x_t, t = edm_to_trigflow(x, sigmas.to(x.dtype), self.sigma_data)
-        model_output = self.network(model)(x_t / self.sigma_data, trigflow_c_noise(t, self.c_noise_scale), **model_kwargs)
+        network = self.network(model)
+        model_output = network(x_t / self.sigma_data, trigflow_c_noise(t, self.c_noise_scale), **model_kwargs)
         return model_output, trigflow_f(model_output, x_t, t, self.sigma_data)
 
 
@@ -260,7 +264,7 @@ def scm_losses(
     :param logvar_head: the adaptive weighting's u(t) (a LogVarianceHead trained with the model), or None (u = 0).
     :param warmup: tangent warm-up factor r in [0, 1] (`tangent_warmup(step, warmup_steps)`).
     :param tangent_norm_c: c of the tangent normalisation (0.1); None leaves the tangent unnormalised.
-    :param rng: a cm.karras_diffusion.DeviceRNG-like snapshot helper; the JVP pass replays the online pass's dropout.
+    :param rng: a cm.random_util.DeviceRNG; the JVP pass replays the online pass's dropout.
     :param target_model: the network the JVP pass runs (default `model`): the same weights, e.g. the module inside a
         DistributedDataParallel `model`, so the no-gradient pass skips its hooks.
     :return: {"loss": [B], "mse": [B] (unweighted), "logvar": [B], "t": t, "sigma": sigma_d tan(t)}.
@@ -289,9 +293,10 @@ def scm_losses(
 
     with torch.no_grad():
         # F_theta- and its time derivative by one JVP, with the same dropout masks
-        rng.set_state(rng_state)
         target_model = model if target_model is None else target_model
-        target_output, output_jvp = trigflow_jvp(target_model, x_t, t, dxt_dt, sigma_data, c_noise_scale, model_kwargs)
+        with rng.replaying(rng_state):
+            target_output, output_jvp = trigflow_jvp(target_model, x_t, t, dxt_dt, sigma_data, c_noise_scale,
+                                                     model_kwargs)
         g = scm_tangent(target_output.to(x_t.dtype), output_jvp.to(x_t.dtype), x_t, dxt_dt, t, sigma_data, warmup)
         if tangent_norm_c is not None:
             g = normalize_tangent(g, tangent_norm_c)

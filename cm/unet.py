@@ -55,15 +55,22 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution."""
+class _Resample(nn.Module):
+    """What Upsample and Downsample both record: channels in and out, learned or not, 1-D / 2-D / 3-D."""
 
-    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+    def __init__(self, channels, use_conv, dims, out_channels):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         self.dims = dims
+
+
+class Upsample(_Resample):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=1)
 
@@ -75,15 +82,11 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """2x downsampling by a strided 3x3 convolution or by average pooling."""
 
     def __init__(self, channels, use_conv, dims=2, out_channels=None):
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
+        super().__init__(channels, use_conv, dims, out_channels)
         stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
             self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)
@@ -128,7 +131,7 @@ class ResBlock(TimestepBlock):
     ):
         super().__init__()
         if adaptive_double_norm and not use_scale_shift_norm:
-            raise ValueError("adaptive_double_norm normalises the scale and shift of use_scale_shift_norm; turn that on")
+            raise ValueError("adaptive_double_norm normalises the scale and shift of use_scale_shift_norm; set both")
         self.channels = channels
         self.emb_channels = emb_channels
         self.dropout = dropout

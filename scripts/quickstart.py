@@ -191,7 +191,8 @@ def few_step_samples(loop, model, diffusion, size, opts, classifier):
         kwargs = {which: dict(steps=n, ts=t) for which, t in ts.items()}
     else:
         start = round(math.atan(80.0 / diffusion.sigma_data), 4)  # karras_sample starts at sigma_max 80
-        ts = {"default": (start, T_MID), "searched": (start, best_t_mid(diffusion, model, size, opts.seed + 1, classifier))}
+        t_mid = best_t_mid(diffusion, model, size, opts.seed + 1, classifier)
+        ts = {"default": (start, T_MID), "searched": (start, t_mid)}
         kwargs = {which: dict(steps=2, t_mid=t[1]) for which, t in ts.items()}
     one = draw(diffusion, model, opts.num_samples, size, opts.seed, sampler=one_step, steps=kwargs["default"]["steps"])
     two = {which: draw(diffusion, model, opts.num_samples, size, opts.seed, sampler=two_step, **kw).cpu()

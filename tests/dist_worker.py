@@ -58,6 +58,15 @@ class DataDerivedSigmas:
         return torch.ones(n), torch.ones(n)
 
 
+def loop_kwargs(model, diffusion, **overrides):
+    """TrainLoop keywords of the workers: fixed batches split over the ranks, data-derived sigmas, Adam."""
+    kwargs = dict(model=model, diffusion=diffusion, data=FixedBatches(),
+                  batch_size=GLOBAL_BATCH // dist_util.get_world_size(), microbatch=-1, ema_rate="0.9",
+                  log_interval=1, resume_checkpoint="", optimizer="adam", schedule_sampler=DataDerivedSigmas(),
+                  progress=False)
+    return {**kwargs, **overrides}
+
+
 def main():
     out_dir = sys.argv[1]
     dist_util.setup_dist()
@@ -77,22 +86,7 @@ def main():
         return real(model, x, sigmas, model_kwargs, noise=torch.sin(1000 * x))
 
     diffusion.training_losses = per_sample
-    loop = GradRecordingLoop(
-        model=model,
-        diffusion=diffusion,
-        data=FixedBatches(),
-        batch_size=GLOBAL_BATCH // dist_util.get_world_size(),
-        microbatch=-1,
-        lr=1e-2,
-        ema_rate="0.9",
-        log_interval=1,
-        save_interval=-1,
-        resume_checkpoint="",
-        optimizer="adam",
-        schedule_sampler=DataDerivedSigmas(),
-        total_training_steps=3,
-        progress=False,
-    )
+    loop = GradRecordingLoop(**loop_kwargs(model, diffusion, lr=1e-2, save_interval=-1, total_training_steps=3))
     loop.run_loop()
     torch.save(
         {"params": model.state_dict(), "first_grads": loop.first_grads, "first_params": loop.first_params},

@@ -23,7 +23,7 @@ from cm import dist_util, logger, train_util  # noqa: E402
 from cm.script_util import run_or_exit  # noqa: E402
 from cm.train_util import TrainLoop  # noqa: E402
 
-from dist_worker import GLOBAL_BATCH, DataDerivedSigmas, FixedBatches  # noqa: E402
+from dist_worker import loop_kwargs  # noqa: E402
 from helpers import tiny_model_and_diffusion  # noqa: E402
 
 
@@ -71,22 +71,7 @@ def train(out_dir, mode):
     model, diffusion = tiny_model_and_diffusion()
     DyingLoop.fault = mode
     DyingLoop.out_dir = out_dir
-    loop = DyingLoop(
-        model=model,
-        diffusion=diffusion,
-        data=FixedBatches(),
-        batch_size=GLOBAL_BATCH // dist_util.get_world_size(),
-        microbatch=-1,
-        lr=1e-3,
-        ema_rate="0.9",
-        log_interval=1,
-        save_interval=2,
-        resume_checkpoint="",
-        optimizer="adam",
-        schedule_sampler=DataDerivedSigmas(),
-        total_training_steps=6,
-        progress=False,
-    )
+    loop = DyingLoop(**loop_kwargs(model, diffusion, lr=1e-3, save_interval=2, total_training_steps=6))
     loop.run_loop()
 
 

@@ -92,3 +92,16 @@ def test_precision_auto_follows_the_hardware():
     opts = quickstart.parse_args(["--device", "cpu"])
     assert quickstart.use_bf16(opts) == bf16_is_native("cpu")
     assert quickstart.use_bf16(quickstart.parse_args(["--precision", "bf16"]))
+
+
+@pytest.mark.parametrize("mode, stages", [("ect", ("edm", "ect"))])  # sct, scd: tests/test_scm_training.py
+def test_quickstart_runs_a_two_stage_tuning_plan(tmp_path, mode, stages):
+    quickstart = load_quickstart()
+    metrics = quickstart.main(["--mode", mode, "--steps", "3", "--out", str(tmp_path), "--num_samples", "32"])
+    assert metrics["mode"] == mode and metrics["steps"] == 3
+    assert [name.lower() for name, _, _ in quickstart.PLANS[mode]] == list(stages)
+    for stage in stages:
+        assert "model000003.pt" in os.listdir(tmp_path / stage), stage
+    for row in ("one-step", "two-step default", "two-step searched"):
+        assert metrics[row]["digits_fid"] > 0 and 0 < metrics[row]["coverage"] <= 1
+    assert len(metrics["two_step_ts_default"]) == len(metrics["two_step_ts_searched"])

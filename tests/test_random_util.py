@@ -158,3 +158,19 @@ def test_generate_samples_with_determ_indiv_gives_each_samples_own_stream():
         with torch.inference_mode():
             x = karras_sample(diffusion, model, (batch, 3, 8, 8), generator=gen, **kw)
         assert np.array_equal(images[done : done + batch], to_uint8(x).numpy())
+
+
+def test_replaying_repeats_the_draws_since_a_state_then_goes_on_past_them():
+    from cm.random_util import DeviceRNG
+
+    rng = DeviceRNG("cpu")
+    torch.manual_seed(3)
+    state = rng.get_state()
+    online = torch.rand(5)
+    with rng.replaying(state):
+        replayed = torch.rand(5)
+    after = torch.rand(5)
+    torch.manual_seed(3)
+    stream = torch.rand(10)
+    assert torch.equal(replayed, online)  # the target pass sees the online pass's draws (its dropout masks)
+    assert torch.equal(after, stream[5:])  # and afterwards the stream continues, nothing drawn twice
