@@ -19,7 +19,9 @@ refuses to compute (the cases use l2; the reference's sampling script builds one
 one-process communicator. With the stand-in, the reference's attention is the computation ours does (SDPA, in
 the body's dtype); like flash_attn, it packs qkv contiguously first.
 
-CPU: both run in float32 (the 32 px comparison net of bench_train.py, batch 8). CUDA: the reference as its
+CPU: both run in float32 (the 32 px comparison net of bench_train.py, batch 8), ours in channels_last as the
+library trains and samples by default (--channels_last 0: contiguous); --bf16 1 times ours under bfloat16 autocast
+instead, which the quickstart picks on a CPU with AVX512-BF16 / AMX. CUDA: the reference as its
 launch commands run it (use_fp16: float16 body, fp32 master weights, loss scaling; flash attention), ours in
 bfloat16 autocast with channels_last; ImageNet-64 net at the paper's per-GPU batch (2048 over 8 GPUs: 256).
 torch.set_flush_denormal, which our training loop sets on CPU, is process-wide and so speeds up both. The
@@ -286,6 +288,7 @@ class Setup:
         self.net = dict(NETWORKS[network])
         self.batch = args.batch
         self.channels_last = bool(args.channels_last)
+        self.bf16 = bool(args.bf16)
         g = torch.Generator().manual_seed(0)
         size = self.net["image_size"]
         self.x = (torch.rand(self.batch, 3, size, size, generator=g) * 2 - 1).to(self.device)
@@ -360,7 +363,7 @@ def our_train_step(s, mode):
         training_mode="consistency_distillation" if mode == "cd" else "consistency_training",
         ema_scale_fn=create_ema_and_scales_fn(*SCHEDULES[mode]), total_training_steps=SCHEDULES[mode][5],
         data=Batches(s.x, s.cond), batch_size=s.batch, microbatch=-1, lr=1e-4, ema_rate=EMA_RATES,
-        log_interval=10**9, save_interval=-1, resume_checkpoint="", optimizer="radam", use_bf16=s.cuda,
+        log_interval=10**9, save_interval=-1, resume_checkpoint="", optimizer="radam", use_bf16=s.bf16,
         channels_last=s.channels_last, progress=False, teacher_solver="heun",
     )
     return (lambda r: loop.run_step(s.x, s.cond)), model, teacher
@@ -427,8 +430,10 @@ def sample_steps(s, sampler):
     shape = (s.batch, 3, size, size)
     kw = dict(steps=40, model_kwargs=dict(s.cond), device=s.device, **SAMPLERS[sampler])
 
+    cpu_bf16 = s.bf16 and not s.cuda  # on CUDA ours samples with the reference's float16 body
+
     def ours(seed, uint8=True):
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=cpu_bf16):
             x = karras_sample(diffusion, model, shape, generator=get_generator("determ", s.batch, seed), **kw)
             return to_uint8(x) if uint8 else x
 
@@ -581,7 +586,10 @@ def parse_args(argv=None):
                         help="small (default on CPU) or imagenet64 (default on CUDA)")
     parser.add_argument("--batch", type=int, default=0, help="images per step (0: 8 on CPU, 256 on CUDA)")
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per side (0: 6 on CPU, 10 on CUDA)")
-    parser.add_argument("--channels_last", type=int, default=None, help="ours in channels_last (default: on CUDA)")
+    parser.add_argument("--channels_last", type=int, default=1, help="ours in channels_last (1, the library's "
+                        "default for training and sampling; 0: contiguous, as the reference)")
+    parser.add_argument("--bf16", type=int, default=None, help="ours under bfloat16 autocast (default: on CUDA; on a "
+                        "CPU with AVX512-BF16 / AMX, what the quickstart picks; 0 compares equal float32 math)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads, also of the sampling processes (0: torch's "
                         "default)")
     parser.add_argument("--e2e_network", choices=sorted(NETWORKS), default=None,
@@ -598,7 +606,7 @@ def parse_args(argv=None):
     args.network = args.network or ("imagenet64" if cuda else "small")
     args.batch = args.batch or (256 if cuda else 8)
     args.repeats = args.repeats or (10 if cuda else 6)
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.bf16 = cuda if args.bf16 is None else args.bf16
     args.e2e_network = args.e2e_network or ("imagenet64" if cuda else "digits")
     args.e2e_samples = args.e2e_samples or (50000 if cuda else 10000)
     args.e2e_batch = args.e2e_batch or (256 if cuda else 16)
@@ -614,14 +622,13 @@ def main(argv=None):
     ref = load_reference(args.reference)
     init_one_process_group(args.device)
     s = Setup(args, ref, args.network)
-    body = {"ours": torch.bfloat16, "reference": torch.float16} if s.cuda else dict.fromkeys(("ours", "reference"),
-                                                                                            torch.float32)
+    body = {"ours": torch.bfloat16 if s.bf16 else torch.float32, "reference": torch.float16 if s.cuda else torch.float32}
     peaks = {dtype: matmul_peak(s.device, dtype) for dtype in set(body.values())}
     peak = {k: peaks[dtype] for k, dtype in body.items()}
     print(f"machine: {describe_machine(s.device)}")
     print(f"matrix-product peak: " + ", ".join(f"{k} {str(body[k]).replace('torch.', '')} {v / 1e9:.0f} GFLOP/s"
                                                 for k, v in peak.items()))
-    print(f"network {args.network}, batch {s.batch}; ours {'bf16 autocast' if s.cuda else 'fp32'}"
+    print(f"network {args.network}, batch {s.batch}; ours {'bf16 autocast' if s.bf16 else 'fp32'}"
           f"{', channels_last' if s.channels_last else ''}; reference {'fp16 body' if s.cuda else 'fp32'}")
     if not s.cuda:
         notes.append("reference in fp32: its CMTrainLoop._update_target_ema fails there; replaced by the same EMA "

@@ -273,3 +273,20 @@ def test_a_use_fp16_network_runs_outside_the_trainer():
     model.convert_to_fp16()
     half = model(x, t)
     assert half.dtype == torch.float32 and (half - out).abs().max() < 0.05 * out.abs().max() + 0.05
+
+
+def test_cpu_bf16_training_attention_runs_in_fp32_and_sampling_stays_bf16():
+    import torch.nn.functional as F
+
+    from cm.nn import scaled_dot_product_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=g).bfloat16() for _ in range(3))
+    with torch.no_grad():  # sampling: the bfloat16 kernel (faster there)
+        assert torch.equal(scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    q.requires_grad_(True)
+    out = scaled_dot_product_attention(q, k, v)  # training: float32 inside, bfloat16 out
+    expected = F.scaled_dot_product_attention(q.detach().float(), k.float(), v.float()).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out.detach(), expected)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
