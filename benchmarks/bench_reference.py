@@ -622,7 +622,8 @@ def main(argv=None):
     ref = load_reference(args.reference)
     init_one_process_group(args.device)
     s = Setup(args, ref, args.network)
-    body = {"ours": torch.bfloat16 if s.bf16 else torch.float32, "reference": torch.float16 if s.cuda else torch.float32}
+    body = {"ours": torch.bfloat16 if s.bf16 else torch.float32,
+            "reference": torch.float16 if s.cuda else torch.float32}
     peaks = {dtype: matmul_peak(s.device, dtype) for dtype in set(body.values())}
     peak = {k: peaks[dtype] for k, dtype in body.items()}
     print(f"machine: {describe_machine(s.device)}")

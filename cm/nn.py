@@ -216,7 +216,8 @@ class _AttentionWithJVP(torch.autograd.Function):
 
 
 # Up to this many tokens, the CPU's fused attention forward + backward is faster in float32 than in bfloat16
-# (benchmarks/bench_attention.py: 5x at 64 tokens, 1.6x at 256 with 32-wide heads; bfloat16 wins from 1024 on);
+# (benchmarks/bench_attention.py on a 2-core Intel Xeon with AMX-BF16: 5x at 64 tokens, 1.6x at 256 with 32-wide
+# heads; bfloat16 wins from 1024 on);
 # its forward alone is faster in bfloat16.
 CPU_FP32_ATTENTION_MAX_TOKENS = 256
 
