@@ -7,13 +7,23 @@
 Writes are atomic (a temporary file in the same folder, flushed, then renamed), so a reader never sees
 half a file. Paths with a scheme (``gs://``, ``az://``) go through blobfile, whose stores publish an
 object only once it is complete.
+
+A training checkpoint at step N is a set of files with the reference's names (modelNNNNNN.pt,
+ema_RATE_NNNNNN.pt, optNNNNNN.pt, target_modelNNNNNN.pt, ...) plus stateNNNNNN.pt; `checkpoint_files` lists
+them, the model file last, and `find_resume_checkpoint` finds the newest complete set.
 """
 
+import contextlib
 import io
 import os
+import pickle
+import re
+import zipfile
 
 import blobfile as bf
 import torch
+
+from .errors import CheckpointError, first_line
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -64,23 +74,31 @@ def checkpoint_bytes(state_dict, path, metadata=None):
     return buffer.getvalue()
 
 
-def write_atomic(data, path):
-    """Write bytes to `path` through a temporary file and a rename (blobfile for remote paths)."""
+def write_through_temporary(path, write):
+    """Call write(file) on a temporary file next to `path`, flush it to disk, then rename it into place (remote
+    paths go through blobfile, whose stores publish an object only once it is complete). A failure leaves
+    neither the temporary file nor a partial `path`."""
     path = str(path)
     if "://" in path:
         with bf.BlobFile(path, "wb") as f:
-            f.write(data)
+            write(f)
         return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with contextlib.suppress(OSError):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_atomic(data, path):
+    """Write bytes to `path` through a temporary file and a rename (blobfile for remote paths)."""
+    write_through_temporary(path, lambda f: f.write(data))
 
 
 def save_checkpoint(state_dict, path, metadata=None):
@@ -119,13 +137,34 @@ def read_bytes(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
 
 
+def torch_load_bytes(data, path, **kwargs):
+    """torch.load of a checkpoint's bytes; an empty, truncated, corrupt or code-carrying file is one line naming it."""
+    if not data:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was cut off before anything was written")
+    if data[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(io.BytesIO(data)):
+        raise CheckpointError(f"checkpoint {path} is truncated: its {len(data):,} bytes lack the end of the file")
+    try:
+        return torch.load(io.BytesIO(data), **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"checkpoint {path} refers to {found.group(1)}, which is not tensor data and could run code when "
+                "loaded; it was refused without running anything (load only files you trust)"
+            ) from None
+        detail = first_line(str(e).split("WeightsUnpickler error:")[-1])
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({detail})") from None
+    except Exception as e:  # noqa: BLE001 - the unpickler fails in many ways on a damaged file
+        if isinstance(e, RuntimeError) and ("device" in str(e) or "CUDA" in str(e)):
+            raise  # a map_location problem, not a damaged file
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
+
+
 def load_checkpoint_bytes(data, path, map_location=None):
-    """Decode checkpoint bytes by `path`'s extension: safetensors, or torch.load with weights_only=True
-    (through cm.dist_util, whose errors name a truncated, corrupt or code-carrying file in one line)."""
+    """Decode checkpoint bytes by `path`'s extension: safetensors, or torch.load with weights_only=True (whose
+    errors name a truncated, corrupt or code-carrying file in one line)."""
     if is_safetensors(path):
         return load_safetensors_bytes(data, map_location)
-    from .dist_util import torch_load_bytes
-
     return torch_load_bytes(data, path, map_location=map_location, weights_only=True)
 
 
@@ -172,3 +211,88 @@ def load_fitting_state_dict(model, state_dict, path, what="checkpoint"):
         raise ValueError(f"{what} {path} does not fit the model flags: {problem}")
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+# ----- the files of a training checkpoint (the reference's names) -----------------------------------------------
+
+CHECKPOINT_FORMATS = ("pt", "safetensors")  # of the network files (model, EMAs, *_model); opt and state are .pt
+_MODEL_FILE = re.compile(r"^model(\d+)\.(pt|safetensors)$")
+_TEMPORARY_FILE = re.compile(r"\d{6}\.(pt|safetensors)\.tmp\d+$")
+
+
+def parse_resume_step_from_filename(filename):
+    """The step NNNNNN of path/to/modelNNNNNN.pt (or .safetensors; 0 when the name has none)."""
+    match = re.search(r"model(\d+)\.(pt|safetensors)$", bf.basename(filename))
+    return int(match.group(1)) if match else 0
+
+
+def checkpoint_format_of(path):
+    """"safetensors" for a .safetensors file, else "pt" (the reference's files, and any other name)."""
+    return "safetensors" if is_safetensors(path) else "pt"
+
+
+def network_file(prefix, step, fmt="pt"):
+    """The file name of a network's weights at `step`: modelNNNNNN.pt, ema_RATE_NNNNNN.safetensors, ..."""
+    return f"{prefix}{step:06d}.{fmt}"
+
+
+def checkpoint_files(step, ema_rates, extra_names=(), fmt="pt"):
+    """File names of a complete checkpoint at `step`, the model file last. Networks (the model, its EMAs and
+    extras named *_model) are in `fmt`; the optimizer, the run state and other extras are always .pt."""
+    names = [network_file(f"ema_{rate}_", step, fmt) for rate in ema_rates]
+    names += [f"opt{step:06d}.pt", f"state{step:06d}.pt"]
+    names += [network_file(name, step, fmt if name.endswith("_model") else "pt") for name in extra_names]
+    return names + [network_file("model", step, fmt)]
+
+
+def checkpoint_steps(log_dir):
+    """(step, format) of the modelNNNNNN.pt / .safetensors files in log_dir, newest first."""
+    if not log_dir or not bf.exists(log_dir):
+        return []
+    return sorted(((int(m.group(1)), m.group(2)) for m in map(_MODEL_FILE.match, bf.listdir(log_dir)) if m), reverse=True)
+
+
+def find_resume_checkpoint(log_dir, ema_rates=(), extra_names=()):
+    """The newest modelNNNNNN.pt (or .safetensors) in log_dir whose companion files all exist, else None."""
+    steps = checkpoint_steps(log_dir)
+    present = set(bf.listdir(log_dir)) if steps else set()
+    for step, fmt in steps:
+        if all(name in present for name in checkpoint_files(step, ema_rates, extra_names, fmt)):
+            return bf.join(log_dir, network_file("model", step, fmt))
+    return None
+
+
+def find_ema_checkpoint(main_checkpoint, step, rate):
+    """ema_RATE_NNNNNN.pt (or .safetensors, as main_checkpoint) next to main_checkpoint, if it exists."""
+    if not main_checkpoint:
+        return None
+    name = network_file(f"ema_{rate}_", step, checkpoint_format_of(main_checkpoint))
+    path = bf.join(bf.dirname(main_checkpoint), name)
+    return path if bf.exists(path) else None
+
+
+def atomic_save(obj, path):
+    """torch.save (or, for a .safetensors name, safetensors) through a temporary file and a rename: readers never
+    see a partial file, and a failed write (disk full) leaves no temporary file behind."""
+    if is_safetensors(path):
+        save_checkpoint(obj, path)
+        return
+    write_through_temporary(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temporaries(directory):
+    """Delete temporary checkpoint files (NNNNNN.pt.tmpPID) that a killed process left in directory."""
+    if "://" in directory or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if _TEMPORARY_FILE.search(name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+
+
+def remove_files(paths):
+    """Delete the files that exist among paths (local or blobfile)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if bf.exists(path):
+                bf.remove(path)

@@ -13,19 +13,15 @@ exits at once (cm.errors), so the others' collectives fail on the closed connect
 
 import contextlib
 import datetime
-import io
 import os
-import pickle
-import re
 import socket
-import zipfile
 
 import blobfile as bf
 import torch
 import torch.distributed as dist
 
 from . import checkpoint_io
-from .errors import CheckpointError, PeerFailure, SetupError
+from .errors import CheckpointError, PeerFailure, SetupError, first_line
 
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 _LOCAL_RANK = 0
@@ -138,7 +134,7 @@ def share_outcome(error, what):
     when it failed, so all ranks stop at once rather than after the distributed time-out."""
     if not is_distributed():
         return
-    message = broadcast_object(None if error is None else _first_line(error))
+    message = broadcast_object(None if error is None else first_line(error))
     if message is not None and get_rank() != 0:
         raise PeerFailure(f"rank 0 failed {what}: {message}")
 
@@ -197,35 +193,7 @@ def load_state_dict(path, **kwargs):
         raise data
     if checkpoint_io.is_safetensors(path):
         return checkpoint_io.load_safetensors_bytes(data, kwargs.get("map_location"))
-    return torch_load_bytes(data, path, **kwargs)
-
-
-def torch_load_bytes(data, path, **kwargs):
-    """torch.load of a checkpoint's bytes; an empty, truncated, corrupt or code-carrying file is one line naming it."""
-    if not data:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was cut off before anything was written")
-    if data[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(io.BytesIO(data)):
-        raise CheckpointError(f"checkpoint {path} is truncated: its {len(data):,} bytes lack the end of the file")
-    try:
-        return torch.load(io.BytesIO(data), **kwargs)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise CheckpointError(
-                f"checkpoint {path} refers to {found.group(1)}, which is not tensor data and could run code when "
-                "loaded; it was refused without running anything (load only files you trust)"
-            ) from None
-        detail = _first_line(str(e).split("WeightsUnpickler error:")[-1])
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({detail})") from None
-    except Exception as e:  # noqa: BLE001 - the unpickler fails in many ways on a damaged file
-        if isinstance(e, RuntimeError) and ("device" in str(e) or "CUDA" in str(e)):
-            raise  # a map_location problem, not a damaged file
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(exc):
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return checkpoint_io.torch_load_bytes(data, path, **kwargs)
 
 
 @torch.no_grad()

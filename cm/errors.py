@@ -52,6 +52,12 @@ def lines_of(exc):
     return [line.strip() for line in str(exc).splitlines() if line.strip()]
 
 
+def first_line(exc):
+    """The first non-blank line of an exception's (or any object's) text, else the exception's type name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def is_input_error(exc):
     """True for errors the user fixes by changing the input; their message is one line of our own."""
     return isinstance(exc, INPUT_ERRORS) and len(lines_of(exc)) <= 1
@@ -107,14 +113,6 @@ def one_line_report(exc, log_dir=None, rank=0):
     return f"error: {type(exc).__name__}: {first} ({where})"
 
 
-def current_log_dir():
-    """The directory cm.logger writes to, or None when logging was never configured."""
-    from . import logger
-
-    current = getattr(logger, "_current", None)
-    return current.dir if current is not None else None
-
-
 def close_progress_bars():
     """Close the tqdm bars an exception left open (each ends its line)."""
     try:
@@ -125,13 +123,15 @@ def close_progress_bars():
         bar.close()
 
 
-def exit_on_error(exc):
-    """Print exc's one-line report to stderr and end the process with status 1 (at once with several ranks)."""
-    from . import dist_util
+def exit_on_error(exc, log_dir=None):
+    """Print exc's one-line report to stderr and end the process with status 1 (at once with several ranks).
 
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    :param log_dir: where the traceback file of an unexpected error goes (None: the temp dir).
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
     peer = is_peer_loss(exc)
-    line = one_line_report(exc, current_log_dir(), rank)
+    line = one_line_report(exc, log_dir, rank)
     close_progress_bars()  # so the line starts a line of its own
     if world == 1:
         print(line, file=sys.stderr)

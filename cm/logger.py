@@ -271,6 +271,11 @@ def _new_logger(dir, format_strs, comm, log_suffix):
     return Logger(dir, outputs, comm=comm)
 
 
+def configured_dir():
+    """The directory logging was configured into, or None when it never was (nothing is created)."""
+    return _current.dir if _current is not None else None
+
+
 def get_current():
     if _current is None:
         configure(format_strs=["stdout"])

@@ -10,22 +10,16 @@
 """
 
 import json
-import re
 
 import blobfile as bf
 import numpy as np
 
 from . import dist_util, logger
 from .flags import FLAGS
-from .train_util import (
-    checkpoint_files,
-    find_resume_checkpoint,
-    parse_ema_rates,
-    parse_resume_step_from_filename,
-)
+from .checkpoint_io import checkpoint_files, checkpoint_steps, find_resume_checkpoint, parse_resume_step_from_filename
+from .train_util import parse_ema_rates
 from .training_modes import get_training_mode
 
-_MODEL_FILE = re.compile(r"^model(\d+)\.(pt|safetensors)$")
 # decided values that follow from flags which do not change what a run computes
 OPERATIONAL_KEYS = frozenset({"loop.time_limit"})
 # settings a resume may change to run longer, when the steps already trained keep their schedule values
@@ -72,13 +66,6 @@ def extends_the_run(stored, current, step):
         return False
     checked = range(step) if step <= SCHEDULE_CHECKS else np.linspace(0, step - 1, SCHEDULE_CHECKS).astype(int)
     return all(old(int(k)) == new(int(k)) for k in checked)
-
-
-def checkpoint_steps(log_dir):
-    """(step, format) of the modelNNNNNN.pt / .safetensors files in log_dir, newest first."""
-    if not log_dir or not bf.exists(log_dir):
-        return []
-    return sorted(((int(m.group(1)), m.group(2)) for m in map(_MODEL_FILE.match, bf.listdir(log_dir)) if m), reverse=True)
 
 
 def expected_files(config):

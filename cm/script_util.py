@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from . import errors, schedules
+from . import errors, logger, schedules
 from .checkpoint_io import describe_state_dict_mismatch, load_fitting_state_dict  # noqa: F401
 from .config import config_to_json, group_values
 from .flags import (
@@ -328,7 +328,7 @@ def run_or_exit(fn, *args):
     except Exception as e:  # noqa: BLE001 - every failure of a script ends in one line
         if os.environ.get("CM_DEBUG"):
             raise
-        errors.exit_on_error(e)
+        errors.exit_on_error(e, logger.configured_dir())
 
 
 def create_parser(script, description, training_mode=None):

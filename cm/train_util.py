@@ -13,11 +13,7 @@ whose files are all present. A write that fails (disk full) removes its step's f
 rank with one line; temporary files of a killed process are removed at the next checkpoint.
 """
 
-import contextlib
 import math
-import os
-import re
-import signal
 import time
 
 import blobfile as bf
@@ -25,20 +21,30 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
-from .checkpoint_io import load_fitting_state_dict, save_checkpoint
+from .checkpoint_io import (  # noqa: F401  (find_ema_checkpoint, parse_resume_step_from_filename: the reference's)
+    CHECKPOINT_FORMATS,
+    atomic_save,
+    checkpoint_files,
+    checkpoint_format_of,
+    find_ema_checkpoint,
+    load_fitting_state_dict,
+    network_file,
+    parse_resume_step_from_filename,
+    remove_files,
+    remove_stale_temporaries,
+)
+from .checkpoint_io import find_resume_checkpoint as find_checkpoint_in
 from .errors import CheckpointError, CheckpointWriteError
 from .guidance import drop_labels, null_label
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401  (the reference's location)
 from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
+from .stop_request import StopRequest
 from .time_budget import TimeBudget, planned_lengths, run_length
 from .training_modes import LossContext, get_training_mode
 
 OPTIMIZERS = ("radam", "adam", "adamw")
-CHECKPOINT_FORMATS = ("pt", "safetensors")  # of the network files (model, EMAs, *_model); opt and state are .pt
-_MODEL_FILE = re.compile(r"^model(\d+)\.(pt|safetensors)$")
-_TEMPORARY_FILE = re.compile(r"\d{6}\.(pt|safetensors)\.tmp\d+$")
 
 
 # ----- small pieces ----------------------------------------------------------------------------
@@ -99,118 +105,9 @@ def get_blob_logdir():
     return logger.get_dir()
 
 
-def parse_resume_step_from_filename(filename):
-    """The step NNNNNN of path/to/modelNNNNNN.pt (or .safetensors; 0 when the name has none)."""
-    match = re.search(r"model(\d+)\.(pt|safetensors)$", bf.basename(filename))
-    return int(match.group(1)) if match else 0
-
-
-def checkpoint_format_of(path):
-    """"safetensors" for a .safetensors file, else "pt" (the reference's files, and any other name)."""
-    return "safetensors" if str(path).endswith(".safetensors") else "pt"
-
-
-def network_file(prefix, step, fmt="pt"):
-    """The file name of a network's weights at `step`: modelNNNNNN.pt, ema_RATE_NNNNNN.safetensors, ..."""
-    return f"{prefix}{step:06d}.{fmt}"
-
-
-def checkpoint_files(step, ema_rates, extra_names=(), fmt="pt"):
-    """File names of a complete checkpoint at `step`, the model file last. Networks (the model, its EMAs and
-    extras named *_model) are in `fmt`; the optimizer, the run state and other extras are always .pt."""
-    names = [network_file(f"ema_{rate}_", step, fmt) for rate in ema_rates]
-    names += [f"opt{step:06d}.pt", f"state{step:06d}.pt"]
-    names += [network_file(name, step, fmt if name.endswith("_model") else "pt") for name in extra_names]
-    return names + [network_file("model", step, fmt)]
-
-
 def find_resume_checkpoint(log_dir=None, ema_rates=(), extra_names=()):
-    """The newest modelNNNNNN.pt (or .safetensors) in log_dir whose companion files all exist, else None."""
-    log_dir = log_dir or get_blob_logdir()
-    if not log_dir or not bf.exists(log_dir):
-        return None
-    present = set(bf.listdir(log_dir))
-    found = sorted(((int(m.group(1)), m.group(2)) for m in map(_MODEL_FILE.match, present) if m), reverse=True)
-    for step, fmt in found:
-        if all(name in present for name in checkpoint_files(step, ema_rates, extra_names, fmt)):
-            return bf.join(log_dir, network_file("model", step, fmt))
-    return None
-
-
-def find_ema_checkpoint(main_checkpoint, step, rate):
-    """ema_RATE_NNNNNN.pt (or .safetensors, as main_checkpoint) next to main_checkpoint, if it exists."""
-    if not main_checkpoint:
-        return None
-    name = network_file(f"ema_{rate}_", step, checkpoint_format_of(main_checkpoint))
-    path = bf.join(bf.dirname(main_checkpoint), name)
-    return path if bf.exists(path) else None
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, flush it to disk, then rename: readers never see a partial file, and a
-    failed write (disk full) leaves no temporary file behind."""
-    if checkpoint_format_of(path) == "safetensors":
-        save_checkpoint(obj, path)  # the same temporary file and rename
-        return
-    if "://" in path:  # object stores publish a blob only once it is fully written
-        with bf.BlobFile(path, "wb") as f:
-            torch.save(obj, f)
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def remove_stale_temporaries(directory):
-    """Delete temporary checkpoint files (NNNNNN.pt.tmpPID) that a killed process left in directory."""
-    if "://" in directory or not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        if _TEMPORARY_FILE.search(name):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(directory, name))
-
-
-def remove_files(paths):
-    """Delete the files that exist among paths (local or blobfile)."""
-    for path in paths:
-        with contextlib.suppress(OSError):
-            if bf.exists(path):
-                bf.remove(path)
-
-
-class StopRequest:
-    """Turns SIGINT / SIGTERM into a request to checkpoint and stop after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
+    """The newest complete checkpoint's model file in log_dir (default: the logger's directory), else None."""
+    return find_checkpoint_in(log_dir or get_blob_logdir(), ema_rates, extra_names)
 
 
 # ----- the EDM loop ----------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def arm_checkpoint_kill(kind, nth):
     checkpoint file it writes."""
     import torch
 
-    from cm import train_util
+    from cm import checkpoint_io
 
     count = {"n": 0}
     real_save, real_replace = torch.save, os.replace
@@ -87,8 +87,8 @@ def arm_checkpoint_kill(kind, nth):
         if kind == "between files" and ".pt.tmp" in str(src) and count["n"] == nth:
             kill_self()
 
-    train_util.torch.save = save
-    train_util.os.replace = replace
+    checkpoint_io.torch.save = save
+    checkpoint_io.os.replace = replace
 
 
 def child_main(log_dir, steps, save_interval, kind="", nth=0):

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cm import dist_util, logger, train_util  # noqa: E402
+from cm import checkpoint_io, dist_util, logger  # noqa: E402
 from cm.script_util import run_or_exit  # noqa: E402
 from cm.train_util import TrainLoop  # noqa: E402
 
@@ -45,7 +45,7 @@ def fill_the_disk_at(name, out_dir):
         note_fault_time(out_dir)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    train_util.torch.save = save
+    checkpoint_io.torch.save = save
 
 
 class DyingLoop(TrainLoop):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from cm import errors, logger, train_util
+from cm import checkpoint_io, errors, logger, train_util
 from cm.dist_util import load_state_dict
 from cm.errors import CheckpointError
 from cm.script_util import parse_args_with_config, run_or_exit
@@ -51,10 +51,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_stops_with_one
         f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_util.torch, "save", fills_the_disk)
+    monkeypatch.setattr(checkpoint_io.torch, "save", fills_the_disk)
     with pytest.raises(SystemExit) as info:
         main("consistency_training", ct_argv(tmp_path))
-    monkeypatch.setattr(train_util.torch, "save", real_save)
+    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
     assert info.value.code == 1
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1, lines

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from cm import train_util
+from cm import checkpoint_io, train_util
 from cm.fp16_util import MixedPrecisionTrainer
 from cm.image_datasets import load_data
 from cm.schedules import create_ema_and_scales_fn
@@ -161,10 +161,10 @@ def test_a_checkpoint_interrupted_mid_write_is_never_resumed_from(tmp_path, monk
             raise KeyboardInterrupt("killed while writing")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train_util.os, "replace", crash_on_second_model_file)
+    monkeypatch.setattr(checkpoint_io.os, "replace", crash_on_second_model_file)
     with pytest.raises(KeyboardInterrupt):
         loop.run_loop()
-    monkeypatch.setattr(train_util.os, "replace", real_replace)
+    monkeypatch.setattr(checkpoint_io.os, "replace", real_replace)
     assert "state000004.pt" in os.listdir(tmp_path)  # companions of step 4 were written ...
     assert find_resume_checkpoint(str(tmp_path), [0.9, 0.99], ("target_model",)).endswith("model000002.pt")
     resumed = cm_loop(tmp_path, 4)
