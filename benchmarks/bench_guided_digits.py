@@ -30,7 +30,7 @@ from cm.random_util import get_generator
 from cm.sampling import karras_sample, lcm_ts
 from cm.script_util import parse_args_with_config
 from cm.train_cli import build_loop, create_argparser
-from cm.training_modes import get_training_mode
+from cm.training_modes import build_denoiser, get_training_mode
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PILOT_STEPS = 30
@@ -155,7 +155,7 @@ def main(argv=None):
         loop, steps, cpu = train_for_cpu_time(preset, opts.teacher, 60 * opts.cpu_minutes,
                                               os.path.join(opts.out, method), opts.seed, extra)
         mode = get_training_mode(loop.training_mode)
-        diffusion, model = mode.build_denoiser(loop.run_config["denoiser"]), ema_model(loop)
+        diffusion, model = build_denoiser(mode, loop.run_config["denoiser"]), ema_model(loop)
         grid = loop.run_config["schedule"]["start_scales"]
         for name, sampler, num_steps, guidance in rows:
             results.append(evaluate(name, diffusion, model, grid, sampler, num_steps, guidance, opts, classifier,

@@ -9,9 +9,8 @@ it with the stored one. cm.train_cli.build_loop builds the objects from it.
 
 import json
 
-from .flags import FLAGS
 from .latent import latent_network
-from .training_modes import get_training_mode
+from .training_modes import FLAGS, get_training_mode
 
 LEARN_SIGMA_ERROR = (
     "learn_sigma true gives the network 6 output channels, which no loss or sampler of these models uses "
@@ -22,6 +21,11 @@ LEARN_SIGMA_ERROR = (
 def group_values(flags, group, drop=()):
     """{flag name: value} of the flags of `group` present in `flags`, less the names in `drop`."""
     return {name: flags[name] for name, flag in FLAGS.items() if flag.group == group and name in flags and name not in drop}
+
+
+def flag_value(flags, name):
+    """The value of flag `name` in `flags`, or its default in the table when the caller did not give it."""
+    return flags.get(name, FLAGS[name].default)
 
 
 def as_flags(args):
@@ -58,8 +62,8 @@ def per_rank_batch(batch_size, global_batch_size, world_size):
 
 def resolve_teacher(flags, mode, network):
     """The teacher's configuration (None without one) and whether the student starts from its weights."""
-    path = flags.get("teacher_model_path", "")
-    choice = flags.get("init_from_teacher", "auto")
+    path = flag_value(flags, "teacher_model_path")
+    choice = flag_value(flags, "init_from_teacher")
     init_student = bool(path) if choice == "auto" else choice == "true"
     if mode.teacher == "required" and not path:
         raise ValueError(f"training_mode {mode.name} needs --teacher_model_path (an EDM checkpoint)")
@@ -71,14 +75,14 @@ def resolve_teacher(flags, mode, network):
         raise ValueError("--init_from_teacher true needs --teacher_model_path")
     if not path:
         return None, False
-    stochastic = bool(flags.get("teacher_stochastic", False))
+    stochastic = bool(flag_value(flags, "teacher_stochastic"))
     teacher = {
         "model_path": path,
         "in_loss": mode.teacher_in_loss,
-        "solver": flags.get("teacher_solver", "heun"),
+        "solver": flag_value(flags, "teacher_solver"),
         "stochastic": stochastic,
         # a diffusion model: the student's architecture without sCM's log-variance head, EDM's preconditioning
-        "network": {**network, "dropout": flags.get("teacher_dropout", 0.0), "logvar_channels": 0,
+        "network": {**network, "dropout": flag_value(flags, "teacher_dropout"), "logvar_channels": 0,
                     **mode.teacher_network},
         "denoiser": {**group_values(flags, "denoiser"), "distillation": False},
     }
@@ -88,11 +92,11 @@ def resolve_teacher(flags, mode, network):
 def resolve_schedule(flags, mode, images_per_step=None):
     """The schedule of the mode: mu(k) / N(k) arguments, or the EDM noise-level sampler's name; images_per_step (the
     global batch) joins them for modes whose stages are counted in images."""
-    if mode.schedule == "schedule_sampler":
-        return group_values(flags, "schedule_sampler")
     schedule = {}
     for group in mode.schedule_groups:
         schedule.update(group_values(flags, group))
+    if not mode.has_step_schedule:  # the groups configure EDM's noise-level sampler
+        return schedule
     schedule["total_steps"] = flags["total_training_steps"]
     if mode.schedule_in_images:
         schedule["images_per_step"] = images_per_step
@@ -119,7 +123,7 @@ def resolve_training_config(args, world_size=1):
     data = group_values(flags, "data")
     data.update(batch_size=batch_size, image_size=flags["image_size"], class_cond=network["class_cond"],
                 seed=flags["seed"])
-    if loop.get("class_dropout_prob", 0) > 0 and not network.get("null_class"):
+    if loop.get("class_dropout_prob", FLAGS["class_dropout_prob"].default) > 0 and not network.get("null_class"):
         raise ValueError("--class_dropout_prob needs --null_class true (the null label that replaces dropped labels)")
     run = group_values(flags, "run", drop=("training_mode", "dry_run"))
     run["world_size"] = world_size

@@ -38,6 +38,7 @@ import os
 import torch
 
 from .checkpoint_io import load_checkpoint
+from .networks import create_model
 from .unet import AttentionBlock, Downsample, ResBlock, UNetModel, Upsample
 
 RESBLOCK_NAMES = {
@@ -361,9 +362,7 @@ def adm_flags_from_diffusers_config(config):
 
 
 def create_adm_model(flags):
-    """Build the ADM UNet from a dict of flags (extra keys ignored) with cm.script_util.create_model."""
-    from .script_util import create_model
-
+    """Build the ADM UNet from a dict of flags (extra keys ignored) with cm.networks.create_model."""
     names = [p.name for p in inspect.signature(create_model).parameters.values() if p.kind != p.VAR_KEYWORD]
     return create_model(**{k: flags[k] for k in names if k in flags})
 

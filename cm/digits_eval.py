@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .digits_data import digits_arrays
+from .image_util import from_uint8
+
 CACHE_VERSION = 2  # 2: trained on the "train" half of cm.digits_data.SPLITS
 COPY_QUANTILE = 0.05  # memorisation_check: a "copy" is nearer the training half than 95% of held-out digits are
 
@@ -41,7 +44,6 @@ def to_classifier_inputs(images):
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if images.dtype == torch.uint8:
-        from .image_util import from_uint8
 
         images = from_uint8(images)
     gray = images.float().mean(dim=1, keepdim=True)
@@ -52,8 +54,6 @@ def to_classifier_inputs(images):
 
 def digits_split(split, image_size=8):
     """Images in [-1, 1] (N, 3, S, S) and labels of one split ("train", "reference" or "floor")."""
-    from .digits_data import digits_arrays
-    from .image_util import from_uint8
 
     images, labels = digits_arrays(image_size, split)
     return from_uint8(images), torch.from_numpy(labels)

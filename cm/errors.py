@@ -47,6 +47,12 @@ PEER_LOSS_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "
 PEER_GRACE_SECONDS = 1.0  # lets the rank with the real error print it before a launcher ends the job
 
 
+def check_choice(name, value, allowed):
+    """Raise a ValueError naming the allowed values when value is not one of them."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
 def lines_of(exc):
     """The exception's message as a list of its non-empty lines."""
     return [line.strip() for line in str(exc).splitlines() if line.strip()]

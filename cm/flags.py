@@ -12,32 +12,26 @@ it is turned into one in cm.config):
   data              cm.image_datasets.load_data(**data)
   run               processes, devices, seeds and output
   sample, edit, search   the sampling, editing and ternary-search scripts
-  trigflow          cm.trigflow.TrigFlowDenoiser(**trigflow)                (sCM modes: sct, scd)
-  scm_schedule      cm.scm.scm_schedule (the tangent warm-up)               (sCM modes)
-  scm_loss          the sCM loss's options (cm.scm.bind_scm_loss)          (sCM modes)
 
-The reference's `*_defaults()` dicts (cm.script_util) and every script's parser are made from this table;
-a script may give some flags other defaults (SCRIPT_DEFAULTS), never other meanings.
+These are the shared groups. A training method's own groups (ect, lcm, trigflow, scm_loss, ...) are rows of its
+module in cm/modes/ (its `FLAGS`, made with `flag_rows`); cm.training_modes joins them to this table. The
+reference's `*_defaults()` dicts (cm.script_util) and every script's parser are made from the joined table; a
+script may give some flags other defaults (SCRIPT_DEFAULTS), never other meanings.
 """
 
 from dataclasses import dataclass
 
-from .ect import MAPPINGS
 from .editing import TASKS
-from .karras_diffusion import INDEX_SAMPLERS, TEACHER_SOLVERS, WEIGHT_SCHEDULES
+from .karras_diffusion import DEFAULT_TEACHER_SOLVER, INDEX_SAMPLERS, TEACHER_SOLVERS, WEIGHT_SCHEDULES
 from .metrics import LOSS_NORMS
+from .networks import MODEL_TYPES, NUM_CLASSES
 from .random_util import GENERATORS
-from .sampling import SAMPLER_NAMES
+from .sampling import SAMPLERS
 from .schedules import SCALE_MODES, TARGET_EMA_MODES
-from .training_modes import TRAINING_MODES
-from .trigflow import TIME_CONDITIONINGS
-from .ufogen import UFOGEN_STEPS
 from .unet import ATTENTION_TYPES
 
-MODEL_TYPES = ("adm", "ncsnpp")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("radam", "adam", "adamw")
-NUM_CLASSES = 1000
 
 
 @dataclass(frozen=True)
@@ -51,6 +45,8 @@ class Flag:
     :param choices: allowed values of an enum flag.
     :param affects_result: False for flags that change how a run is watched or stored, not what it computes
         (a resumed run may change them freely).
+    :param scripts: for a method's own flags, the scripts whose parsers take it ("train", "sample", "edit",
+        "search"); the shared flags are placed by SCRIPT_FLAGS.
     """
 
     name: str
@@ -59,18 +55,20 @@ class Flag:
     help: str
     choices: tuple = None
     affects_result: bool = True
+    scripts: tuple = ("train",)
 
 
-def _flags(group, *rows, affects_result=True):
-    return [Flag(name, default, group, help, choices, affects_result) for name, default, help, choices in rows]
+def flag_rows(group, *rows, affects_result=True, scripts=("train",)):
+    """Flags of one group from (name, default, help, choices) rows."""
+    return [Flag(name, default, group, help, choices, affects_result, scripts) for name, default, help, choices in rows]
 
 
 _NCSNPP = "NCSN++ only: "
 
-FLAGS = {
+SHARED_FLAGS = {
     flag.name: flag
     for flag in [
-        *_flags(
+        *flag_rows(
             "network",
             ("model_type", "adm", "network family: adm (ADM UNet) or ncsnpp (NCSN++)", MODEL_TYPES),
             ("image_size", 64, "image resolution in pixels (square)", None),
@@ -113,7 +111,7 @@ FLAGS = {
             ("init_scale", 0.0, _NCSNPP + "scale of the final layers' initialisation (0: 1e-10, as score_sde)", None),
             ("resamp_with_conv", True, _NCSNPP + "learned convolution in up/downsampling", None),
         ),
-        *_flags(
+        *flag_rows(
             "denoiser",
             ("sigma_min", 0.002, "smallest noise level eps (boundary condition of the consistency function)", None),
             ("sigma_max", 80.0, "largest noise level T", None),
@@ -123,10 +121,8 @@ FLAGS = {
             ("p_mean", -1.1, "lognormal index sampler mean of log sigma (iCT: -1.1)", None),
             ("p_std", 2.0, "lognormal index sampler std of log sigma (iCT: 2.0)", None),
             ("lpips_vgg_path", "", "local torchvision VGG16 weights for LPIPS (or set CM_LPIPS_VGG_PATH)", None),
-            ("lcm_timestep_scaling", 10.0, "LCM boundary scalings: c_skip = sd^2/(s^2+sd^2), c_out = s/sqrt(s^2+sd^2) "
-             "with s = this * (sigma - sigma_min) (LCM's timestep_scaling)", None),
         ),
-        *_flags(
+        *flag_rows(
             "schedule",
             ("target_ema_mode", "fixed", "target network EMA: fixed (start_ema) or adaptive mu(k)", TARGET_EMA_MODES),
             ("scale_mode", "fixed", "discretisation N(k): fixed, progressive (CM), exponential (iCT), progdist (halving)", SCALE_MODES),
@@ -135,22 +131,22 @@ FLAGS = {
             ("end_scales", 40, "s1: final N for progressive / exponential schedules", None),
             ("distill_steps_per_iter", 50000, "progdist: steps before N halves", None),
         ),
-        *_flags(
+        *flag_rows(
             "schedule_sampler",
             ("schedule_sampler", "lognormal", "EDM noise-level distribution (lognormal: P_mean -1.2, P_std 1.2)", ("lognormal", "uniform")),
         ),
-        *_flags(
+        *flag_rows(
             "teacher",
             ("teacher_model_path", "", "EDM teacher checkpoint (consistency_distillation, progdist; with other modes it "
              "initialises the student, as the reference)", None),
             ("teacher_dropout", 0.1, "dropout of the teacher network (takes effect only with --teacher_stochastic true)", None),
             ("teacher_stochastic", False, "run the teacher in train mode, its dropout active (the reference ran it in "
              "eval mode)", None),
-            ("teacher_solver", "heun", "ODE solver for the teacher step in consistency distillation", TEACHER_SOLVERS),
+            ("teacher_solver", DEFAULT_TEACHER_SOLVER, "ODE solver for the teacher step in consistency distillation", TEACHER_SOLVERS),
             ("init_from_teacher", "auto", "initialise the student (and target) from the teacher: auto = yes whenever "
              "--teacher_model_path is given (the reference's behaviour)", ("auto", "true", "false")),
         ),
-        *_flags(
+        *flag_rows(
             "optimizer",
             ("optimizer", "radam", "radam (the reference's), adam or adamw (fused)", OPTIMIZERS),
             ("lr", 1e-4, "learning rate", None),
@@ -158,7 +154,7 @@ FLAGS = {
             ("lr_anneal_steps", 0, "anneal lr linearly to 0 over this many steps (0: constant)", None),
             ("lr_warmup_steps", 0, "raise lr linearly over the first steps (0: no warm-up)", None),
         ),
-        *_flags(
+        *flag_rows(
             "loop",
             ("total_training_steps", 600000, "training steps K: schedules span K and training stops there "
              "(0: until interrupted)", None),
@@ -172,7 +168,7 @@ FLAGS = {
             ("class_dropout_prob", 0.0, "classifier-free guidance: replace each training label by the null label with "
              "this probability (needs --null_class true)", None),
         ),
-        *_flags(
+        *flag_rows(
             "loop",
             ("log_interval", 10, "steps between log lines", None),
             ("save_interval", 10000, "steps between checkpoints (-1: only at the end)", None),
@@ -182,7 +178,7 @@ FLAGS = {
              "modelNNNNNN.pt names) or safetensors; resume, sampling and teacher paths read both", ("pt", "safetensors")),
             affects_result=False,
         ),
-        *_flags(
+        *flag_rows(
             "data",
             ("data_dir", "", "image folder, .npz file (arr_0 NHWC uint8), 'digits' (the embedded scikit-learn digits) "
              "or 'digits_train' (their training half, which the quickstart's metrics never see)", None),
@@ -191,16 +187,16 @@ FLAGS = {
             ("max_bad_images", 0.01, "with --on_bad_image skip, stop once more distinct images than this could not be "
              "read on a rank: a count if >= 1, a fraction of the image files (rounded up) if below 1; -1: no limit", None),
         ),
-        *_flags(
+        *flag_rows(
             "run",
             ("training_mode", "consistency_distillation", "what the model is (or was) trained as; consistency modes "
-             "use the boundary-condition scalings", TRAINING_MODES),
+             "use the boundary-condition scalings", None),  # choices: the registry's modes (cm.training_modes)
             ("global_batch_size", 2048, "images per step over all ranks (used when batch_size is -1)", None),
             ("batch_size", -1, "images per step (training; -1: global_batch_size / ranks) or per forward pass "
              "(sampling) on each rank", None),
             ("seed", 0, "random seed (same seed and flags give the same run)", None),
         ),
-        *_flags(
+        *flag_rows(
             "run",
             ("log_dir", "", "directory for logs, checkpoints and outputs (default OPENAI_LOGDIR, else a new temp dir); "
              "training reruns resume from it", None),
@@ -210,7 +206,7 @@ FLAGS = {
              "the new ones (without it such a resume stops and names the settings that differ)", None),
             affects_result=False,
         ),
-        *_flags(
+        *flag_rows(
             "sample",
             ("model_path", "", "checkpoint to sample from: a state dict saved by training (modelNNNNNN.pt, "
              "ema_RATE_NNNNNN.pt) or a released one", None),
@@ -221,7 +217,7 @@ FLAGS = {
              "interpolate task: noise pairs, -1 one; ternary_search: images per probe)", None),
             ("sampler", "heun", "onestep / multistep: consistency models (multistep needs --ts); heun, euler, "
              "euler_ancestral, dpm: EDM solvers over a --steps grid; progdist: progressive-distillation models",
-             SAMPLER_NAMES),
+             SAMPLERS),
             ("s_churn", 0.0, "EDM stochasticity S_churn (heun, dpm)", None),
             ("s_tmin", 0.0, "EDM S_tmin: churn only for sigma >= s_tmin", None),
             ("s_tmax", float("inf"), "EDM S_tmax: churn only for sigma <= s_tmax", None),
@@ -234,70 +230,12 @@ FLAGS = {
             ("guidance_scale", 1.0, "classifier-free guidance scale w: D_uncond + w (D_cond - D_uncond) for models with "
              "--null_class, the w input of models with --guidance_embed; 1 = the conditional model", None),
         ),
-        *_flags(
-            "lcm",
-            ("skip_steps", 1, "LCM skipping step k: the teacher jumps from grid index n to n + k in one solver step", None),
-            ("w_min", 1.0, "LCM: smallest guidance scale w drawn per sample (1 = conditional teacher, no guidance)", None),
-            ("w_max", 1.0, "LCM: largest guidance scale w drawn per sample", None),
-        ),
-        *_flags(
-            "ufogen",
-            ("ufogen_step", "marginal", "UFOGen generator step to x'_(t-1): marginal q(x_(t-1) | x'_0) (UFOGen) or "
-             "posterior q(x_(t-1) | x_t, x'_0) (DDGAN / SIDDM)", UFOGEN_STEPS),
-            ("ufogen_t_skip", 1, "UFOGen: grid points between x_t and x_(t-1)", None),
-            ("ufogen_adv_weight", 1.0, "UFOGen: weight of the generator's adversarial term", None),
-            ("ufogen_rec_weight", 1.0, "UFOGen: weight of the reconstruction term gamma_t ||x_0 - x'_0||^2, gamma_t "
-             "the --weight_schedule weight of sigma_t (snr: the epsilon loss of UFOGen's code; karras: EDM's loss)", None),
-            ("disc_lr", 1e-4, "UFOGen: discriminator learning rate (Adam, betas 0 and 0.999, gradients clipped to 1)", None),
-            ("disc_init", "teacher", "UFOGen discriminator start: teacher (the encoder half of --teacher_model_path, "
-             "as UFOGen starts from the diffusion model) or random", ("teacher", "random")),
-        ),
-        *_flags(
+        *flag_rows(
             "latent",
             ("autoencoder_path", "", "train and sample in the latent space of this autoencoder: a diffusers "
              "AutoencoderKL directory or one written by scripts/train_autoencoder.py ('' = pixel space)", None),
         ),
-        *_flags(
-            "ect",
-            ("ect_mapping", "sigmoid", "ECT mapping r = t (1 - n(t) / q^(stage+1)): sigmoid n(t) = 1 + k sigmoid(-b t) "
-             "(ECT's), const n(t) = 1; t ~ lognormal(--p_mean, --p_std)", MAPPINGS),
-            ("ect_k", 8.0, "ECT sigmoid mapping: k (ECT: 8)", None),
-            ("ect_b", 1.0, "ECT sigmoid mapping: b (ECT: 1)", None),
-            ("ect_c", 0.0, "ECT distance sqrt(||f_t - f_r||^2 + c^2) - c (pseudo-Huber): c (0: the l2 norm, ECT's "
-             "CIFAR-10 setting)", None),
-            ("ect_adaptive_p", 0.5, "ECT adaptive weighting (||f_t - f_r||^2 + c^2)^-p: p in [0, 1] (0.5: the "
-             "pseudo-Huber distance, ECT's; 0: squared l2; 1: Cauchy, needs ect_c > 0)", None),
-        ),
-        *_flags(
-            "ect_schedule",
-            ("ect_q", 2, "ECT: dt / t shrinks by this integer factor each stage, N(k) = q^(stage+1) (ECT: 2; its "
-             "one-hour run 256)", None),
-            ("ect_stage_images", 0, "ECT stage length in images over all ranks (ECT on CIFAR-10: 3200000; 0: not in "
-             "images)", None),
-            ("ect_stage_steps", 0, "ECT stage length in steps (0: not in steps)", None),
-            ("ect_stages", 8, "ECT: number of stages over total_training_steps when no stage length is given", None),
-        ),
-        *_flags(
-            "trigflow",
-            ("sigma_data", 0.5, "sCM: data standard deviation sigma_d; x_t = cos(t) x_0 + sin(t) z, z ~ N(0, sigma_d^2), "
-             "sigma = sigma_d tan(t)", None),
-            ("time_conditioning", "trigflow", "sCM: what the network is fed: trigflow (c_noise(t) = c_noise_scale t, "
-             "the paper's) or edm (250 log sigma, its output negated: an EDM checkpoint is an exact TrigFlow model, "
-             "to start from; its time derivative is large, as sCM Fig. 4 warns)", TIME_CONDITIONINGS),
-            ("c_noise_scale", 1.0, "sCM with time_conditioning trigflow: c_noise(t) = c_noise_scale t (paper: 1)", None),
-        ),
-        *_flags(
-            "scm_schedule",
-            ("tangent_warmup_steps", 10000, "sCM: steps over which the factor r of the tangent's sin(t) (x_t + "
-             "sigma_d dF/dt) term rises from 0 to 1 (0: r = 1)", None),
-        ),
-        *_flags(
-            "scm_loss",
-            ("tangent_norm_c", 0.1, "sCM: c of the tangent normalisation g / (||g|| + c) (negative: raw tangent)", None),
-            ("scm_p_mean", -1.0, "sCM: mean of log(sigma_d tan t) of the lognormal time proposal", None),
-            ("scm_p_std", 1.4, "sCM: standard deviation of log(sigma_d tan t) of the time proposal", None),
-        ),
-        *_flags(
+        *flag_rows(
             "edit",
             ("task", "inpaint", "what to do: inpaint, colorize, superres, interpolate (noise to noise), stroke (SDEdit "
              "from a stroke painting), denoise", TASKS),
@@ -313,7 +251,7 @@ FLAGS = {
             ("grid_rows", 10, "rows of the {task}.png strip (one input, or one interpolation pair, a row); every result "
              "is in the npz", None),
         ),
-        *_flags(
+        *flag_rows(
             "search",
             ("begin", "0", "grid indices before the searched one, comma list (2 steps: 0; 3 steps: 0,p1)", None),
             ("end", "39", "grid indices after the searched one, comma list (usually steps - 1)", None),
@@ -327,11 +265,11 @@ FLAGS = {
 
 
 def names_in(*groups):
-    """Flag names of the given groups, in table order."""
-    return tuple(name for name, flag in FLAGS.items() if flag.group in groups)
+    """Shared flag names of the given groups, in table order."""
+    return tuple(name for name, flag in SHARED_FLAGS.items() if flag.group in groups)
 
 
-NCSNPP_FLAGS = tuple(name for name, flag in FLAGS.items() if flag.help.startswith(_NCSNPP))
+NCSNPP_FLAGS = tuple(name for name, flag in SHARED_FLAGS.items() if flag.help.startswith(_NCSNPP))
 
 # the reference's defaults dicts (cm.script_util), by flag name
 MODEL_AND_DIFFUSION_FLAGS = ("sigma_min", "sigma_max", "weight_schedule") + names_in("network")
@@ -344,52 +282,18 @@ TRAIN_FLAGS = tuple(
 _SCRIPT_COMMON = ("training_mode", "model_path", "generator", "clip_denoised", "batch_size", "steps", "seed",
                   "use_bf16", "channels_last", "log_dir", "device", "dry_run")
 
-# each script's flags (besides MODEL_AND_DIFFUSION_FLAGS) and the defaults it changes
+# each script's shared flags (besides MODEL_AND_DIFFUSION_FLAGS; cm.training_modes adds the methods' own flags by
+# their `scripts`) and the defaults it changes
 SCRIPT_FLAGS = {
-    "train": TRAIN_FLAGS + CM_TRAIN_FLAGS,
-    "sample": _SCRIPT_COMMON + ("num_samples", "sampler", "s_churn", "s_tmin", "s_tmax", "s_noise", "ts", "grid"),
+    "train": TRAIN_FLAGS + CM_TRAIN_FLAGS + names_in("latent"),
+    "sample": _SCRIPT_COMMON + ("num_samples", "sampler", "s_churn", "s_tmin", "s_tmax", "s_noise", "ts", "grid",
+                                "guidance_scale", "autoencoder_path"),
     "edit": _SCRIPT_COMMON + names_in("edit") + ("num_samples", "ts"),
     "search": _SCRIPT_COMMON + names_in("search") + ("num_samples",),
 }
-# the option groups of the LCM, UFOGen and latent-space modes (cm.lcm, cm.ufogen, cm.latent)
-SCRIPT_FLAGS["train"] += ("lcm_timestep_scaling",) + names_in("lcm", "ufogen", "latent")
-SCRIPT_FLAGS["sample"] += ("lcm_timestep_scaling", "guidance_scale", "autoencoder_path")
-# the option groups of ECT (consistency_tuning, cm.ect)
-SCRIPT_FLAGS["train"] += names_in("ect", "ect_schedule")
-# sCM (sct, scd): training options; the TrigFlow denoiser of every script that loads a model
-SCRIPT_FLAGS["train"] += names_in("trigflow", "scm_schedule", "scm_loss")
-for _script in ("sample", "edit", "search"):
-    SCRIPT_FLAGS[_script] += names_in("trigflow")
 SCRIPT_DEFAULTS = {
     "train": {},
     "sample": dict(training_mode="edm", batch_size=16),
     "edit": dict(batch_size=16, generator="determ-indiv", num_samples=-1, ts="0,5,10,15,20,25,30,35,39"),
     "search": dict(batch_size=64, num_samples=500),
 }
-
-
-def defaults_of(names, overrides=None):
-    """{name: default} for the named flags, with `overrides` applied."""
-    values = {name: FLAGS[name].default for name in names}
-    values.update(overrides or {})
-    return values
-
-
-def script_defaults(script, training_mode=None):
-    """Every flag of a script with its default there (training scripts: plus the mode's own defaults)."""
-    names = SCRIPT_FLAGS[script] + MODEL_AND_DIFFUSION_FLAGS
-    overrides = dict(SCRIPT_DEFAULTS[script])
-    if training_mode is not None:
-        overrides["training_mode"] = training_mode
-        overrides.update(TRAINING_MODES[training_mode].flag_defaults)
-    return defaults_of(names, overrides)
-
-
-def flag_help():
-    """{name: help text} of every flag."""
-    return {name: flag.help for name, flag in FLAGS.items()}
-
-
-def flag_choices():
-    """{name: allowed values} of the enum flags."""
-    return {name: flag.choices for name, flag in FLAGS.items() if flag.choices is not None}

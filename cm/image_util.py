@@ -21,7 +21,7 @@ from .sampling import karras_sample
 from .config import resolve_model_config
 from .flags import DEVICES
 from .script_util import create_model, load_model_checkpoint
-from .training_modes import get_training_mode
+from .training_modes import build_denoiser
 GRID_IMAGES = 64
 
 
@@ -186,7 +186,7 @@ def load_sampling_model(args, device):
         raise ValueError("choose one of --use_fp16 and --use_bf16")
     config = resolve_model_config(args)
     model = create_model(**config["network"])
-    diffusion = get_training_mode(config["training_mode"]).build_denoiser(config["denoiser"])
+    diffusion = build_denoiser(config["training_mode"], config["denoiser"])
     load_model_checkpoint(model, args.model_path)
     model.to(device)
     if getattr(args, "channels_last", False):

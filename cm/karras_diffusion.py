@@ -1,4 +1,5 @@
-"""The Karras/EDM denoiser wrapper and the training losses of EDM, consistency models and progressive distillation.
+"""The Karras/EDM denoiser wrapper, with the reference's loss methods (training_losses, consistency_losses,
+progdist_losses) delegating to the method modules cm.modes.edm and cm.modes.consistency.
 
 Notation (CM paper, Song et al. 2023): x_t = x + t z; the consistency function is
 f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with c_skip(eps) = 1, c_out(eps) = 0.
@@ -6,13 +7,17 @@ f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with c_skip(eps) = 1, 
 
 import torch
 
+from .errors import check_choice
 from .metrics import check_loss_norm, get_distance_fn
-from .nn import append_dims, mean_flat, noise_conditioning
-from .random_util import DeviceRNG
-from .sampling import euler_step, heun_step, karras_sample, karras_sigma  # noqa: F401  (karras_sample re-exported)
+from .modes.consistency import DEFAULT_TEACHER_SOLVER
+from .modes.consistency import TEACHER_SOLVERS as _SOLVER_STEPS
+from .modes.consistency import consistency_losses, progdist_losses
+from .modes.edm import edm_losses
+from .nn import append_dims, noise_conditioning
+from .sampling import karras_sample, karras_sigma  # noqa: F401  (karras_sample re-exported)
 
 WEIGHT_SCHEDULES = ("snr", "snr+1", "karras", "truncated-snr", "uniform", "ict")
-TEACHER_SOLVERS = ("heun", "euler")
+TEACHER_SOLVERS = tuple(_SOLVER_STEPS)
 INDEX_SAMPLERS = ("uniform", "lognormal")
 BOUNDARY_SCALINGS = ("cm", "lcm")
 
@@ -31,12 +36,6 @@ def get_weightings(weight_schedule, snrs, sigma_data):
         return torch.ones_like(snrs)
     allowed = ", ".join(s for s in WEIGHT_SCHEDULES if s != "ict")
     raise ValueError(f"unknown weight_schedule {weight_schedule!r} for a single noise level; allowed: {allowed}")
-
-
-def check_choice(name, value, allowed):
-    """Raise a ValueError naming the allowed values when value is not one of them."""
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def lognormal_index_probs(sigmas, p_mean=-1.1, p_std=2.0):
@@ -195,19 +194,10 @@ class KarrasDenoiser:
             self._distance.to(x.device)
         return self._distance(x, y)
 
-    def _denoiser_fn(self, model, model_kwargs):
-        return lambda x, t: self.denoise(model, x, t, **model_kwargs)[1]
-
     # ----- losses ----------------------------------------------------------------------------
     def training_losses(self, model, x_start, sigmas, model_kwargs=None, noise=None):
-        """EDM loss lambda(sigma) ||D(x + sigma z, sigma) - x||^2 (EDM Eq. 8); terms loss, mse, xs_mse."""
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        noise = torch.randn_like(x_start) if noise is None else noise
-        x_t = x_start + noise * append_dims(sigmas, x_start.ndim)
-        _, denoised = self.denoise(model, x_t, sigmas, **model_kwargs)
-        weights = append_dims(self.loss_weights(sigmas), x_start.ndim)
-        mse = mean_flat(weights * (denoised - x_start) ** 2)
-        return {"xs_mse": mean_flat((denoised - x_start) ** 2), "mse": mse, "loss": mse}
+        """EDM loss lambda(sigma) ||D(x + sigma z, sigma) - x||^2 (EDM Eq. 8; cm.modes.edm); terms loss, mse, xs_mse."""
+        return edm_losses(self, model, x_start, sigmas, model_kwargs=model_kwargs, noise=noise)
 
     def consistency_losses(
         self,
@@ -219,46 +209,15 @@ class KarrasDenoiser:
         teacher_model=None,
         teacher_diffusion=None,
         noise=None,
-        teacher_solver="heun",
+        teacher_solver=DEFAULT_TEACHER_SOLVER,
         rng=None,
     ):
-        """Consistency distillation (CM paper Alg. 2) with a teacher, consistency training (Alg. 3) without.
-
-        loss = lambda(t_n) d(f_theta(x + t_n z, t_n), f_theta-(x_hat_(n+1), t_(n+1))), where x_hat_(n+1) is
-        one teacher ODE step from x + t_n z (CD) or x + t_(n+1) z (CT). The target pass replays the online
-        pass's dropout randomness (`rng`: a cm.random_util.DeviceRNG; default: the device's).
-        Returns {"loss": [B], "sigma": t_n}.
-        """
-        if target_model is None:
-            raise ValueError("consistency_losses needs a target_model (the EMA / stop-gradient network)")
-        check_choice("teacher_solver", teacher_solver, TEACHER_SOLVERS)
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        noise = torch.randn_like(x_start) if noise is None else noise
-        rng = rng or DeviceRNG(x_start.device)
-
-        # sample adjacent noise levels t_n > t_(n+1) and noise the data to t_n
-        t, t_next = self.sample_adjacent_sigmas(num_scales, x_start.shape[0], x_start.device, x_start.dtype)
-        x_t = x_start + noise * append_dims(t, x_start.ndim)
-
-        # online network at (x_t, t_n), remembering the dropout randomness
-        rng_state = rng.get_state()
-        distiller = self.denoise(model, x_t, t, **model_kwargs)[1]
-
-        with torch.no_grad():
-            # one ODE step to t_(n+1): the teacher's (CD) or the exact one from the data (CT)
-            if teacher_model is None:
-                x_next = x_start + noise * append_dims(t_next, x_start.ndim)
-            else:
-                teacher = (teacher_diffusion or self)._denoiser_fn(teacher_model, model_kwargs)
-                step = heun_step if teacher_solver == "heun" else euler_step
-                x_next = step(teacher, x_t, t, t_next)
-            # target network at (x_next, t_(n+1)) with the online pass's dropout masks; afterwards the RNG
-            # continues past every draw of this step (a stochastic teacher's included), never replaying them
-            with rng.replaying(rng_state):
-                target = self.denoise(target_model, x_next, t_next, **model_kwargs)[1]
-
-        loss = self.distance(distiller, target) * self.loss_weights(t, t_next)
-        return {"loss": loss, "sigma": t}
+        """Consistency distillation (CM paper Alg. 2) with a teacher, consistency training (Alg. 3) without
+        (cm.modes.consistency); returns {"loss": [B], "sigma": t_n}."""
+        return consistency_losses(self, model, x_start, num_scales, model_kwargs=model_kwargs,
+                                  target_model=target_model, teacher_model=teacher_model,
+                                  teacher_diffusion=teacher_diffusion, noise=noise, teacher_solver=teacher_solver,
+                                  rng=rng)
 
     def progdist_losses(
         self,
@@ -270,33 +229,10 @@ class KarrasDenoiser:
         teacher_diffusion=None,
         noise=None,
     ):
-        """Progressive distillation (Salimans & Ho 2022) on the Karras grid: one student step matches two teacher steps.
-
-        With t, t_mid, t_next at grid indices n, n + 1/2, n + 1 of a num_scales-step grid, the teacher takes two
-        Euler (DDIM) steps t -> t_mid -> t_next; the student's target is the x0 whose single Euler step from
-        (x_t, t) lands on the same point. Returns {"loss": [B], "sigma": t}.
-        """
-        if teacher_model is None:
-            raise ValueError("progdist_losses needs a teacher_model")
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        noise = torch.randn_like(x_start) if noise is None else noise
-        dims = x_start.ndim
-
-        indices = torch.randint(0, num_scales, (x_start.shape[0],), device=x_start.device)
-        grid = lambda i: self.karras_sigmas(i, num_scales + 1).to(x_start.dtype)  # noqa: E731
-        t, t_mid, t_next = grid(indices), grid(indices + 0.5), grid(indices + 1)
-        x_t = x_start + noise * append_dims(t, dims)
-
-        denoised = self.denoise(model, x_t, t, **model_kwargs)[1]
-        with torch.no_grad():
-            # two teacher Euler steps, then the x0 that one step from (x_t, t) would need
-            teacher = (teacher_diffusion or self)._denoiser_fn(teacher_model, model_kwargs)
-            x_mid = euler_step(teacher, x_t, t, t_mid)
-            x_next = euler_step(teacher, x_mid, t_mid, t_next)
-            target = x_t - append_dims(t, dims) * (x_next - x_t) / append_dims(t_next - t, dims)
-
-        loss = self.distance(denoised, target) * self.loss_weights(t)
-        return {"loss": loss, "sigma": t}
+        """Progressive distillation (Salimans & Ho 2022) on the Karras grid (cm.modes.consistency); returns
+        {"loss": [B], "sigma": t}."""
+        return progdist_losses(self, model, x_start, num_scales, model_kwargs=model_kwargs, teacher_model=teacher_model,
+                               teacher_diffusion=teacher_diffusion, noise=noise)
 
 
 # ----- the reference's module-level sampling and editing names --------------------------------------

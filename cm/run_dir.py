@@ -15,10 +15,10 @@ import blobfile as bf
 import numpy as np
 
 from . import dist_util, logger
-from .flags import FLAGS
+
 from .checkpoint_io import checkpoint_files, checkpoint_steps, find_resume_checkpoint, parse_resume_step_from_filename
 from .train_util import parse_ema_rates
-from .training_modes import get_training_mode
+from .training_modes import FLAGS, get_training_mode
 
 # decided values that follow from flags which do not change what a run computes
 OPERATIONAL_KEYS = frozenset({"loop.time_limit"})
@@ -58,7 +58,7 @@ def extends_the_run(stored, current, step):
     """Whether `current` only makes the run of `stored` longer: the mode's schedule (mu(k), N(k), stages) gives
     the same values at every step already trained (checked at up to SCHEDULE_CHECKS steps)."""
     mode = get_training_mode(current["training_mode"])
-    if mode.schedule != "ema_and_scales":
+    if not mode.has_step_schedule:
         return True
     try:
         old, new = mode.schedule_fn(stored["schedule"]), mode.schedule_fn(current["schedule"])

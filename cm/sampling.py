@@ -8,6 +8,8 @@ dispatches. Noise levels are float64; the denoiser sees them in the image dtype.
 """
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -322,23 +324,86 @@ def make_denoiser(diffusion, model, clip_denoised=True, model_kwargs=None, guida
     return denoiser
 
 
+# ----- the sampler table: karras_sample's dispatch -------------------------------------------------------------
+
+
+def karras_grid(steps, ts, sigma_min, sigma_max, rho, device):
+    """The steps-point Karras grid and a final 0 (EDM solvers, one-step and sCM samplers)."""
+    return get_sigmas_karras(steps, sigma_min, sigma_max, rho, device=device)
+
+
+def progdist_grid(steps, ts, sigma_min, sigma_max, rho, device):
+    """steps + 1 Karras levels: a progressive-distillation model of N steps walks N intervals."""
+    return get_sigmas_karras(steps + 1, sigma_min, sigma_max, rho, device=device)
+
+
+def indexed_grid(steps, ts, sigma_min, sigma_max, rho, device):
+    """The levels at grid indices ts (default every index) of the steps-point grid (multistep consistency)."""
+    return sigmas_from_ts(range(steps) if ts is None else ts, steps, sigma_min, sigma_max, rho, device=device)
+
+
+def lcm_grid(steps, ts, sigma_min, sigma_max, rho, device):
+    """LCM's levels at indices ts of the steps-point grid, ending at 0."""
+    return lcm_sigmas(range(steps) if ts is None else ts, steps, sigma_min, sigma_max, rho, device=device)
+
+
+def no_options(settings):
+    """A sampler that takes nothing beyond the shared signature."""
+    return {}
+
+
+def churn_options(settings):
+    """EDM's stochastic churn (heun, dpm)."""
+    return {k: settings[k] for k in ("s_churn", "s_tmin", "s_tmax", "s_noise")}
+
+
+def multistep_options(settings):
+    """CM paper Alg. 1's grid (its re-noising subtracts sigma_min)."""
+    return dict(t_min=settings["sigma_min"], t_max=settings["sigma_max"], rho=settings["rho"], steps=settings["steps"])
+
+
+def trigflow_twostep_options(settings):
+    """sCM two-step: the intermediate TrigFlow time, with the denoiser's sigma_data."""
+    return dict(t_mid=settings["t_mid"], sigma_data=settings["diffusion"].sigma_data)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of the sampler table.
+
+    :param fn: sample_x(denoiser, x, sigmas, generator, progress, callback, **options).
+    :param grid: (steps, ts, sigma_min, sigma_max, rho, device) -> the noise levels it walks.
+    :param options: karras_sample's settings (a dict of its arguments) -> the sampler's own keyword arguments.
+    :param indexed: whether `ts` (grid indices) selects its levels.
+    """
+
+    fn: Callable
+    grid: Callable = karras_grid
+    options: Callable = no_options
+    indexed: bool = False
+
+
 SAMPLERS = {
-    "onestep": sample_onestep,
-    "multistep": stochastic_iterative_sampler,
-    "heun": sample_heun,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "ancestral": sample_euler_ancestral,
-    "dpm": sample_dpm,
-    "progdist": sample_progdist,
-    "trigflow_onestep": sample_trigflow_onestep,
-    "trigflow_twostep": sample_trigflow_twostep,
-    "lcm": sample_lcm,
+    "onestep": Sampler(sample_onestep),
+    "multistep": Sampler(stochastic_iterative_sampler, indexed_grid, multistep_options, indexed=True),
+    "heun": Sampler(sample_heun, options=churn_options),
+    "euler": Sampler(sample_euler),
+    "euler_ancestral": Sampler(sample_euler_ancestral),
+    "ancestral": Sampler(sample_euler_ancestral),
+    "dpm": Sampler(sample_dpm, options=churn_options),
+    "progdist": Sampler(sample_progdist, progdist_grid),
+    "trigflow_onestep": Sampler(sample_trigflow_onestep),
+    "trigflow_twostep": Sampler(sample_trigflow_twostep, options=trigflow_twostep_options),
+    "lcm": Sampler(sample_lcm, lcm_grid, indexed=True),
 }
-SAMPLER_NAMES = (
-    "onestep", "multistep", "heun", "euler", "euler_ancestral", "dpm", "progdist", "trigflow_onestep", "trigflow_twostep",
-    "lcm",
-)
+SAMPLER_NAMES = tuple(name for name in SAMPLERS if name != "ancestral")
+
+
+def register_sampler(name, sampler):
+    """Add a Sampler to the table (a training method's own sampler); its name becomes a --sampler choice."""
+    if name in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is registered already")
+    SAMPLERS[name] = sampler
 
 
 def karras_sample(
@@ -377,34 +442,18 @@ def karras_sample(
     :param t_mid: trigflow_twostep's intermediate TrigFlow time (sCM: 1.1), with the denoiser's sigma_data.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    settings = dict(locals())
+    entry = SAMPLERS[sampler]
     generator = generator or get_generator("dummy")
     if device is None:
         device = next(model.parameters()).device
 
-    if sampler == "progdist":
-        sigmas = get_sigmas_karras(steps + 1, sigma_min, sigma_max, rho, device=device)
-    elif sampler == "multistep":
-        ts = range(steps) if ts is None else ts
-        sigmas = sigmas_from_ts(ts, steps, sigma_min, sigma_max, rho, device=device)
-    elif sampler == "lcm":
-        sigmas = lcm_sigmas(range(steps) if ts is None else ts, steps, sigma_min, sigma_max, rho, device=device)
-    else:
-        sigmas = get_sigmas_karras(steps, sigma_min, sigma_max, rho, device=device)
-
+    sigmas = entry.grid(steps, ts, sigma_min, sigma_max, rho, device)
     if x_T is None:
         x_T = generator.randn(*shape, device=device) * sigma_max
-
-    options = {}
-    if sampler in ("heun", "dpm"):
-        options = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
-    elif sampler == "multistep":
-        options = dict(t_min=sigma_min, t_max=sigma_max, rho=rho, steps=steps)
-    elif sampler == "trigflow_twostep":
-        options = dict(t_mid=t_mid, sigma_data=diffusion.sigma_data)
-
     denoiser = make_denoiser(diffusion, model, clip_denoised, model_kwargs, guidance_scale)
-    x_0 = SAMPLERS[sampler](denoiser, x_T, sigmas, generator, progress=progress, callback=callback, **options)
+    x_0 = entry.fn(denoiser, x_T, sigmas, generator, progress=progress, callback=callback, **entry.options(settings))
     return x_0.clamp(-1, 1) if clamp else x_0
 
 

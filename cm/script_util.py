@@ -11,42 +11,18 @@ import json
 import os
 import sys
 
-from . import errors, logger, schedules
-from .checkpoint_io import describe_state_dict_mismatch, load_fitting_state_dict  # noqa: F401
+from . import dist_util, errors, logger, schedules
+from .checkpoint_io import load_fitting_state_dict
 from .config import config_to_json, group_values
-from .flags import (
-    CM_TRAIN_FLAGS,
-    FLAGS,
-    MODEL_AND_DIFFUSION_FLAGS,
-    MODEL_TYPES,
-    NCSNPP_FLAGS,
-    NUM_CLASSES,
-    TRAIN_FLAGS,
-    defaults_of,
-    flag_choices,
-    flag_help,
-    script_defaults,
-)
+from .flags import CM_TRAIN_FLAGS, MODEL_AND_DIFFUSION_FLAGS, NCSNPP_FLAGS, TRAIN_FLAGS
 from .karras_diffusion import KarrasDenoiser
-from .scm import add_logvar_head
+from .networks import create_model, resolve_channel_mult  # noqa: F401  (the reference's location of create_model)
+from .training_modes import FLAGS, defaults_of, flag_choices, flag_help, script_defaults
 from .training_modes import TRAINING_MODES as _MODE_TABLE
-from .unet import UNetModel
 
 create_ema_and_scales_fn = schedules.create_ema_and_scales_fn  # re-exported at the reference's location
 
 TRAINING_MODES = tuple(_MODE_TABLE)
-FLAG_HELP = flag_help()
-FLAG_CHOICES = flag_choices()
-
-DEFAULT_CHANNEL_MULT = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-    32: (1, 2, 2, 2),
-    16: (1, 2, 2),
-    8: (1, 2),
-}
 
 
 def model_and_diffusion_defaults():
@@ -67,16 +43,6 @@ def cm_train_defaults():
 def train_defaults():
     """Flags of the training loop (the reference's, plus optimizer, precision, seed, log dir and data options)."""
     return defaults_of(TRAIN_FLAGS)
-
-
-def parse_int_list(text, name):
-    """'32,16,8' -> (32, 16, 8); a clear error for anything else."""
-    if isinstance(text, (list, tuple)):
-        return tuple(int(v) for v in text)
-    try:
-        return tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{name} must be a comma list of integers, got {text!r}") from None
 
 
 def create_model_and_diffusion(
@@ -121,108 +87,6 @@ def create_model_and_diffusion(
     return model, diffusion
 
 
-def resolve_channel_mult(channel_mult, image_size):
-    """The channel multipliers: parsed from a comma list, or the reference's choice for image_size."""
-    if channel_mult in ("", None):
-        if image_size not in DEFAULT_CHANNEL_MULT:
-            sizes = ", ".join(str(s) for s in sorted(DEFAULT_CHANNEL_MULT))
-            raise ValueError(f"no default channel_mult for image_size {image_size} (have {sizes}); pass --channel_mult")
-        return DEFAULT_CHANNEL_MULT[image_size]
-    if isinstance(channel_mult, (list, tuple)):
-        return tuple(channel_mult)
-    return tuple(float(m) if "." in m else int(m) for m in str(channel_mult).split(","))
-
-
-def attention_downsample_rates(attention_resolutions, image_size):
-    """Resolutions in pixels (e.g. '32,16,8') -> downsample rates image_size // res, checking each divides."""
-    rates = []
-    for res in parse_int_list(attention_resolutions, "attention_resolutions"):
-        if res <= 0 or image_size % res:
-            raise ValueError(f"attention resolution {res} does not divide image_size {image_size}")
-        rates.append(image_size // res)
-    return tuple(rates)
-
-
-def create_model(
-    image_size,
-    num_channels,
-    num_res_blocks,
-    channel_mult="",
-    learn_sigma=False,
-    class_cond=False,
-    use_checkpoint=False,
-    attention_resolutions="16",
-    num_heads=1,
-    num_head_channels=-1,
-    num_heads_upsample=-1,
-    use_scale_shift_norm=False,
-    dropout=0,
-    resblock_updown=False,
-    use_fp16=False,
-    use_new_attention_order=False,
-    attention_type="flash",
-    num_classes=NUM_CLASSES,
-    model_type="adm",
-    in_channels=3,
-    null_class=False,
-    guidance_embed=False,
-    adaptive_double_norm=False,
-    logvar_channels=0,
-    **ncsnpp_options,
-):
-    """Build the network named by model_type from flag values (ADM UNet by default, as the reference); with
-    logvar_channels > 0 it carries sCM's log-variance head as `logvar_head` (cm.scm.add_logvar_head)."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; allowed: {', '.join(MODEL_TYPES)}")
-    if model_type == "ncsnpp" and adaptive_double_norm:
-        raise ValueError("--adaptive_double_norm acts on the ADM UNet's scale-shift blocks (NCSN++ adds its time "
-                         "embedding); use --model_type adm")
-    if model_type == "ncsnpp" and (null_class or guidance_embed):
-        raise ValueError("--null_class and --guidance_embed are options of the ADM UNet; use --model_type adm")
-    channel_mult = resolve_channel_mult(channel_mult, image_size)
-    out_channels = 2 * in_channels if learn_sigma else in_channels
-    if model_type == "ncsnpp":
-        from .ncsnpp import create_ncsnpp_model
-
-        network = create_ncsnpp_model(
-            image_size=image_size,
-            num_channels=num_channels,
-            num_res_blocks=num_res_blocks,
-            channel_mult=channel_mult,
-            attention_resolutions=parse_int_list(attention_resolutions, "attention_resolutions"),
-            dropout=dropout,
-            num_classes=num_classes if class_cond else None,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            **ncsnpp_options,
-        )
-        return add_logvar_head(network, logvar_channels)
-    network = UNetModel(
-        image_size=image_size,
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=out_channels,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_rates(attention_resolutions, image_size),
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_classes=num_classes if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
-        attention_type=attention_type,
-        null_class=null_class,
-        guidance_embed=guidance_embed,
-        adaptive_double_norm=adaptive_double_norm,
-    )
-    return add_logvar_head(network, logvar_channels)
-
-
 # ----- command line ------------------------------------------------------------------------------
 
 
@@ -247,11 +111,11 @@ def str2bool(v):
 def add_dict_to_argparser(parser, default_dict, help_text=None, choices=None):
     """Add --key flags typed like their defaults (bools via str2bool), with help text and allowed values.
 
-    :param help_text: {key: help text} (default FLAG_HELP).
-    :param choices: {key: allowed values} of enum flags (default FLAG_CHOICES).
+    :param help_text: {key: help text} (default: every flag's, cm.training_modes.flag_help()).
+    :param choices: {key: allowed values} of enum flags (default: cm.training_modes.flag_choices()).
     """
-    help_text = FLAG_HELP if help_text is None else help_text
-    choices = FLAG_CHOICES if choices is None else choices
+    help_text = flag_help() if help_text is None else help_text
+    choices = flag_choices() if choices is None else choices
     for k, v in default_dict.items():
         v_type = type(v)
         if v is None:
@@ -356,8 +220,6 @@ def args_to_json(args):
 
 def load_model_checkpoint(model, path, what="checkpoint"):
     """Load a state dict file into model (strict), or stop with one line saying which keys / shapes differ."""
-    from . import dist_util
-
     if not path:
         raise ValueError(f"no {what} path given")
     state_dict = dist_util.load_state_dict(path, map_location="cpu")

@@ -19,7 +19,7 @@ from .resample import create_named_schedule_sampler
 from .run_dir import check_log_dir
 from .script_util import create_model, create_parser, load_model_checkpoint, run_script
 from .train_util import CMTrainLoop, TrainLoop
-from .training_modes import get_training_mode
+from .training_modes import build_denoiser, get_training_mode
 
 
 def create_argparser(training_mode=None):
@@ -111,7 +111,7 @@ def build_training(config):
     channels_last = config["loop"]["channels_last"]
 
     model = create_model(**config["network"])
-    diffusion = mode.build_denoiser(config["denoiser"])
+    diffusion = build_denoiser(mode, config["denoiser"])
     if mode.uses_distance:
         diffusion.build_distance()  # LPIPS weights load now, so a missing file fails before training
     logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({config['network']['model_type']})")
@@ -141,7 +141,7 @@ def build_training(config):
         **config["optimizer"],
         **config["loop"],
     )
-    if mode.schedule == "schedule_sampler":
+    if not mode.has_step_schedule:
         sampler = create_named_schedule_sampler(config["schedule"]["schedule_sampler"], diffusion)
         loop = TrainLoop(schedule_sampler=sampler, **common)
     else:
@@ -157,21 +157,13 @@ def build_training(config):
             teacher_model=teacher,
             teacher_diffusion=teacher_diffusion,
             training_mode=mode.name,
-            ema_scale_fn=mode.schedule_fn(config["schedule"]),
-            teacher_solver=config["teacher"]["solver"] if config["teacher"] else "heun",
+            schedule_fn=mode.schedule_fn(config["schedule"]),
+            teacher_solver=config["teacher"]["solver"] if config["teacher"] else None,
             loss_options=config["loss"],
             **common,
         )
     logger.log(f"training ({mode.name}) on {device}, {run_config['world_size']} rank(s), batch {batch_size} per rank")
     return loop
-
-
-def ema_and_scales_fn(config, total_steps=None):
-    """step -> (mu(k), N(k)) from a resolved configuration; total_steps overrides the schedule's span."""
-    schedule = dict(config["schedule"])
-    if total_steps is not None:
-        schedule["total_steps"] = total_steps
-    return get_training_mode(config["training_mode"]).schedule_fn(schedule)
 
 
 def main(training_mode=None, argv=None):

@@ -35,16 +35,19 @@ from .checkpoint_io import (  # noqa: F401  (find_ema_checkpoint, parse_resume_s
 )
 from .checkpoint_io import find_resume_checkpoint as find_checkpoint_in
 from .errors import CheckpointError, CheckpointWriteError
+from .flags import OPTIMIZERS
 from .guidance import drop_labels, null_label
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401  (the reference's location)
 from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
 from .stop_request import StopRequest
+from .modes.base import LossContext
+from .modes.consistency import named_schedule
+from .modes.edm import bind_edm_loss
 from .time_budget import TimeBudget, planned_lengths, run_length
-from .training_modes import LossContext, get_training_mode
+from .training_modes import get_training_mode
 
-OPTIMIZERS = ("radam", "adam", "adamw")
 
 
 # ----- small pieces ----------------------------------------------------------------------------
@@ -179,7 +182,7 @@ class TrainLoop:
         seed=0,
         checkpoint_format="pt",
         max_consecutive_skips=100,
-        channels_last=False,
+        channels_last=True,
         time_limit=0.0,
         time_budget=0.0,
         progress=True,
@@ -229,7 +232,7 @@ class TrainLoop:
         dist_util.sync_params(self.model.buffers())
         self.ema_params = [[p.detach().clone() for p in self.mp_trainer.master_params] for _ in self.ema_rate]
         self.skip_run = torch.zeros((), device=self.device)
-        self.num_scales = None  # N(k) of the step (consistency modes)
+        self.schedule_values = {}  # the named values of the mode's schedule at this step (CMTrainLoop)
         self.loss_fn = self._bind_loss()
         self._resume()
         self._anneal_lr()  # the learning rate of the first step (warm-up, or where a resumed run was)
@@ -387,11 +390,11 @@ class TrainLoop:
 
     def _bind_loss(self):
         """The EDM loss with this loop's noise-level sampler (CMTrainLoop binds its mode's loss instead)."""
-        return get_training_mode("edm").bind_loss(self.diffusion, LossContext(schedule_sampler=self.schedule_sampler))
+        return bind_edm_loss(self.diffusion, LossContext(schedule_sampler=self.schedule_sampler))
 
     def compute_losses(self, micro, micro_cond):
         """The bound loss on one micro-batch; returns (terms with "loss" and "sigma", per-sample weights)."""
-        return self.loss_fn(self.ddp_model, micro, micro_cond, self.num_scales)
+        return self.loss_fn(self.ddp_model, micro, micro_cond, self.schedule_values)
 
     def _update_ema(self, found_inf):
         for rate, params in zip(self.ema_rate, self.ema_params):
@@ -573,21 +576,22 @@ class TrainLoop:
 
 
 class CMTrainLoop(TrainLoop):
-    """The training modes with a mu(k) / N(k) schedule (cm.training_modes): consistency distillation and
-    training (CM paper Alg. 2 / 3), progressive distillation, and any mode added to the table.
+    """The training modes with a step schedule (cm.training_modes): consistency distillation and training (CM
+    paper Alg. 2 / 3), progressive distillation, and every mode of the registry but EDM.
 
     :param target_model: the target network theta- (a copy of the model), for modes with a target.
     :param teacher_model: frozen teacher for modes whose loss runs one; the same weights on every rank
         (e.g. loaded from one file), as it is not broadcast.
     :param teacher_diffusion: the teacher's KarrasDenoiser.
     :param training_mode: a name in cm.training_modes.TRAINING_MODES.
-    :param ema_scale_fn: step -> (mu(k), N(k)) from cm.schedules.create_ema_and_scales_fn.
+    :param ema_scale_fn: the reference's schedule, step -> (mu(k), N(k)) (cm.schedules.create_ema_and_scales_fn);
+        give it or schedule_fn.
+    :param schedule_fn: step -> {name: value}, the mode's own schedule (TrainingMode.schedule_fn); its values are
+        handed to the loss and logged under their names.
     :param total_training_steps: K; training stops there.
-    :param teacher_solver: heun | euler, the teacher's ODE step in consistency distillation.
+    :param teacher_solver: heun | euler, the teacher's ODE step in consistency distillation (None: the mode's).
     :param loss_options: values of the mode's own flag groups (cm.training_modes.TrainingMode.loss_groups).
-    :param make_ema_scale_fn: total_steps -> a new ema_scale_fn spanning total_steps, used when a time budget
-        re-plans the run (default: the mode's schedule_fn of run_config["schedule"]).
-    Other arguments as TrainLoop.
+    Other arguments as TrainLoop. A time budget re-plans the schedule from run_config["schedule"].
     """
 
     def __init__(
@@ -597,18 +601,20 @@ class CMTrainLoop(TrainLoop):
         teacher_model,
         teacher_diffusion,
         training_mode,
-        ema_scale_fn,
         total_training_steps,
-        teacher_solver="heun",
+        ema_scale_fn=None,
+        schedule_fn=None,
+        teacher_solver=None,
         loss_options=None,
-        make_ema_scale_fn=None,
         **kwargs,
     ):
         mode = get_training_mode(training_mode)
-        if kwargs.get("time_budget") and make_ema_scale_fn is None and "schedule" not in (kwargs.get("run_config") or {}):
-            raise ValueError("a time budget re-plans the schedule: pass make_ema_scale_fn or a run_config with its schedule")
-        if mode.schedule != "ema_and_scales":
-            raise ValueError(f"training_mode {mode.name} has no mu(k) / N(k) schedule; train it with TrainLoop")
+        if kwargs.get("time_budget") and "schedule" not in (kwargs.get("run_config") or {}):
+            raise ValueError("a time budget re-plans the schedule: pass a run_config with its schedule")
+        if not mode.has_step_schedule:
+            raise ValueError(f"training_mode {mode.name} has no step schedule; train it with TrainLoop")
+        if (ema_scale_fn is None) == (schedule_fn is None):
+            raise ValueError("pass one schedule: ema_scale_fn (step -> (mu, N)) or schedule_fn (step -> named values)")
         if mode.teacher_in_loss and teacher_model is None:
             raise ValueError(f"training_mode {mode.name} needs a teacher model (--teacher_model_path)")
         if mode.target and target_model is None:
@@ -616,12 +622,12 @@ class CMTrainLoop(TrainLoop):
         self.mode = mode
         self.training_mode = mode.name
         self.ema_scale_fn = ema_scale_fn
+        self.schedule_fn = schedule_fn or named_schedule(ema_scale_fn)
         self.target_model = target_model if mode.target else None
         self.teacher_model = teacher_model if mode.teacher_in_loss else None
         self.teacher_diffusion = teacher_diffusion
         self.teacher_solver = teacher_solver
         self.loss_options = dict(loss_options or {})
-        self.make_ema_scale_fn = make_ema_scale_fn or self._schedule_from_config
         if self.target_model is not None:
             self.target_model.requires_grad_(False)
             self.target_model.train()
@@ -655,13 +661,12 @@ class CMTrainLoop(TrainLoop):
         owned = list(getattr(self.loss_fn, "extra_checkpoints", ()))
         return [(name, networks[name]) for name in self.mode.saved_networks] + owned
 
-    def _schedule_from_config(self, total_steps):
-        """The mode's schedule (mu(k), N(k), stages) built from the resolved configuration, spanning total_steps."""
-        return self.mode.schedule_fn({**self.run_config["schedule"], "total_steps": total_steps})
-
     def set_run_length(self, total_training_steps, lr_anneal_steps):
+        """The run ends at total_training_steps; the mode's schedule is rebuilt from the resolved configuration to
+        span it (mu(k), N(k), stages)."""
         super().set_run_length(total_training_steps, lr_anneal_steps)
-        self.ema_scale_fn = self.make_ema_scale_fn(total_training_steps)
+        self.schedule_fn = self.mode.schedule_fn({**self.run_config["schedule"], "total_steps": total_training_steps})
+        self.ema_scale_fn = None
 
     @property
     def global_step(self):
@@ -669,8 +674,8 @@ class CMTrainLoop(TrainLoop):
         return self.step
 
     def _update_schedule(self):
-        """(mu(k), N(k)) of this step from the current ema_scale_fn (which a caller may replace between steps)."""
-        self.target_ema, self.num_scales = self.ema_scale_fn(self.step)
+        """The schedule's values at this step (from the current schedule_fn, which a caller may replace)."""
+        self.schedule_values = self.schedule_fn(self.step)
 
     def run_step(self, batch, cond):
         self._update_schedule()
@@ -681,13 +686,13 @@ class CMTrainLoop(TrainLoop):
     def _after_optimize(self, found_inf):
         if self.target_model is None:
             return
-        rate = skip_aware_rate(self.target_ema, found_inf)
+        rate = skip_aware_rate(self.schedule_values["target_ema"], found_inf)
         update_ema(self.target_params, self.mp_trainer.master_params, rate=rate)
 
     def reset_training_for_progdist(self):
         """At a change of N (progressive distillation): the student becomes the teacher; optimizer and EMAs restart."""
-        n = self.num_scales
-        if self.step == 0 or n == self.ema_scale_fn(self.step - 1)[1]:
+        n = self.schedule_values["num_scales"]
+        if self.step == 0 or n == self.schedule_fn(self.step - 1)["num_scales"]:
             return
         logger.log(f"{self.mode.name}: step {self.step}, N = {n}; the student becomes the teacher")
         update_ema(self.teacher_model.parameters(), self.model.parameters(), rate=0.0)
@@ -698,5 +703,4 @@ class CMTrainLoop(TrainLoop):
 
     def log_step(self, found_inf=None):
         super().log_step(found_inf)
-        logger.logkv("num_scales", self.num_scales)  # the values this step used
-        logger.logkv("target_ema", self.target_ema)
+        logger.logkvs(self.schedule_values)  # the values this step used

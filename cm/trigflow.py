@@ -13,25 +13,19 @@ negated: c_skip = sigma_d^2 / (sigma^2 + sigma_d^2), c_out = -sigma sigma_d / sq
 c_in = 1 / sqrt(sigma^2 + sigma_d^2), c_noise = c_noise(arctan(sigma / sigma_d)); `TrigFlowDenoiser` exposes it
 with KarrasDenoiser's `denoise` signature so cm.sampling's samplers and `karras_sample` run TrigFlow models.
 
-The sCM objective (Sec. 4.2) trains F_theta against its own stop-gradient copy F_theta- with the tangent
-g = cos(t) df_theta-/dt, normalised, under a learned adaptive weighting:
-
-    loss = exp(-u(t)) / D ||F_theta - F_theta- - g / (||g|| + c)||^2 + u(t).
-
-The time derivative of F_theta- along the trajectory is one JVP through the network (`cm.nn.network_jvp`).
+The sCM objective that trains such models is the method module cm.modes.scm.
 """
 
 import torch
-import torch.nn as nn
 
-from .nn import append_dims, mean_flat, network_jvp, noise_conditioning, timestep_embedding
+from .nn import append_dims, noise_conditioning
 from .random_util import get_generator
 
 T_MID = 1.1  # sCM's intermediate time of two-step sampling
 TIME_CONDITIONINGS = ("edm", "trigflow")  # what a TrigFlow model's network is fed (TrigFlowDenoiser)
 
 
-def _per_sample(v, x):
+def per_sample(v, x):
     """A number, a 0-d tensor or a per-sample [B] tensor, made to broadcast over x in x's dtype."""
     if not torch.is_tensor(v):
         return v
@@ -55,13 +49,13 @@ def t_to_sigma(t, sigma_data=0.5):
 def edm_to_trigflow(x, sigma, sigma_data=0.5):
     """EDM x = x_0 + sigma eps at sigma -> (x_t, t) with x_t = cos(t) x = cos(t) x_0 + sin(t) sigma_d eps."""
     t = sigma_to_t(sigma, sigma_data)
-    return x * _per_sample(torch.cos(t), x), t
+    return x * per_sample(torch.cos(t), x), t
 
 
 def trigflow_to_edm(x_t, t, sigma_data=0.5):
     """TrigFlow (x_t, t) -> (x, sigma) with x = x_t / cos(t) = x_0 + sigma (z / sigma_d), sigma = sigma_d tan(t)."""
     t = torch.as_tensor(t)
-    return x_t / _per_sample(torch.cos(t), x_t), t_to_sigma(t, sigma_data)
+    return x_t / per_sample(torch.cos(t), x_t), t_to_sigma(t, sigma_data)
 
 
 def trigflow_c_noise(t, scale=1.0):
@@ -74,22 +68,22 @@ def trigflow_c_noise(t, scale=1.0):
 
 def trigflow_x_t(x_start, z, t):
     """x_t = cos(t) x_0 + sin(t) z, z ~ N(0, sigma_d^2 I) (sCM Sec. 3)."""
-    return _per_sample(torch.cos(t), x_start) * x_start + _per_sample(torch.sin(t), x_start) * z
+    return per_sample(torch.cos(t), x_start) * x_start + per_sample(torch.sin(t), x_start) * z
 
 
 def trigflow_velocity(x_start, z, t):
     """dx_t/dt = cos(t) z - sin(t) x_0, the conditional velocity that sCT uses as the PF-ODE direction (sCM Sec. 3)."""
-    return _per_sample(torch.cos(t), z) * z - _per_sample(torch.sin(t), z) * x_start
+    return per_sample(torch.cos(t), z) * z - per_sample(torch.sin(t), z) * x_start
 
 
 def trigflow_f(model_output, x_t, t, sigma_data=0.5):
     """f(x_t, t) = cos(t) x_t - sin(t) sigma_d F (sCM Sec. 3): the consistency model, or a diffusion model's x_0."""
-    return _per_sample(torch.cos(t), x_t) * x_t - _per_sample(torch.sin(t), x_t) * sigma_data * model_output
+    return per_sample(torch.cos(t), x_t) * x_t - per_sample(torch.sin(t), x_t) * sigma_data * model_output
 
 
 def output_from_denoised(x_t, t, denoised, sigma_data=0.5):
     """The F that gives x_0 = denoised at (x_t, t): F = (cos(t) x_t - x_0) / (sigma_d sin(t)), t > 0."""
-    cos, sin = _per_sample(torch.cos(t), x_t), _per_sample(torch.sin(t), x_t)
+    cos, sin = per_sample(torch.cos(t), x_t), per_sample(torch.sin(t), x_t)
     return (cos * x_t - denoised) / (sigma_data * sin)
 
 
@@ -165,146 +159,6 @@ class TrigFlowDenoiser:
         network = self.network(model)
         model_output = network(x_t / self.sigma_data, trigflow_c_noise(t, self.c_noise_scale), **model_kwargs)
         return model_output, trigflow_f(model_output, x_t, t, self.sigma_data)
-
-
-# ----- the sCM objective ---------------------------------------------------------------------------
-
-
-def trigflow_t_lognormal(batch_size, p_mean=-1.0, p_std=1.4, sigma_data=0.5, generator=None, device="cpu"):
-    """sCM's proposal: tau = exp(P_mean + P_std n), n ~ N(0, 1), t = arctan(tau / sigma_d); float64 [B]."""
-    n = torch.randn(batch_size, dtype=torch.float64, generator=generator).to(device)
-    return torch.atan(torch.exp(p_mean + p_std * n) / sigma_data)
-
-
-def tangent_warmup(step, warmup_steps):
-    """Tangent warm-up factor r = min(1, step / warmup_steps) on the sin(t)(x_t + sigma_d dF/dt) term (sCM Sec. 4.2)."""
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
-
-
-def trigflow_jvp(model, x_t, t, dxt_dt, sigma_data=0.5, c_noise_scale=1.0, model_kwargs=None):
-    """(F(x_t / sigma_d, c_noise(t)), cos(t) sin(t) dF/dt) along dx_t/dt by one JVP whose tangents are scaled by
-    cos(t) sin(t) (sCM Sec. 5, "JVP rearrangement": keeps the tangent's size bounded, which bf16 needs).
-
-    The scaling is per sample, so F must treat samples independently (GroupNorm, not BatchNorm), as our networks do.
-    """
-    model_kwargs = model_kwargs or {}
-    scale = torch.cos(t) * torch.sin(t)
-
-    def network(x, s):
-        return model(x / sigma_data, trigflow_c_noise(s, c_noise_scale), **model_kwargs)
-
-    return network_jvp(network, (x_t, t), (_per_sample(scale, dxt_dt) * dxt_dt, scale))
-
-
-def scm_tangent(model_output, output_jvp, x_t, dxt_dt, t, sigma_data=0.5, warmup=1.0):
-    """g = cos(t) df/dt = -cos^2(t) (sigma_d F - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF/dt) (sCM Sec. 4.2).
-
-    `output_jvp` is cos(t) sin(t) dF/dt (`trigflow_jvp`); r = `warmup` is the tangent warm-up factor (1: the exact
-    tangent). cos(t) is the weighting w(t) = 1 / (sigma_d tan t) times the sigma_d sin(t) of f's gradient.
-    """
-    cos, sin = _per_sample(torch.cos(t), x_t), _per_sample(torch.sin(t), x_t)
-    return -cos * cos * (sigma_data * model_output - dxt_dt) - warmup * (cos * sin * x_t + sigma_data * output_jvp)
-
-
-def normalize_tangent(g, c=0.1):
-    """Tangent normalisation g / (||g||_2 + c) per sample (sCM Sec. 4.2, c = 0.1)."""
-    norm = torch.linalg.vector_norm(g, dim=tuple(range(1, g.ndim)), keepdim=True)
-    return g / (norm + c)
-
-
-class LogVarianceHead(nn.Module):
-    """The adaptive weighting's log-variance u(t) (sCM Sec. 4.2; EDM2's uncertainty head): positional embedding
-    of c_noise(t), then a linear layer to one number per sample. Starts at u = 0 (weight 1).
-
-    :param channels: width of the sinusoidal embedding.
-    :param c_noise_scale: the embedding sees c_noise_scale * t, like the network.
-    """
-
-    def __init__(self, channels=128, c_noise_scale=1.0):
-        super().__init__()
-        self.channels = channels
-        self.c_noise_scale = c_noise_scale
-        self.linear = nn.Linear(channels, 1)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, t):
-        emb = timestep_embedding(trigflow_c_noise(t, self.c_noise_scale), self.channels)
-        return self.linear(emb.to(self.linear.weight.dtype))[:, 0]
-
-
-def scm_losses(
-    model,
-    x_start,
-    t=None,
-    noise=None,
-    teacher=None,
-    model_kwargs=None,
-    logvar_head=None,
-    sigma_data=0.5,
-    c_noise_scale=1.0,
-    warmup=1.0,
-    tangent_norm_c=0.1,
-    p_mean=-1.0,
-    p_std=1.4,
-    rng=None,
-    target_model=None,
-):
-    """The sCM loss per sample: sCT (teacher None: dx_t/dt = cos(t) z - sin(t) x_0) or sCD (dx_t/dt = teacher(x_t, t)).
-
-    exp(-u(t)) mean((F_theta - F_theta- - g / (||g|| + c))^2) + u(t) with g = cos(t) df_theta-/dt (sCM Sec. 4.2).
-
-    :param model: the network F(x_in, c_noise, **model_kwargs); F_theta- is its stop-gradient value.
-    :param x_start: data x_0 [B, ...].
-    :param t: TrigFlow times [B] in (0, pi/2) (default: the lognormal proposal with p_mean, p_std).
-    :param noise: eps ~ N(0, I) like x_start; z = sigma_d eps (default: drawn).
-    :param teacher: sCD's PF-ODE v(x_t, t, **model_kwargs), e.g. `velocity_from_denoiser` of an EDM teacher; None: sCT.
-    :param logvar_head: the adaptive weighting's u(t) (a LogVarianceHead trained with the model), or None (u = 0).
-    :param warmup: tangent warm-up factor r in [0, 1] (`tangent_warmup(step, warmup_steps)`).
-    :param tangent_norm_c: c of the tangent normalisation (0.1); None leaves the tangent unnormalised.
-    :param rng: a cm.random_util.DeviceRNG; the JVP pass replays the online pass's dropout.
-    :param target_model: the network the JVP pass runs (default `model`): the same weights, e.g. the module inside a
-        DistributedDataParallel `model`, so the no-gradient pass skips its hooks.
-    :return: {"loss": [B], "mse": [B] (unweighted), "logvar": [B], "t": t, "sigma": sigma_d tan(t)}.
-    """
-    from .karras_diffusion import DeviceRNG  # here: karras_diffusion imports cm.sampling, which imports this module
-
-    model_kwargs = model_kwargs or {}
-    if t is None:
-        t = trigflow_t_lognormal(x_start.shape[0], p_mean, p_std, sigma_data, device=x_start.device)
-    t = t.to(device=x_start.device, dtype=x_start.dtype)
-    noise = torch.randn_like(x_start) if noise is None else noise
-    rng = rng or DeviceRNG(x_start.device)
-
-    # noise the data to t; the PF-ODE direction from the data (sCT) or the teacher (sCD)
-    z = noise * sigma_data
-    x_t = trigflow_x_t(x_start, z, t)
-    if teacher is None:
-        dxt_dt = trigflow_velocity(x_start, z, t)
-    else:
-        with torch.no_grad():
-            dxt_dt = teacher(x_t, t, **model_kwargs).to(x_t.dtype)
-
-    # online network F_theta, remembering the dropout randomness
-    rng_state = rng.get_state()
-    model_output = model(x_t / sigma_data, trigflow_c_noise(t, c_noise_scale), **model_kwargs)
-
-    with torch.no_grad():
-        # F_theta- and its time derivative by one JVP, with the same dropout masks
-        target_model = model if target_model is None else target_model
-        with rng.replaying(rng_state):
-            target_output, output_jvp = trigflow_jvp(target_model, x_t, t, dxt_dt, sigma_data, c_noise_scale,
-                                                     model_kwargs)
-        g = scm_tangent(target_output.to(x_t.dtype), output_jvp.to(x_t.dtype), x_t, dxt_dt, t, sigma_data, warmup)
-        if tangent_norm_c is not None:
-            g = normalize_tangent(g, tangent_norm_c)
-
-    mse = mean_flat((model_output.to(x_t.dtype) - model_output.detach().to(x_t.dtype) - g) ** 2)
-    logvar = logvar_head(t).to(mse.dtype) if logvar_head is not None else torch.zeros_like(mse)
-    loss = torch.exp(-logvar) * mse + logvar
-    return {"loss": loss, "mse": mse, "logvar": logvar, "t": t, "sigma": t_to_sigma(t, sigma_data)}
 
 
 # ----- samplers (cm.sampling's family: EDM coordinates, denoiser(x, sigma [B])) ---------------------

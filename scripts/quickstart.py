@@ -38,6 +38,7 @@ from cm.random_util import get_generator
 from cm.sampling import karras_sample, ternary_search
 from cm.script_util import parse_args_with_config
 from cm.train_cli import build_loop, create_argparser
+from cm.training_modes import quickstart_plans
 from cm.trigflow import T_MID
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -46,21 +47,16 @@ EVAL_RESERVE_S = 15  # sampling, the two-step search and the metrics after train
 # two-step command (--ts 0,22,39 on a 40-point grid)
 DEFAULT_MID_FRACTION = 22 / 39
 T_MIDS = tuple(round(0.3 + 0.1 * i, 1) for i in range(13))  # sCM two-step: intermediate times searched, 0.3 .. 1.5
-# --mode: the stages of the run as (name, preset in configs/, training mode); each stage's EMA model is the
-# teacher of the next
-PLANS = {
-    "ct": [("CT", "digits_ct.yaml", "consistency_training")],
-    "cd": [("EDM", "digits_edm.yaml", "edm"), ("CD", "digits_cd.yaml", "consistency_distillation")],
-    "ect": [("EDM", "digits_edm.yaml", "edm"), ("ECT", "digits_ect.yaml", "consistency_tuning")],
-    "sct": [("sCT", "digits_sct.yaml", "sct")],
-    "scd": [("EDM", "digits_edm.yaml", "edm"), ("sCD", "digits_scd.yaml", "scd")],
-}
-
+# --mode: the plans the training modes declare (cm.training_modes): the stages of the run as (name, preset in
+# configs/, training mode); each stage's EMA model is the teacher of the next
+PLANS = quickstart_plans()
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=tuple(PLANS), default="ct", help="ct: consistency training; cd: an EDM teacher, "
-                   "then consistency distillation from it (each stage gets half the time)")
+    p.add_argument("--mode", choices=tuple(PLANS), default="ct", help="the method: ct consistency training, cd an EDM "
+                   "teacher then consistency distillation from it, ect, sct, scd (two-stage plans give each stage half "
+                   "the time); the modes that declare a digits plan (LCM, LCF and UFOGen need class labels and a "
+                   "guided teacher, so they have none)")
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of the whole run")
     p.add_argument("--out", default="quickstart_out", help="output directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -185,7 +181,7 @@ def few_step_samples(loop, model, diffusion, size, opts, classifier):
     found by search), sCM models at TrigFlow times (T, t_mid) (the paper's t_mid, and the one found by search)."""
     one_step, two_step = loop.mode.samplers
     if two_step == "multistep":
-        n = loop.ema_scale_fn(loop.step - 1)[1]
+        n = loop.schedule_fn(loop.step - 1)["num_scales"]
         ts = {"default": default_two_step_ts(n),
               "searched": best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier)}
         kwargs = {which: dict(steps=n, ts=t) for which, t in ts.items()}

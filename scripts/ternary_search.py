@@ -29,7 +29,7 @@ from cm.image_util import (
 from cm.config import config_to_json, resolve_script_config
 from cm.random_util import get_generator
 from cm.sampling import sigmas_from_ts, ternary_search
-from cm.flags import FLAGS
+from cm.training_modes import FLAGS
 from cm.script_util import create_parser, run_script
 
 METRICS = FLAGS["metric"].choices

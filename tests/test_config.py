@@ -1,6 +1,7 @@
 """The flag table, the resolved configuration and the table of training modes."""
 
 import glob
+import importlib.util
 import inspect
 import json
 import os
@@ -13,7 +14,8 @@ import yaml
 
 from cm import config as cm_config
 from cm import training_modes
-from cm.flags import FLAGS, MODEL_AND_DIFFUSION_FLAGS, SCRIPT_FLAGS
+from cm.flags import MODEL_AND_DIFFUSION_FLAGS
+from cm.training_modes import FLAGS, script_flags
 from cm.image_datasets import load_data
 from cm.karras_diffusion import KarrasDenoiser
 from cm.script_util import (
@@ -75,7 +77,7 @@ def test_every_script_flag_comes_from_the_table_with_its_help_and_choices():
                "edit": load_script("image_edit").create_argparser(), "search": load_script("ternary_search").create_argparser()}
     for name, parser in parsers.items():
         actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-        assert set(actions) == set(SCRIPT_FLAGS[name] + MODEL_AND_DIFFUSION_FLAGS), name
+        assert set(actions) == set(script_flags(name) + MODEL_AND_DIFFUSION_FLAGS), name
         for dest, action in actions.items():
             assert action.help.startswith(FLAGS[dest].help), dest
             assert action.choices == FLAGS[dest].choices, dest
@@ -116,7 +118,7 @@ def test_resolved_groups_are_the_keywords_of_the_objects_they_build(path):
     with torch.device("meta"):
         create_model(**config["network"])
     mode = training_modes.get_training_mode(config["training_mode"])
-    diffusion = mode.build_denoiser(config["denoiser"])
+    diffusion = training_modes.build_denoiser(mode, config["denoiser"])
     assert getattr(diffusion, "distillation", False) == mode.boundary_condition  # sCM's TrigFlowDenoiser has none
     if "total_steps" in config["schedule"]:
         training_modes.get_training_mode(config["training_mode"]).schedule_fn(config["schedule"])
@@ -197,7 +199,8 @@ def test_no_mode_name_is_compared_outside_the_table():
         r"""|["'](consistency_distillation|consistency_training)["']\s*(==|!=|\bin\b)"""
     )
     offenders = []
-    for path in glob.glob(os.path.join(ROOT, "cm", "*.py")) + glob.glob(os.path.join(ROOT, "scripts", "*.py")):
+    sources = glob.glob(os.path.join(ROOT, "cm", "**", "*.py"), recursive=True)
+    for path in sources + glob.glob(os.path.join(ROOT, "scripts", "*.py")):
         if os.path.basename(path) in ("training_modes.py", "flags.py"):
             continue
         with open(path) as f:
@@ -205,33 +208,67 @@ def test_no_mode_name_is_compared_outside_the_table():
     assert offenders == []
 
 
-def toy_loss(diffusion, context):
-    """A toy objective: the consistency function at sigma_max maps noisy data to the data (l1)."""
+TOY_METHOD = '''"""Toy: the consistency function at sigma_max maps noisy data to the data, l1 times --toy_weight."""
 
-    def loss(model, x_start, model_kwargs, num_scales):
+import torch
+
+from cm.flags import flag_rows
+from cm.modes.base import TrainingMode, unweighted
+from cm.modes.consistency import consistency_schedule
+
+FLAGS = flag_rows("toy", ("toy_weight", 1.0, "toy: weight of the l1 loss", None))
+
+
+def bind_toy_loss(diffusion, context):
+    weight = context.options["toy_weight"]
+
+    def loss(model, x_start, model_kwargs, schedule):
         sigmas = torch.full((x_start.shape[0],), diffusion.sigma_max, device=x_start.device)
         noisy = x_start + diffusion.sigma_max * torch.randn_like(x_start)
         denoised = diffusion.denoise(model, noisy, sigmas, **model_kwargs)[1]
-        terms = {"loss": (denoised - x_start).abs().mean(dim=(1, 2, 3)), "sigma": sigmas}
-        return terms, torch.ones_like(terms["loss"])
+        return unweighted({"loss": weight * (denoised - x_start).abs().mean(dim=(1, 2, 3)), "sigma": sigmas})
 
     return loss
 
 
-def test_a_new_mode_is_one_table_entry_one_loss_and_one_preset(tmp_path, monkeypatch):
-    toy = training_modes.TrainingMode(
-        name="toy_denoising", description="toy: one-step denoising from sigma_max", bind_loss=toy_loss,
-        target=True, boundary_condition=True, flag_defaults=dict(total_training_steps=3),
-    )
-    monkeypatch.setitem(training_modes.TRAINING_MODES, toy.name, toy)
+MODES = (
+    TrainingMode(name="toy_denoising", description="toy: one-step denoising from sigma_max", bind_loss=bind_toy_loss,
+                 loss_groups=("toy",), target=True, boundary_condition=True, make_schedule=consistency_schedule,
+                 flag_defaults=dict(total_training_steps=3)),
+)
+'''
+
+
+@pytest.fixture
+def registry_restored():
+    """The registry's tables as they were before the test (a test may register a method)."""
+    modes, flags = dict(training_modes.TRAINING_MODES), dict(training_modes.FLAGS)
+    yield
+    for table, saved in ((training_modes.TRAINING_MODES, modes), (training_modes.FLAGS, flags)):
+        table.clear()
+        table.update(saved)
+
+
+def test_a_new_method_is_one_module_one_preset_and_one_test(tmp_path, registry_restored):
+    module_path = tmp_path / "toy_method.py"
+    module_path.write_text(TOY_METHOD)
+    spec = importlib.util.spec_from_file_location("toy_method", module_path)
+    method = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(method)
+    training_modes.register(method)
+    toy = training_modes.get_training_mode("toy_denoising")
+    assert "toy_weight" in script_flags("train") and "toy_weight" not in script_flags("sample")
     preset = tmp_path / "toy.yaml"
-    preset.write_text("training_mode: toy_denoising\nloss_norm: l1\nstart_ema: 0.5\n")
+    preset.write_text("training_mode: toy_denoising\nloss_norm: l1\nstart_ema: 0.5\ntoy_weight: 2.0\n")
     loop = main(None, ["--config", str(preset), *tiny_argv(log_dir=tmp_path / "run", total_training_steps=3)])
     assert isinstance(loop, CMTrainLoop) and loop.step == 3 and loop.mode is toy
+    assert loop.loss_options == {"toy_weight": 2.0}
     assert loop.diffusion.distillation and (tmp_path / "run" / "target_model000003.pt").exists()
     again = main(None, ["--config", str(preset), *tiny_argv(log_dir=tmp_path / "run", total_training_steps=4,
                                                            allow_config_change="true")])
     assert again.step == 4  # resumed from step 3
+    with pytest.raises(ValueError, match="declared twice"):
+        training_modes.register(method)
 
 
 # ----- the reference's launch lines ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Easy consistency tuning (cm.ect, training_mode consistency_tuning): the mapping r(t), the stages, the loss's
+"""Easy consistency tuning (cm.modes.ect, training_mode consistency_tuning): the mapping r(t), the stages, the loss's
 boundary, shared noise and dropout masks, exact resume from the command line, and a 2-D mixture."""
 
 import copy
@@ -9,7 +9,7 @@ import torch
 
 from cm import logger
 from cm.config import resolve_training_config
-from cm.ect import adaptive_distance, create_ect_schedule, ect_losses, ect_r, ect_stage_fn
+from cm.modes.ect import adaptive_distance, create_ect_schedule, ect_losses, ect_r, ect_stage_fn
 from cm.karras_diffusion import KarrasDenoiser
 from cm.metrics import pseudo_huber
 from cm.train_cli import create_argparser, main
@@ -269,7 +269,7 @@ def test_ect_from_a_pretrained_edm_model_recovers_the_modes_in_one_step(tmp_path
     torch.manual_seed(1)
     loop = toy_loop(copy.deepcopy(teacher), diffusion, 1000, str(tmp_path / "ect"), CMTrainLoop, lr_anneal_steps=1000,
                     target_model=None, teacher_model=None, teacher_diffusion=None, training_mode="consistency_tuning",
-                    ema_scale_fn=create_ect_schedule(2, ect_stages=8, total_steps=1000), loss_options=options)
+                    schedule_fn=create_ect_schedule(2, ect_stages=8, total_steps=1000), loss_options=options)
     loop.run_loop()
     weights, offsets = mode_statistics(sample(diffusion, ema_of(loop), steps=18, sampler="onestep"))
     assert torch.allclose(weights, WEIGHTS, atol=0.05), weights

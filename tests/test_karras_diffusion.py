@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from cm.karras_diffusion import DeviceRNG, KarrasDenoiser, get_weightings, lognormal_index_probs
+from cm.karras_diffusion import KarrasDenoiser, get_weightings, lognormal_index_probs
+from cm.random_util import DeviceRNG
 from cm.sampling import get_sigmas_karras, karras_sigma
 
 

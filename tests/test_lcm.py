@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cm.karras_diffusion import KarrasDenoiser
-from cm.lcm import lcm_losses, sample_skip_sigmas, teacher_jump
+from cm.modes.lcm import lcm_losses, sample_skip_sigmas, teacher_jump
 from cm.nn import C_NOISE_SCALE
 from cm.random_util import get_generator
 from cm.sampling import euler_step, heun_step, karras_sigma, lcm_sigmas, lcm_ts, sample_lcm

@@ -67,7 +67,7 @@ def test_time_budget_replans_steps_and_schedules_to_end_on_time(tmp_path, monkey
     assert loop.budget.final and loop.budget.elapsed() <= 1.5 * 3.0
     assert 4 < loop.step == loop.total_training_steps == loop.lr_anneal_steps != args.total_training_steps
     # the schedule was re-planned for the final step count: N(k) reaches end_scales + 1 on the last step
-    assert loop.ema_scale_fn(loop.step - 1)[1] == args.end_scales + 1
+    assert loop.schedule_fn(loop.step - 1)["num_scales"] == args.end_scales + 1
     assert loop.opt.param_groups[0]["lr"] == 0.0
 
 

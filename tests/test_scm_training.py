@@ -73,7 +73,7 @@ def test_resume_continues_the_same_trajectory_bit_for_bit(tmp_path, teacher_path
 
 def test_the_tangent_warmup_is_the_schedule_in_place_of_n(tmp_path, teacher_path):
     main("sct", scm_argv("sct", tmp_path, teacher_path, total_training_steps=4, tangent_warmup_steps=2))
-    assert [float(r["num_scales"]) for r in read_progress(tmp_path)] == [0.0, 0.5, 1.0, 1.0]
+    assert [float(r["tangent_warmup"]) for r in read_progress(tmp_path)] == [0.0, 0.5, 1.0, 1.0]
 
 
 def test_image_sample_samples_a_trained_checkpoint(tmp_path, teacher_path):

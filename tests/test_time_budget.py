@@ -129,8 +129,9 @@ def test_a_budgeted_run_ends_within_its_budget_with_schedules_replanned(tmp_path
     assert 5 < loop.step == loop.total_training_steps == loop.lr_anneal_steps < 5000
     assert loop.opt.param_groups[0]["lr"] == 0.0  # the decay ended with the planned run
     if mode != "edm":
-        assert loop.ema_scale_fn(0)[1] == 3 and loop.ema_scale_fn(loop.step - 1)[1] == CT_SCHEDULE["end_scales"] + 1
-        assert loop.ema_scale_fn(loop.step // 2)[1] < CT_SCHEDULE["end_scales"] + 1  # doubling over the planned run
+        scales = [loop.schedule_fn(k)["num_scales"] for k in (0, loop.step // 2, loop.step - 1)]
+        assert scales[0] == 3 and scales[2] == CT_SCHEDULE["end_scales"] + 1
+        assert scales[1] < CT_SCHEDULE["end_scales"] + 1  # doubling over the planned run
     log = (tmp_path / "log.txt").read_text()
     assert "time budget: step" in log and "final plan" in log
     state = torch.load(tmp_path / f"state{loop.step:06d}.pt", weights_only=False)

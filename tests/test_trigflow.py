@@ -10,25 +10,27 @@ import torch
 from cm.karras_diffusion import KarrasDenoiser
 from cm.nn import mean_flat
 from cm.sampling import karras_sample
+from cm.modes.scm import (
+    normalize_tangent,
+    scm_losses,
+    scm_tangent,
+    tangent_warmup,
+    trigflow_jvp,
+    trigflow_t_lognormal,
+)
+from cm.networks import LogVarianceHead
 from cm.trigflow import (
     T_MID,
-    LogVarianceHead,
     TrigFlowDenoiser,
     edm_to_trigflow,
-    normalize_tangent,
     output_from_denoised,
     sample_trigflow,
     sample_trigflow_onestep,
     sample_trigflow_twostep,
-    scm_losses,
-    scm_tangent,
     sigma_to_t,
     t_to_sigma,
-    tangent_warmup,
     trigflow_f,
-    trigflow_jvp,
     trigflow_sigmas,
-    trigflow_t_lognormal,
     trigflow_to_edm,
     trigflow_velocity,
     trigflow_x_t,

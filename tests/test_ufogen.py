@@ -9,7 +9,7 @@ import torch
 from cm.karras_diffusion import KarrasDenoiser
 from cm.config import resolve_model_config
 from cm.train_cli import create_argparser, main
-from cm.ufogen import (
+from cm.modes.ufogen import (
     build_discriminator,
     forward_marginal,
     forward_transition,

@@ -20,8 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dist_util, logger
+from ..flags import flag_rows
+from ..networks import create_model
+from ..nn import append_dims, linear, mean_flat, noise_conditioning, normalization, timestep_embedding, zero_module
+from .base import TrainingMode
+from .consistency import consistency_schedule
 from .lcm import sample_skip_sigmas
-from .nn import append_dims, linear, mean_flat, noise_conditioning, normalization, timestep_embedding, zero_module
 
 UFOGEN_STEPS = ("marginal", "posterior")
 DISC_GRAD_CLIP = 1.0  # UFOGen's code clips the discriminator's gradient norm to 1
@@ -104,8 +109,6 @@ class NoiseLevelDiscriminator(nn.Module):
 
 def build_discriminator(network):
     """The discriminator of a generator with these network flags (ADM UNet only; no dropout)."""
-    from .script_util import create_model
-
     if network.get("model_type", "adm") != "adm":
         raise ValueError("UFOGen's discriminator is the encoder of the ADM UNet; use --model_type adm")
     unet = create_model(**{**network, "dropout": 0.0, "guidance_embed": False, "logvar_channels": 0})
@@ -114,8 +117,6 @@ def build_discriminator(network):
 
 def load_encoder_weights(discriminator, path):
     """Copy the parameters the discriminator shares with a UNet checkpoint (same names and shapes); returns how many."""
-    from . import dist_util
-
     source = dist_util.load_state_dict(path, map_location="cpu")
     own = discriminator.state_dict()
     shared = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
@@ -165,8 +166,6 @@ class UFOGenLoss:
 
     def update_discriminator(self, real, fake, sigma, model_kwargs):
         """One discriminator step on softplus(-D(real)) + softplus(D(fake)), in float32; returns its loss."""
-        from . import dist_util
-
         self.discriminator.requires_grad_(True)
         with torch.autocast(real.device.type, enabled=False):
             loss = F.softplus(-self.discriminate(real.float(), sigma.float(), model_kwargs)).mean()
@@ -183,8 +182,8 @@ class UFOGenLoss:
         self.discriminator.requires_grad_(False)
         return loss.detach()
 
-    def __call__(self, model, x_start, model_kwargs, num_scales):
-        batch = x_start.shape[0]
+    def __call__(self, model, x_start, model_kwargs, schedule):
+        batch, num_scales = x_start.shape[0], schedule["num_scales"]
         # a real pair: x_s ~ q(x_s | x_0), x_t ~ q(x_t | x_s), s k grid points below t
         t, s = sample_skip_sigmas(self.diffusion, num_scales, self.t_skip, batch, x_start.device, x_start.dtype)
         x_s = forward_marginal(x_start, s, torch.randn_like(x_start))
@@ -202,11 +201,9 @@ class UFOGenLoss:
         return terms, loss.new_ones(loss.shape)
 
 
-def bind_ufogen(diffusion, context):
+def bind_ufogen_loss(diffusion, context):
     """The UFOGen loss of a run: its discriminator built from the run's network flags (from the teacher's encoder
     with disc_init teacher) on this rank's device, the same on every rank, and its Adam optimizer."""
-    from . import dist_util, logger
-
     config = context.config
     if not config:
         raise ValueError("ufogen builds its discriminator from the run's resolved configuration (cm.config); "
@@ -223,3 +220,33 @@ def bind_ufogen(diffusion, context):
         diffusion, discriminator, optimizer, step=options["ufogen_step"], t_skip=options["ufogen_t_skip"],
         adv_weight=options["ufogen_adv_weight"], rec_weight=options["ufogen_rec_weight"],
     )
+
+
+# ----- flags and the mode ------------------------------------------------------------------------------------------
+
+FLAGS = flag_rows(
+    "ufogen",
+    ("ufogen_step", "marginal", "UFOGen generator step to x'_(t-1): marginal q(x_(t-1) | x'_0) (UFOGen) or "
+     "posterior q(x_(t-1) | x_t, x'_0) (DDGAN / SIDDM)", UFOGEN_STEPS),
+    ("ufogen_t_skip", 1, "UFOGen: grid points between x_t and x_(t-1)", None),
+    ("ufogen_adv_weight", 1.0, "UFOGen: weight of the generator's adversarial term", None),
+    ("ufogen_rec_weight", 1.0, "UFOGen: weight of the reconstruction term gamma_t ||x_0 - x'_0||^2, gamma_t "
+     "the --weight_schedule weight of sigma_t (snr: the epsilon loss of UFOGen's code; karras: EDM's loss)", None),
+    ("disc_lr", 1e-4, "UFOGen: discriminator learning rate (Adam, betas 0 and 0.999, gradients clipped to 1)", None),
+    ("disc_init", "teacher", "UFOGen discriminator start: teacher (the encoder half of --teacher_model_path, "
+     "as UFOGen starts from the diffusion model) or random", ("teacher", "random")),
+)
+
+MODES = (
+    TrainingMode(
+        name="ufogen",
+        description="UFOGen (Xu et al. 2023): a one-step diffusion-GAN generator initialised from an EDM teacher "
+        "(cm.modes.ufogen)",
+        bind_loss=bind_ufogen_loss,
+        loss_groups=("ufogen",),
+        teacher="required",  # the EDM checkpoint generator (and discriminator encoder) start from
+        uses_distance=False,
+        make_schedule=consistency_schedule,
+        samplers=("onestep", "lcm"),
+    ),
+)

@@ -10,17 +10,15 @@ with w(t, r) = 1 / (t - r) (weight_schedule ict) and d the adaptive-weighting di
 (pseudo-Huber with constant c). There is no target network: the r pass is the online network under
 stop-gradient with the online pass's dropout masks. Stages advance every so many images or steps, each
 shrinking dt / t by q, so the objective moves from diffusion-like (large dt) to consistency (dt -> 0).
-The schedule hands the loss N(k) = q^(stage + 1) where the other modes get their discretisation N(k).
+The schedule's values are the stage and N(k) = q^(stage + 1), the factor by which dt / t has shrunk.
 """
 
-import math
-
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from . import logger
-from .nn import append_dims
-from .random_util import DeviceRNG
+from ..flags import flag_rows
+from ..nn import append_dims
+from ..random_util import DeviceRNG
+from .base import QuickstartPlan, TrainingMode, consistency_pair, unweighted, unwrap_ddp
 
 MAPPINGS = ("sigmoid", "const")
 
@@ -31,11 +29,6 @@ MAPPINGS = ("sigmoid", "const")
 def ect_num_scales(stage, q):
     """N(k) = q^(stage + 1): the factor by which ECT's dt / t has shrunk at `stage` (dt = t n(t) / N)."""
     return q ** (stage + 1)
-
-
-def ect_stage_of(num_scales, q):
-    """The stage whose N(k) is num_scales (inverse of ect_num_scales)."""
-    return round(math.log(num_scales, q)) - 1
 
 
 def ect_n(t, mapping="sigmoid", k=8.0, b=1.0):
@@ -72,8 +65,8 @@ def ect_stage_fn(ect_stage_images=0, ect_stage_steps=0, ect_stages=8, total_step
 
 
 def create_ect_schedule(ect_q, ect_stage_images=0, ect_stage_steps=0, ect_stages=8, total_steps=0, images_per_step=1):
-    """step -> (mu(k), N(k)) = (0, q^(stage + 1)): no target network (stop-gradient of the online one), dt / t shrinking
-    by q each stage.
+    """step -> {"ect_stage": stage, "num_scales": q^(stage + 1)}: dt / t shrinks by q each stage (there is no target
+    network: the r pass is the online network under stop-gradient).
 
     :param ect_q: q, the integer factor by which dt shrinks each stage (ECT: 2; its one-hour run 256).
     :param ect_stage_images: images per stage over all ranks (0: not in images).
@@ -85,7 +78,12 @@ def create_ect_schedule(ect_q, ect_stage_images=0, ect_stage_steps=0, ect_stages
     if int(ect_q) != ect_q or ect_q < 2:
         raise ValueError(f"ect_q must be an integer >= 2, got {ect_q}")
     stage_of_step = ect_stage_fn(ect_stage_images, ect_stage_steps, ect_stages, total_steps, images_per_step)
-    return lambda step: (0.0, ect_num_scales(stage_of_step(step), int(ect_q)))
+
+    def values(step):
+        stage = stage_of_step(step)
+        return {"ect_stage": stage, "num_scales": ect_num_scales(stage, int(ect_q))}
+
+    return values
 
 
 # ----- the loss ----------------------------------------------------------------------------------
@@ -111,11 +109,6 @@ def adaptive_distance(x, y, c=0.0, p=0.5):
     return ((squared + c**2) ** power - c ** (2 * power)) / (2 * power)
 
 
-def _without_ddp(model):
-    """The module inside a DistributedDataParallel wrapper (the no-gradient pass needs no gradient sync)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def ect_losses(diffusion, model, x_start, num_scales, model_kwargs=None, mapping="sigmoid", k=8.0, b=1.0, c=0.0, p=0.5,
                t=None, noise=None, rng=None):
     """ECT's loss w(t, r) d(f_theta(x + t z, t), sg[f_theta(x + r z, r)]) with f(x, r) = x for r <= sigma_min.
@@ -134,17 +127,16 @@ def ect_losses(diffusion, model, x_start, num_scales, model_kwargs=None, mapping
     r = ect_r(t, num_scales, mapping, k, b)
     boundary = r <= diffusion.sigma_min
 
-    # online pass at (x + t z, t), remembering the dropout randomness
-    rng_state = rng.get_state()
-    online = diffusion.denoise(model, x_start + append_dims(t, dims) * noise, t, **model_kwargs)[1]
-
-    with torch.no_grad():
+    def at_r():
         # the same network at (x + r z, r) with the same dropout masks; at the boundary the data itself
         x_r = x_start + append_dims(r, dims) * noise
-        with rng.replaying(rng_state):
-            at_r = diffusion.denoise(_without_ddp(model), x_r, r.clamp(min=diffusion.sigma_min), **model_kwargs)[1]
-        target = torch.where(append_dims(boundary, dims), x_start, at_r.to(x_start.dtype))
+        value = diffusion.denoise(unwrap_ddp(model), x_r, r.clamp(min=diffusion.sigma_min), **model_kwargs)[1]
+        return torch.where(append_dims(boundary, dims), x_start, value.to(x_start.dtype))
 
+    online, target = consistency_pair(
+        rng, online=lambda: diffusion.denoise(model, x_start + append_dims(t, dims) * noise, t, **model_kwargs)[1],
+        target=at_r,
+    )
     loss = adaptive_distance(online, target, c, p) * diffusion.loss_weights(t, r)
     return {"loss": loss, "sigma": t, "dt_over_t": (t - r) / t}
 
@@ -159,15 +151,63 @@ def check_ect_config(config):
 
 
 def bind_ect_loss(diffusion, context):
-    """ECT (consistency_tuning) bound to the mode's options (cm.flags groups "ect" and "ect_schedule"); logs the stage."""
+    """ECT bound to the mode's options (flag groups "ect" and "ect_schedule")."""
     options = context.options
-    q = int(options["ect_q"])
     settings = dict(mapping=options["ect_mapping"], k=options["ect_k"], b=options["ect_b"], c=options["ect_c"],
                     p=options["ect_adaptive_p"])
 
-    def loss(model, x_start, model_kwargs, num_scales):
-        logger.logkv("ect_stage", ect_stage_of(num_scales, q))
-        terms = ect_losses(diffusion, model, x_start, num_scales, model_kwargs, **settings)
-        return terms, torch.ones_like(terms["loss"])
+    def loss(model, x_start, model_kwargs, schedule):
+        terms = ect_losses(diffusion, model, x_start, schedule["num_scales"], model_kwargs, **settings)
+        return unweighted(terms)
 
     return loss
+
+
+# ----- flags and the mode ------------------------------------------------------------------------------------------
+
+FLAGS = (
+    *flag_rows(
+        "ect",
+        ("ect_mapping", "sigmoid", "ECT mapping r = t (1 - n(t) / q^(stage+1)): sigmoid n(t) = 1 + k sigmoid(-b t) "
+         "(ECT's), const n(t) = 1; t ~ lognormal(--p_mean, --p_std)", MAPPINGS),
+        ("ect_k", 8.0, "ECT sigmoid mapping: k (ECT: 8)", None),
+        ("ect_b", 1.0, "ECT sigmoid mapping: b (ECT: 1)", None),
+        ("ect_c", 0.0, "ECT distance sqrt(||f_t - f_r||^2 + c^2) - c (pseudo-Huber): c (0: the l2 norm, ECT's "
+         "CIFAR-10 setting)", None),
+        ("ect_adaptive_p", 0.5, "ECT adaptive weighting (||f_t - f_r||^2 + c^2)^-p: p in [0, 1] (0.5: the "
+         "pseudo-Huber distance, ECT's; 0: squared l2; 1: Cauchy, needs ect_c > 0)", None),
+    ),
+    *flag_rows(
+        "ect_schedule",
+        ("ect_q", 2, "ECT: dt / t shrinks by this integer factor each stage, N(k) = q^(stage+1) (ECT: 2; its "
+         "one-hour run 256)", None),
+        ("ect_stage_images", 0, "ECT stage length in images over all ranks (ECT on CIFAR-10: 3200000; 0: not in "
+         "images)", None),
+        ("ect_stage_steps", 0, "ECT stage length in steps (0: not in steps)", None),
+        ("ect_stages", 8, "ECT: number of stages over total_training_steps when no stage length is given", None),
+    ),
+)
+
+MODES = (
+    TrainingMode(
+        name="consistency_tuning",
+        description="easy consistency tuning (ECT, Geng et al. 2025) of a pretrained EDM network (cm.modes.ect)",
+        bind_loss=bind_ect_loss,
+        loss_groups=("ect", "ect_schedule"),
+        teacher="required",  # the EDM checkpoint the student starts from; no teacher network runs in the loss
+        uses_distance=False,
+        boundary_condition=True,
+        schedule_groups=("ect_schedule",),
+        make_schedule=create_ect_schedule,
+        schedule_in_images=True,
+        check_config=check_ect_config,
+        flag_defaults=dict(  # ECT's CIFAR-10 run (locuslab/ect run_ecm.sh): batch 128, 200k steps, and with
+            weight_schedule="ict",  # the table's 8 stages over the run, 3.2M images per stage
+            global_batch_size=128,
+            lr=1e-4,
+            total_training_steps=200000,
+        ),
+        quickstart=QuickstartPlan("ect", (("EDM", "digits_edm.yaml", "edm"), ("ECT", "digits_ect.yaml",
+                                                                             "consistency_tuning"))),
+    ),
+)

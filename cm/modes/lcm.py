@@ -19,12 +19,15 @@ from functools import partial
 
 import torch
 
-from .guidance import guided_denoiser, null_label, takes_guidance
-from .nn import append_dims
-from .random_util import DeviceRNG
-from .sampling import euler_step, heun_step
+from ..flags import flag_rows
+from ..guidance import guided_denoiser, null_label, takes_guidance
+from ..karras_diffusion import KarrasDenoiser
+from ..nn import append_dims
+from ..random_util import DeviceRNG
+from .base import TrainingMode, consistency_pair
+from .consistency import TEACHER_SOLVERS, consistency_schedule, grid_loss
 
-SOLVERS = {"heun": heun_step, "euler": euler_step}
+LCM_TEACHER_SOLVER = "euler"  # LCM's DDIM step
 
 
 def sample_skip_sigmas(diffusion, num_scales, skip, batch_size, device, dtype=torch.float32):
@@ -42,9 +45,9 @@ def sample_guidance_scales(batch_size, w_min, w_max, device):
     return w_min + (w_max - w_min) * torch.rand(batch_size, device=device)
 
 
-def teacher_jump(denoiser, x, t, t_next, solver="euler"):
+def teacher_jump(denoiser, x, t, t_next, solver=LCM_TEACHER_SOLVER):
     """One solver step of the (guided) PF-ODE from t_n to t_(n+k) (LCM's skipping-step teacher; euler = DDIM)."""
-    return SOLVERS[solver](denoiser, x, t, t_next)
+    return TEACHER_SOLVERS[solver](denoiser, x, t, t_next)
 
 
 def lcm_losses(
@@ -59,7 +62,7 @@ def lcm_losses(
     skip_steps=1,
     w_min=1.0,
     w_max=1.0,
-    teacher_solver="euler",
+    teacher_solver=LCM_TEACHER_SOLVER,
     noise=None,
     rng=None,
 ):
@@ -73,7 +76,6 @@ def lcm_losses(
         raise ValueError("lcm_losses needs a target_model (the EMA network)")
     model_kwargs = {} if model_kwargs is None else model_kwargs
     noise = torch.randn_like(x_start) if noise is None else noise
-    rng = rng or DeviceRNG(x_start.device)
 
     # noise levels k grid points apart, a guidance scale per sample, the data noised to t_n
     t, t_next = sample_skip_sigmas(diffusion, num_scales, skip_steps, x_start.shape[0], x_start.device, x_start.dtype)
@@ -83,25 +85,24 @@ def lcm_losses(
         student_kwargs = {**model_kwargs, "guidance": w if torch.is_tensor(w) else x_start.new_full(t.shape, w)}
     x_t = x_start + noise * append_dims(t, x_start.ndim)
 
-    # online consistency function at (x_(t_n), t_n, w), remembering the dropout randomness
-    rng_state = rng.get_state()
-    online = diffusion.denoise(model, x_t, t, **student_kwargs)[1]
-
-    with torch.no_grad():
+    def jump():
         # the guided teacher jumps k grid steps (LCM), or the same noise at t_(n+k) (LCF)
         if teacher_model is None:
-            x_next = x_start + noise * append_dims(t_next, x_start.ndim)
-        else:
-            teacher = teacher_diffusion or diffusion
+            return x_start + noise * append_dims(t_next, x_start.ndim)
+        teacher = teacher_diffusion or diffusion
 
-            def denoise(x, sigma, **kwargs):
-                return teacher.denoise(teacher_model, x, sigma, **kwargs)[1]
+        def denoise(x, sigma, **kwargs):
+            return teacher.denoise(teacher_model, x, sigma, **kwargs)[1]
 
-            x_next = teacher_jump(guided_denoiser(denoise, teacher_model, model_kwargs, w), x_t, t, t_next, teacher_solver)
-        # target at (x_next, t_(n+k), w) with the online pass's dropout masks
-        with rng.replaying(rng_state):
-            target = diffusion.denoise(target_model, x_next, t_next, **student_kwargs)[1]
+        return teacher_jump(guided_denoiser(denoise, teacher_model, model_kwargs, w), x_t, t, t_next, teacher_solver)
 
+    # the consistency function at (x_(t_n), t_n, w) and the target at (x_next, t_(n+k), w), same dropout masks
+    online, target = consistency_pair(
+        rng or DeviceRNG(x_start.device),
+        online=lambda: diffusion.denoise(model, x_t, t, **student_kwargs)[1],
+        target=lambda x_next: diffusion.denoise(target_model, x_next, t_next, **student_kwargs)[1],
+        target_input=jump,
+    )
     loss = diffusion.distance(online, target) * diffusion.loss_weights(t, t_next)
     return {"loss": loss, "sigma": t}
 
@@ -123,13 +124,13 @@ def check_lcm_options(config):
                          "class: --class_cond true --null_class true")
 
 
-def bind_lcm(diffusion, context):
+def bind_lcm_loss(diffusion, context):
     """The LCM (teacher in the loss) or LCF (none) loss bound to the loop's networks and the lcm flag group."""
     options = context.options
     guided = (options["w_min"], options["w_max"]) != (1.0, 1.0)
     if guided and context.teacher_model is not None:
         null_label(context.teacher_model)  # a teacher without a null class stops here, in one line
-    method = partial(
+    return grid_loss(partial(
         lcm_losses,
         diffusion,
         target_model=context.target_model,
@@ -138,11 +139,61 @@ def bind_lcm(diffusion, context):
         skip_steps=options["skip_steps"],
         w_min=options["w_min"],
         w_max=options["w_max"],
-        teacher_solver=context.teacher_solver,
-    )
+        teacher_solver=context.teacher_solver or LCM_TEACHER_SOLVER,
+    ))
 
-    def loss(model, x_start, model_kwargs, num_scales):
-        terms = method(model, x_start, num_scales, model_kwargs=model_kwargs)
-        return terms, terms["loss"].new_ones(terms["loss"].shape)
 
-    return loss
+def lcm_denoiser(**denoiser_config):
+    """KarrasDenoiser with LCM's boundary-condition scalings (c_skip x + c_out D(x), f(x, sigma_min) = x)."""
+    return KarrasDenoiser(**denoiser_config, distillation=True, boundary_scalings="lcm")
+
+
+# ----- flags and the modes ------------------------------------------------------------------------------------------
+
+FLAGS = (
+    *flag_rows(
+        "lcm",
+        ("skip_steps", 1, "LCM skipping step k: the teacher jumps from grid index n to n + k in one solver step", None),
+        ("w_min", 1.0, "LCM: smallest guidance scale w drawn per sample (1 = conditional teacher, no guidance)", None),
+        ("w_max", 1.0, "LCM: largest guidance scale w drawn per sample", None),
+    ),
+    # an option of KarrasDenoiser's "lcm" boundary scalings, which sampling needs as well
+    *flag_rows(
+        "denoiser",
+        ("lcm_timestep_scaling", 10.0, "LCM boundary scalings: c_skip = sd^2/(s^2+sd^2), c_out = s/sqrt(s^2+sd^2) "
+         "with s = this * (sigma - sigma_min) (LCM's timestep_scaling)", None),
+        scripts=("train", "sample"),
+    ),
+)
+
+LCM_ENTRY = dict(  # what lcm and lcf share
+    bind_loss=bind_lcm_loss,
+    loss_groups=("lcm",),
+    teacher="required",
+    target=True,
+    boundary_condition=True,
+    make_schedule=consistency_schedule,
+    make_denoiser=lcm_denoiser,
+    samplers=("onestep", "lcm"),
+    check_config=check_lcm_options,
+)
+
+MODES = (
+    TrainingMode(
+        name="lcm",
+        description="latent consistency distillation (Luo et al. 2023): a guided EDM teacher jumps k grid steps, "
+        "the student takes the guidance scale w (cm.modes.lcm)",
+        teacher_in_loss=True,
+        teacher_network=dict(guidance_embed=False),
+        flag_defaults=dict(start_ema=0.95, weight_schedule="uniform", loss_norm="huber",
+                           teacher_solver=LCM_TEACHER_SOLVER),
+        **LCM_ENTRY,
+    ),
+    TrainingMode(
+        name="lcf",
+        description="latent consistency fine-tuning (Luo et al. 2023): the LCM given as --teacher_model_path trained "
+        "on new data by the same consistency loss, without a teacher (cm.modes.lcm)",
+        flag_defaults=dict(start_ema=0.95, weight_schedule="uniform", loss_norm="huber"),
+        **LCM_ENTRY,  # teacher: the trained LCM the student starts from; no teacher runs in the loss
+    ),
+)

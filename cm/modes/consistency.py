@@ -1,0 +1,186 @@
+"""Consistency distillation and training (CM paper: Song, Dhariwal, Chen & Sutskever 2023, Alg. 2 and 3) and
+progressive distillation (Salimans & Ho 2022) on the Karras grid.
+
+Notation: the N-point grid t_0 = sigma_max > ... > t_(N-1) = sigma_min, x_t = x + t z, and the consistency
+function f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with f(x, sigma_min) = x. One step:
+
+    n ~ U{0..N-2} (or iCT's lognormal over the grid),   x_n = x + t_n z,
+    CD: x_hat = one Heun (or Euler) step of the teacher's PF-ODE from (x_n, t_n) to t_(n+1)
+    CT: x_hat = x + t_(n+1) z                              (the exact step for the same z)
+    loss = lambda(t_n) d(f_theta(x_n, t_n), f_theta-(x_hat, t_(n+1))),
+
+with theta- the target network, an EMA of theta with decay mu(k), and N(k), mu(k) from cm.schedules (the CM
+paper's fixed / progressive / adaptive schedules, iCT's exponential curriculum). Progressive distillation
+trains one student step t -> t_next to land where two teacher Euler steps land, halving N each stage.
+"""
+
+from functools import partial
+
+import torch
+
+from ..errors import check_choice
+from ..nn import append_dims
+from ..random_util import DeviceRNG
+from ..sampling import euler_step, heun_step
+from ..schedules import create_ema_and_scales_fn
+from .base import QuickstartPlan, TrainingMode, consistency_pair, unweighted
+
+TEACHER_SOLVERS = {"heun": heun_step, "euler": euler_step}
+DEFAULT_TEACHER_SOLVER = "heun"  # the --teacher_solver default: the CM paper's Heun step
+
+
+# ----- the schedule ---------------------------------------------------------------------------------------------
+
+
+def named_schedule(ema_scale_fn):
+    """The reference's step -> (mu(k), N(k)) as named values, {"target_ema": mu(k), "num_scales": N(k)}."""
+
+    def values(step):
+        target_ema, num_scales = ema_scale_fn(step)
+        return {"target_ema": target_ema, "num_scales": num_scales}
+
+    return values
+
+
+def consistency_schedule(**schedule):
+    """step -> {"target_ema": mu(k), "num_scales": N(k)} (cm.schedules.create_ema_and_scales_fn's arguments)."""
+    return named_schedule(create_ema_and_scales_fn(**schedule))
+
+
+# ----- the losses -----------------------------------------------------------------------------------------------
+
+
+def denoiser_of(diffusion, model, model_kwargs):
+    """x -> D(x, sigma) of `model` under `diffusion`'s scalings."""
+    return lambda x, t: diffusion.denoise(model, x, t, **model_kwargs)[1]
+
+
+def consistency_losses(diffusion, model, x_start, num_scales, model_kwargs=None, target_model=None, teacher_model=None,
+                       teacher_diffusion=None, noise=None, teacher_solver=DEFAULT_TEACHER_SOLVER, rng=None):
+    """CD (CM paper Alg. 2) with a teacher, CT (Alg. 3) without: lambda(t_n) d(f_theta(x_n, t_n),
+    f_theta-(x_hat, t_(n+1))). The target pass replays the online pass's dropout randomness (`rng`, a
+    cm.random_util.DeviceRNG; default the device's). Returns {"loss": [B], "sigma": t_n}."""
+    if target_model is None:
+        raise ValueError("consistency_losses needs a target_model (the EMA / stop-gradient network)")
+    check_choice("teacher_solver", teacher_solver, tuple(TEACHER_SOLVERS))
+    model_kwargs = {} if model_kwargs is None else model_kwargs
+    noise = torch.randn_like(x_start) if noise is None else noise
+    dims = x_start.ndim
+
+    # adjacent noise levels t_n > t_(n+1), the data noised to t_n
+    t, t_next = diffusion.sample_adjacent_sigmas(num_scales, x_start.shape[0], x_start.device, x_start.dtype)
+    x_t = x_start + noise * append_dims(t, dims)
+
+    def step_to_t_next():
+        # one ODE step to t_(n+1): the teacher's (CD) or the exact one for the same noise (CT)
+        if teacher_model is None:
+            return x_start + noise * append_dims(t_next, dims)
+        teacher = denoiser_of(teacher_diffusion or diffusion, teacher_model, model_kwargs)
+        return TEACHER_SOLVERS[teacher_solver](teacher, x_t, t, t_next)
+
+    online, target = consistency_pair(
+        rng or DeviceRNG(x_start.device),
+        online=lambda: diffusion.denoise(model, x_t, t, **model_kwargs)[1],
+        target=lambda x_next: diffusion.denoise(target_model, x_next, t_next, **model_kwargs)[1],
+        target_input=step_to_t_next,
+    )
+    loss = diffusion.distance(online, target) * diffusion.loss_weights(t, t_next)
+    return {"loss": loss, "sigma": t}
+
+
+def progdist_losses(diffusion, model, x_start, num_scales, model_kwargs=None, teacher_model=None,
+                    teacher_diffusion=None, noise=None):
+    """Progressive distillation (Salimans & Ho 2022) on the Karras grid: with t, t_mid, t_next at grid indices n,
+    n + 1/2, n + 1 of a num_scales-step grid, the teacher takes two Euler (DDIM) steps t -> t_mid -> t_next; the
+    student's target is the x0 whose single Euler step from (x_t, t) lands on the same point.
+    Returns {"loss": [B], "sigma": t}."""
+    if teacher_model is None:
+        raise ValueError("progdist_losses needs a teacher_model")
+    model_kwargs = {} if model_kwargs is None else model_kwargs
+    noise = torch.randn_like(x_start) if noise is None else noise
+    dims = x_start.ndim
+
+    indices = torch.randint(0, num_scales, (x_start.shape[0],), device=x_start.device)
+
+    def grid(i):
+        return diffusion.karras_sigmas(i, num_scales + 1).to(x_start.dtype)
+
+    t, t_mid, t_next = grid(indices), grid(indices + 0.5), grid(indices + 1)
+    x_t = x_start + noise * append_dims(t, dims)
+
+    denoised = diffusion.denoise(model, x_t, t, **model_kwargs)[1]
+    with torch.no_grad():
+        # two teacher Euler steps, then the x0 that one step from (x_t, t) would need
+        teacher = denoiser_of(teacher_diffusion or diffusion, teacher_model, model_kwargs)
+        x_mid = euler_step(teacher, x_t, t, t_mid)
+        x_next = euler_step(teacher, x_mid, t_mid, t_next)
+        target = x_t - append_dims(t, dims) * (x_next - x_t) / append_dims(t_next - t, dims)
+
+    loss = diffusion.distance(denoised, target) * diffusion.loss_weights(t)
+    return {"loss": loss, "sigma": t}
+
+
+# ----- binders and the modes ------------------------------------------------------------------------------------
+
+
+def grid_loss(method):
+    """A bound loss on the schedule's grid: method(model, x, N(k), model_kwargs=...) per micro-batch, weights one."""
+
+    def loss(model, x_start, model_kwargs, schedule):
+        return unweighted(method(model, x_start, schedule["num_scales"], model_kwargs=model_kwargs))
+
+    return loss
+
+
+def bind_consistency_loss(diffusion, context):
+    """CD (the loop has a teacher) or CT (none), bound to the loop's target, teacher and solver, through the
+    denoiser's `consistency_losses` (the reference's method, which a subclass may override)."""
+    return grid_loss(partial(diffusion.consistency_losses, target_model=context.target_model,
+                             teacher_model=context.teacher_model, teacher_diffusion=context.teacher_diffusion,
+                             teacher_solver=context.teacher_solver or DEFAULT_TEACHER_SOLVER))
+
+
+def bind_progdist_loss(diffusion, context):
+    """Progressive distillation bound to the loop's teacher (the previous stage's student), through the denoiser's
+    `progdist_losses`."""
+    return grid_loss(partial(diffusion.progdist_losses, teacher_model=context.teacher_model,
+                             teacher_diffusion=context.teacher_diffusion))
+
+
+FLAGS = ()  # the reference's flags (cm.flags: denoiser, schedule, teacher groups) configure these modes
+
+MODES = (
+    TrainingMode(
+        name="consistency_distillation",
+        description="consistency distillation from an EDM teacher (CM paper Alg. 2)",
+        bind_loss=bind_consistency_loss,
+        teacher="required",
+        teacher_in_loss=True,
+        target=True,
+        boundary_condition=True,
+        make_schedule=consistency_schedule,
+        quickstart=QuickstartPlan("cd", (("EDM", "digits_edm.yaml", "edm"),
+                                         ("CD", "digits_cd.yaml", "consistency_distillation"))),
+    ),
+    TrainingMode(
+        name="consistency_training",
+        description="consistency training from data alone (CM paper Alg. 3)",
+        bind_loss=bind_consistency_loss,
+        teacher="optional",
+        target=True,
+        boundary_condition=True,
+        make_schedule=consistency_schedule,
+        flag_defaults=dict(target_ema_mode="adaptive", scale_mode="progressive", start_ema=0.95, start_scales=2,
+                           end_scales=200, total_training_steps=800000),
+        quickstart=QuickstartPlan("ct", (("CT", "digits_ct.yaml", "consistency_training"),)),
+    ),
+    TrainingMode(
+        name="progdist",
+        description="progressive distillation (Salimans & Ho 2022) on the Karras grid",
+        bind_loss=bind_progdist_loss,
+        teacher="required",
+        teacher_in_loss=True,
+        promotes_student=True,
+        make_schedule=consistency_schedule,
+    ),
+)
