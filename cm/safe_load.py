@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import torch
 
+from .errors import CheckpointError
+
 SAFE_TORCH_LOAD = (2, 6)  # first torch whose weights_only unpickler has no known way to run code
 ALLOW_UNVERIFIED_WEIGHTS_ENV = "CM_ALLOW_UNVERIFIED_WEIGHTS"
 _HASH_CHUNK = 1 << 22
@@ -88,11 +90,11 @@ def torch_version_tuple(version=None):
 def check_torch_load_is_safe(path, version=None):
     """Refuse to torch.load `path` on a torch older than 2.6, whose weights_only loading can run code.
 
-    :raises RuntimeError: one line naming the file, the installed torch and the ways out.
+    :raises CheckpointError: one line naming the file, the installed torch and the ways out.
     """
     if torch_version_tuple(version) >= SAFE_TORCH_LOAD:
         return
-    raise RuntimeError(
+    raise CheckpointError(
         f"refusing to load {path}: torch {version or torch.__version__} can run code hidden in a .pt file even with "
         f"weights_only=True (CVE-2025-32434, fixed in torch {SAFE_TORCH_LOAD[0]}.{SAFE_TORCH_LOAD[1]}); upgrade "
         "torch (pip install 'torch>=2.6'), or load a .safetensors file, which still works"

@@ -499,6 +499,10 @@ def create_argparser():
     parser.add_argument("--inception_weights", default=None,
                         help=f"FID Inception weights file (pt_inception-2015-12-05-6726825d.pth); default "
                              f"${INCEPTION_WEIGHTS_ENV}, then the torch hub cache")
+    parser.add_argument("--allow_unverified_weights", action="store_true",
+                        help="use an Inception weights file whose SHA256 is not that of the published "
+                             "pt_inception-2015-12-05-6726825d.pth (e.g. the reference's inception-2015-12-05.pt); "
+                             "the numbers may then differ from published ones")
     parser.add_argument("--random_weights", action="store_true",
                         help="random Inception weights (tests and timing only: the numbers mean nothing)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -531,7 +535,8 @@ def main(argv=None):
 
     try:
         device = resolve_device(args.device)
-        model = load_inception(args.inception_weights, device, pretrained=not args.random_weights)
+        model = load_inception(args.inception_weights, device, pretrained=not args.random_weights,
+                               allow_unverified=args.allow_unverified_weights or None)
         if args.random_weights:
             log("warning: random Inception weights; these numbers are not comparable to any published ones")
         estimator = ManifoldEstimator(args.row_batch_size, args.col_batch_size, device=device, fp16=not args.pr_fp32)

@@ -229,8 +229,9 @@ def test_random_network_feature_shapes(inception):
         torch.testing.assert_close(probs.sum(1), torch.ones(1))
 
 
-def test_layer_names_load_torchvision_layout_weights_strictly(tmp_path, inception):
+def test_layer_names_load_torchvision_layout_weights_strictly(tmp_path, inception, monkeypatch):
     # pytorch-fid's weights file is a state dict of torchvision's Inception3(num_classes=1008, aux_logits=False)
+    monkeypatch.setenv("CM_ALLOW_UNVERIFIED_WEIGHTS", "1")  # random weights under the published name
     layout = Inception3(num_classes=NUM_CLASSES, aux_logits=False, init_weights=False)
     assert set(layout.state_dict()) == set(inception.state_dict())
     path = tmp_path / FID_WEIGHTS_NAME
