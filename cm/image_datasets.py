@@ -187,16 +187,30 @@ def checked_labels(labels, count, path):
 
 
 def list_image_files(data_dir):
-    """Image files under data_dir, recursively, in sorted order; a clear error when there are none."""
+    """Image files under data_dir, recursively, in sorted order; a clear error when there are none.
+
+    Symbolic links to folders are followed, but each real folder is listed once: a link back up the tree
+    (data/loop -> .) or a second link to a folder already listed adds nothing.
+    """
     if not bf.exists(data_dir) or not bf.isdir(data_dir):
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
-    files = _list_recursively(data_dir)
+    files = _list_recursively(data_dir, set())
     if not files:
         raise ValueError(f"data directory {data_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
-def _list_recursively(data_dir):
+def _real_folder(path):
+    """The identity of a folder for loop detection: its resolved path (local), or the URL itself (blob storage)."""
+    return path if "://" in str(path) else os.path.realpath(path)
+
+
+def _list_recursively(data_dir, listed):
+    """Image files under data_dir, skipping folders whose real path is in `listed` (which it extends)."""
+    real = _real_folder(data_dir)
+    if real in listed:
+        return []
+    listed.add(real)
     try:
         entries = sorted(bf.listdir(data_dir))
     except OSError as e:
@@ -208,7 +222,7 @@ def _list_recursively(data_dir):
         if ext in IMAGE_EXTENSIONS:
             results.append(path)
         elif bf.isdir(path):
-            results.extend(_list_recursively(path))
+            results.extend(_list_recursively(path, listed))
     return results
 
 
