@@ -159,6 +159,16 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def all_reduce_sum(values):
+    """The element-wise sum over ranks of a list of ints (the list itself in a single process)."""
+    if not is_distributed():
+        return [int(v) for v in values]
+    total = torch.tensor([int(v) for v in values], dtype=torch.int64,
+                         device=dev() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return [int(v) for v in total.tolist()]
+
+
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not is_distributed():
