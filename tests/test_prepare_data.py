@@ -101,7 +101,8 @@ def test_cifar_tarball_becomes_class_labelled_pngs_that_load_data_reads(tmp_path
 
 def test_runs_resume_and_leave_no_partial_files(tmp_path):
     fake_cifar_tarball(tmp_path / "c.tar.gz")
-    flags = ["--kind", "cifar10", "--source", tmp_path / "c.tar.gz", "--output_dir", tmp_path / "out", "--allow_unverified", "true"]
+    flags = ["--kind", "cifar10", "--source", tmp_path / "c.tar.gz", "--output_dir", tmp_path / "out",
+             "--allow_unverified", "true"]
     first = run(*flags, "--max_images", "4")
     assert first["written"] == 4
     again = run(*flags)
@@ -253,7 +254,8 @@ def test_cifar_batches_built_from_allowed_types_only(tmp_path):
 def test_official_tarball_md5_is_accepted_without_the_flag(tmp_path, monkeypatch, capsys):
     arrays = fake_cifar_tarball(tmp_path / "c.tar.gz", per_batch=1)
     monkeypatch.setattr(prep, "CIFAR10_MD5", prep.file_digest(tmp_path / "c.tar.gz", "md5"))
-    counts = run("--kind", "cifar10", "--split", "test", "--source", tmp_path / "c.tar.gz", "--output_dir", tmp_path / "o")
+    counts = run("--kind", "cifar10", "--split", "test", "--source", tmp_path / "c.tar.gz",
+                 "--output_dir", tmp_path / "o")
     assert counts["written"] == 1 and "warning" not in capsys.readouterr().err
     images, labels = arrays["test_batch"]
     np.testing.assert_array_equal(read(tmp_path / "o" / f"{prep.CIFAR10_CLASSES[labels[0]]}_00000.png"), images[0])

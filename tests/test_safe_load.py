@@ -10,7 +10,8 @@ import torch
 from cm import checkpoint_io, dist_util
 from cm.errors import CheckpointError
 from cm.metrics import VGG16_FILENAME, LPIPSDistance
-from cm.safe_load import ALLOW_UNVERIFIED_WEIGHTS_ENV, check_torch_load_is_safe, torch_version_tuple, verify_known_weights
+from cm.safe_load import (ALLOW_UNVERIFIED_WEIGHTS_ENV, check_torch_load_is_safe, torch_version_tuple,
+                          verify_known_weights)
 from evaluations import evaluator as ev
 from evaluations.inception import FID_WEIGHTS_NAME, load_inception
 
