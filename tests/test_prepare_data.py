@@ -238,6 +238,24 @@ def test_hostile_cifar_pickle_runs_nothing_and_is_one_line(tmp_path, capsys):
     assert not victim.exists()
 
 
+def python2_cifar_pickle(rows, labels):
+    """The opcodes Python 2's cPickle (protocol 2) writes for a CIFAR-10 batch: str keys and data, the array
+    rebuilt by numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype (as in the official files)."""
+    import struct
+
+    def short(b):
+        return b"U" + bytes([len(b)]) + b
+
+    n, width = rows.shape
+    dtype = b"cnumpy\ndtype\n" + short(b"u1") + b"K\x00K\x01\x87R" + (
+        b"(K\x03" + short(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + short(b"b") + b"\x87R"
+             + b"(K\x01" + b"K" + bytes([n]) + b"M" + struct.pack("<H", width) + b"\x86" + dtype + b"\x89"
+             + b"T" + struct.pack("<I", rows.size) + rows.tobytes() + b"tb")
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(" + short(b"data") + array + short(b"labels") + label_list + b"u."
+
+
 def test_cifar_batches_built_from_allowed_types_only(tmp_path):
     rows = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     batch = {b"data": rows, b"labels": [3, 9], b"filenames": [b"a.png", b"b.png"], b"batch_label": b"x"}
@@ -245,6 +263,9 @@ def test_cifar_batches_built_from_allowed_types_only(tmp_path):
         out = prep.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=protocol)), "batch")
         np.testing.assert_array_equal(out[b"data"], rows)
         assert out[b"labels"] == [3, 9] and out[b"filenames"] == [b"a.png", b"b.png"]
+    out = prep.read_cifar_batch(io.BytesIO(python2_cifar_pickle(rows, [3, 9])), "batch")
+    np.testing.assert_array_equal(out[b"data"], rows)
+    assert out[b"labels"] == [3, 9]
     with pytest.raises(ValueError, match="batch refers to builtins.eval"):
         prep.read_cifar_batch(io.BytesIO(b"cbuiltins\neval\n(S'1'\ntR."), "batch")
     with pytest.raises(ValueError, match="not a CIFAR-10 batch"):
