@@ -1,9 +1,10 @@
 from setuptools import find_packages, setup
 
-# Lower bounds are the oldest releases whose APIs the code calls: torch 2.4 added the CPU kernels of
-# Adam/AdamW(fused=True) that cm/train_util.py uses on every device (2.0 already has
-# scaled_dot_product_attention, torch.func.jvp and torch.load(weights_only=True)); torchvision 0.19 is
-# torch 2.4's. CI pins the exact pair in constraints.txt (pip install -e ".[test]" -c constraints.txt).
+# Lower bounds: torch 2.6 is the first release whose torch.load(weights_only=True) has no published way to
+# run code hidden in a checkpoint (CVE-2025-32434 affects <= 2.5.1; cm/safe_load.py refuses .pt files on an
+# older torch at run time); it also has everything the code calls (2.4 added the CPU kernels of the fused
+# Adam/AdamW that cm/train_util.py uses on every device). torchvision 0.21 is torch 2.6's.
+# CI pins the exact pair in constraints.txt (pip install -e ".[test]" -c constraints.txt).
 # The only upper bound is the next major release, so a cluster's own CUDA build of torch is kept.
 MPI = ["mpi4py", "mpich"]
 DIFFUSERS = ["diffusers>=0.22"]  # 0.22: UNet2DModel(dropout=...), which the export passes
@@ -17,8 +18,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cm", "cm.*", "evaluations", "evaluations.*"]),
     install_requires=[
-        "torch>=2.4,<3",
-        "torchvision>=0.19",
+        "torch>=2.6,<3",
+        "torchvision>=0.21",
         "numpy",
         "scipy",
         "lpips",

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from . import checkpoint_io
 from .errors import CheckpointError, PeerFailure, SetupError, first_line
+from .safe_load import check_torch_load_is_safe
 
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 _LOCAL_RANK = 0
@@ -158,6 +159,16 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def all_reduce_sum(values):
+    """The element-wise sum over ranks of a list of ints (the list itself in a single process)."""
+    if not is_distributed():
+        return [int(v) for v in values]
+    total = torch.tensor([int(v) for v in values], dtype=torch.int64,
+                         device=dev() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return [int(v) for v in total.tolist()]
+
+
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not is_distributed():
@@ -177,8 +188,11 @@ def gather_object(obj, dst=0):
 
 
 def load_state_dict(path, **kwargs):
-    """torch.load a (blobfile) path read once on rank 0 and broadcast; always weights_only=True."""
+    """torch.load a (blobfile) path read once on rank 0 and broadcast; always weights_only=True; a .pt file
+    is refused on a torch older than 2.6 (cm.safe_load.check_torch_load_is_safe)."""
     kwargs["weights_only"] = True
+    if not checkpoint_io.is_safetensors(path):
+        check_torch_load_is_safe(path)
     data = None
     if get_rank() == 0:
         try:

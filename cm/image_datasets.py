@@ -55,8 +55,8 @@ def load_data(
     :param random_flip: random horizontal flips.
     :param seed: seed of the shuffle, flips and crops.
     :param on_bad_image: "skip" (warn with the file name, count it, use the next image) or "error".
-    :param max_bad_images: with "skip", stop once more distinct images than this could not be read on a rank:
-        a count when >= 1, a fraction of the image files (rounded up) when below 1; -1: no limit.
+    :param max_bad_images: with "skip", stop once more distinct images than this could not be read, counted over
+        all ranks: a count when >= 1, a fraction of the image files (rounded up) when below 1; -1: no limit.
     :param num_workers: decoding processes for image folders (default: 0 on one core, else 2).
     """
     if on_bad_image not in ("skip", "error"):
@@ -187,16 +187,30 @@ def checked_labels(labels, count, path):
 
 
 def list_image_files(data_dir):
-    """Image files under data_dir, recursively, in sorted order; a clear error when there are none."""
+    """Image files under data_dir, recursively, in sorted order; a clear error when there are none.
+
+    Symbolic links to folders are followed, but each real folder is listed once: a link back up the tree
+    (data/loop -> .) or a second link to a folder already listed adds nothing.
+    """
     if not bf.exists(data_dir) or not bf.isdir(data_dir):
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
-    files = _list_recursively(data_dir)
+    files = _list_recursively(data_dir, set())
     if not files:
         raise ValueError(f"data directory {data_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
-def _list_recursively(data_dir):
+def _real_folder(path):
+    """The identity of a folder for loop detection: its resolved path (local), or the URL itself (blob storage)."""
+    return path if "://" in str(path) else os.path.realpath(path)
+
+
+def _list_recursively(data_dir, listed):
+    """Image files under data_dir, skipping folders whose real path is in `listed` (which it extends)."""
+    real = _real_folder(data_dir)
+    if real in listed:
+        return []
+    listed.add(real)
     try:
         entries = sorted(bf.listdir(data_dir))
     except OSError as e:
@@ -208,7 +222,7 @@ def _list_recursively(data_dir):
         if ext in IMAGE_EXTENSIONS:
             results.append(path)
         elif bf.isdir(path):
-            results.extend(_list_recursively(path))
+            results.extend(_list_recursively(path, listed))
     return results
 
 
@@ -445,9 +459,10 @@ def _worker_batches(loader, plan, files):
 class DataStream:
     """Endless, resumable batches of one rank: iterate with next(); state_dict() records the position.
 
-    Unreadable images skipped by an image-folder source are counted (per epoch, in all, distinct files),
-    logged at the end of each epoch that had any and by log_summary(); more distinct ones than the
-    source's max_bad stop the run with one line.
+    Unreadable images skipped by an image-folder source are counted over all ranks (per epoch, in all,
+    distinct files; every rank holds the union), logged at the end of each epoch that had any and by
+    log_summary(); more distinct ones than the source's max_bad stop every rank with one line. With several
+    ranks that count is one all-reduce per batch, so every rank must draw its batches in step (as training does).
     """
 
     def __init__(self, source, batch_size, class_cond, shuffle, random_flip, seed, num_workers=None):
@@ -471,7 +486,7 @@ class DataStream:
         self.position = 0
         self.skipped_in_epoch = 0
         self.skipped_total = 0
-        self.bad_files = set()  # distinct unreadable files this rank has met
+        self.bad_files = set()  # distinct unreadable files met by any rank
         self._iterator = None
 
     def _epoch_plan(self, epoch):
@@ -504,17 +519,29 @@ class DataStream:
             self._end_epoch()
 
     def _count_skipped(self, skipped):
-        """Count the unreadable files a batch skipped, warn once per file, stop beyond the source's limit."""
-        for path, reason in skipped:
-            if path not in self.bad_files:
-                self.bad_files.add(path)
-                print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
-        self.skipped_in_epoch += len(skipped)
-        self.skipped_total += len(skipped)
+        """Count the unreadable files a batch skipped on every rank, warn once per file (on the rank that met
+        it), stop every rank once more distinct files than the source's limit are unreadable."""
+        new = [(path, reason) for path, reason in dict(skipped).items() if path not in self.bad_files]
+        for path, reason in new:
+            print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
+        new, count = self._over_ranks(new, len(skipped))
+        self.bad_files.update(path for path, _ in new)
+        self.skipped_in_epoch += count
+        self.skipped_total += count
         limit = getattr(self.source, "max_bad", None)
-        if skipped and limit is not None and len(self.bad_files) > limit:
-            path, reason = skipped[-1]
+        if new and limit is not None and len(self.bad_files) > limit:
+            path, reason = new[-1]
             raise DataError(too_many_bad_images(len(self.bad_files), limit, self.source.root, f"{path}: {reason}"))
+
+    def _over_ranks(self, new, count):
+        """(new unreadable files of all ranks, skips of all ranks) from this rank's; a no-op with one rank or a
+        source that never skips. One all-reduce per batch; the file names travel only when there are some."""
+        if self.world_size == 1 or getattr(self.source, "on_bad_image", "error") != "skip":
+            return new, count
+        new_total, count = dist_util.all_reduce_sum([len(new), count])
+        if new_total:
+            new = [item for part in dist_util.all_gather_object(new) for item in part]
+        return new, count
 
     def _end_epoch(self):
         if self.skipped_in_epoch:
@@ -553,7 +580,7 @@ class DataStream:
         return next(self._iterator)
 
     def state_dict(self):
-        """Position of the next batch (identical on every rank) and this rank's unreadable-image counts."""
+        """Position of the next batch and the unreadable-image counts of all ranks (identical on every rank)."""
         return {
             "epoch": self.epoch,
             "position": self.position,

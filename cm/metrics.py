@@ -9,10 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nn import mean_flat
+from .safe_load import check_torch_load_is_safe, verify_known_weights
 
 LOSS_NORMS = ("l1", "l2", "l2-32", "lpips", "pseudo-huber", "huber")
 LPIPS_VGG_ENV = "CM_LPIPS_VGG_PATH"
 VGG16_FILENAME = "vgg16-397923af.pth"
+VGG16_SHA256 = {"397923af": VGG16_FILENAME}  # torchvision's published file: SHA256 prefix in its name
 
 
 def l1(x, y):
@@ -69,8 +71,17 @@ def _vgg16_path(vgg_path):
     )
 
 
+def verified_vgg16_path(vgg_path=None):
+    """The VGG16 weights file to use (_vgg16_path), checked to be torchvision's published one by its SHA256;
+    CM_ALLOW_UNVERIFIED_WEIGHTS=1 accepts another file with a warning."""
+    path = _vgg16_path(vgg_path)
+    verify_known_weights(path, VGG16_SHA256, "torchvision VGG16 ImageNet weights for LPIPS")
+    return path
+
+
 def load_vgg16_into_lpips(lpips_model, path):
     """Copy torchvision VGG16 `features.N.*` weights into an LPIPS model's `net.sliceK.N.*` layers."""
+    check_torch_load_is_safe(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     with torch.no_grad():
         for name, param in lpips_model.net.named_parameters():
@@ -109,7 +120,8 @@ class LPIPSDistance(nn.Module):
     summed over layers; one value per sample. Images smaller than 256 px are first resized bilinearly
     to 224 (as the reference). Computed in float32 outside autocast, as the reference did.
 
-    :param vgg_path: torchvision VGG16 weights file; default from CM_LPIPS_VGG_PATH or the torch hub cache.
+    :param vgg_path: torchvision VGG16 weights file; default from CM_LPIPS_VGG_PATH or the torch hub cache. Its
+        SHA256 must start with 397923af (torchvision's vgg16-397923af.pth) unless CM_ALLOW_UNVERIFIED_WEIGHTS=1.
     :param pretrained: False gives a randomly initialised backbone (tests only: the distance is then
         not perceptual).
     """
@@ -122,7 +134,7 @@ class LPIPSDistance(nn.Module):
             warnings.simplefilter("ignore")
             self.model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if pretrained:
-            load_vgg16_into_lpips(self.model, _vgg16_path(vgg_path))
+            load_vgg16_into_lpips(self.model, verified_vgg16_path(vgg_path))
         replace_max_pooling(self.model.net)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

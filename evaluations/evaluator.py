@@ -6,10 +6,12 @@
     python evaluations/evaluator.py --save_stats cifar10_train/ fid_stats.npz
 
 An .npz input holds `arr_0`, uint8 images [N, H, W, 3] of any size, read in batches, never whole; a folder
-input holds image files (PNG, JPEG, ...; all one size), decoded a batch at a time. An .npz that also holds
+input holds image files (PNG, JPEG, ...; all one size), decoded a batch at a time; an unreadable file stops the
+run with one line naming it (not skipped: the numbers describe every file given). An .npz that also holds
 `mu`, `sigma`, `mu_s`, `sigma_s` (as the released reference batches do) has its FID/sFID statistics taken
 from those arrays, for the samples too (as the reference's read_statistics). A file of only `mu` and `sigma`
 (pytorch-fid --save-stats, EDM fid.py ref) gives FID; sFID, precision and recall need more and print n/a.
+--save_stats refuses to replace an existing file unless --overwrite is given.
 The numbers follow the reference evaluator (TensorFlow Inception graph of 2015-12-05), here run in PyTorch
 on CPU or CUDA; README.md says which other tools' numbers compare with them.
 """
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from evaluations.inception import INCEPTION_WEIGHTS_ENV, load_inception
@@ -141,8 +143,25 @@ class MemoryNpzArrayReader(NpzArrayReader):
         return max(0, self.arr.shape[0] - self.idx)
 
 
+UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_rgb(path):
+    """uint8 RGB array [H, W, 3] of an image file; an unreadable one (empty, truncated, not an image) is a
+    ValueError naming it. Metrics describe exactly the files given, so it is not skipped."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except UNREADABLE_IMAGE_ERRORS as e:
+        raise ValueError(
+            f"cannot read image {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}); "
+            "replace or remove it: the metrics cover every file of the folder"
+        ) from None
+
+
 class ImageFolderReader(NpzArrayReader):
     """uint8 RGB images [n, H, W, 3] from image files, decoded one batch at a time; all must share one size.
+    An unreadable file stops the reading with one line naming it (read_rgb).
 
     :param paths: image files in the order to read them.
     """
@@ -151,14 +170,12 @@ class ImageFolderReader(NpzArrayReader):
         if not paths:
             raise ValueError("no image files to read")
         self.paths = list(paths)
-        with Image.open(self.paths[0]) as first:
-            width, height = first.size
+        height, width = read_rgb(self.paths[0]).shape[:2]
         self.shape, self.dtype = (len(self.paths), height, width, 3), np.dtype(np.uint8)
         self.idx = 0
 
     def _load(self, path):
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        array = read_rgb(path)
         if array.shape != self.shape[1:]:
             raise ValueError(
                 f"{path} is {array.shape[1]}x{array.shape[0]} but {self.paths[0]} is {self.shape[2]}x{self.shape[1]}; "
@@ -301,14 +318,24 @@ def read_reference_statistics(path):
         return pool, (None if fid_only else FIDStatistics(data["mu_s"], data["sigma_s"]))
 
 
-def save_statistics(path, stats):
+def check_statistics_destination(path, overwrite=False):
+    """ValueError unless `path` ends in .npz and, without `overwrite`, does not exist yet (a reference batch
+    given as the second argument by mistake is never replaced)."""
+    if not str(path).endswith(".npz"):
+        raise ValueError(f"statistics file {path} must end in .npz")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists; with --save_stats the second argument is the file written: "
+                         "pass --overwrite to replace it")
+
+
+def save_statistics(path, stats, overwrite=False):
     """Write pool-feature statistics as an .npz of mu and sigma only (pytorch-fid / EDM fid.py layout).
 
     :param path: destination ending in .npz; written to a temporary name, then renamed.
     :param stats: FIDStatistics of the pool_3 features.
+    :param overwrite: replace an existing file (otherwise a ValueError).
     """
-    if not str(path).endswith(".npz"):
-        raise ValueError(f"statistics file {path} must end in .npz")
+    check_statistics_destination(path, overwrite)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         np.savez(f, mu=np.asarray(stats.mu), sigma=np.asarray(stats.sigma))
@@ -461,15 +488,16 @@ class Evaluator:
             sample_stats=sample_stats,
         )
 
-    def write_statistics(self, path, out_path, log=None):
+    def write_statistics(self, path, out_path, log=None, overwrite=False):
         """Write the mu/sigma file (pytorch-fid / EDM layout) of an .npz batch or image folder; returns its stats.
 
         :param path: input .npz (images or statistics) or folder of images.
-        :param out_path: .npz file to write.
+        :param out_path: .npz file to write; an existing one is refused unless `overwrite`.
         :param log: callable taking a status line, or None.
         """
+        check_statistics_destination(out_path, overwrite)
         _, stats = self.read_input(path, "input", log)
-        save_statistics(out_path, stats[0])
+        save_statistics(out_path, stats[0], overwrite)
         return stats[0]
 
 
@@ -496,9 +524,15 @@ def create_argparser():
     parser.add_argument("--save_stats", action="store_true",
                         help="write the mu/sigma statistics of ref_batch to the file sample_batch (the layout "
                              "pytorch-fid --save-stats and EDM fid.py ref read and write) instead of evaluating")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --save_stats, replace an existing statistics file (otherwise refused)")
     parser.add_argument("--inception_weights", default=None,
                         help=f"FID Inception weights file (pt_inception-2015-12-05-6726825d.pth); default "
                              f"${INCEPTION_WEIGHTS_ENV}, then the torch hub cache")
+    parser.add_argument("--allow_unverified_weights", action="store_true",
+                        help="use an Inception weights file whose SHA256 is not that of the published "
+                             "pt_inception-2015-12-05-6726825d.pth (e.g. the reference's inception-2015-12-05.pt); "
+                             "the numbers may then differ from published ones")
     parser.add_argument("--random_weights", action="store_true",
                         help="random Inception weights (tests and timing only: the numbers mean nothing)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -530,14 +564,17 @@ def main(argv=None):
             print(message, file=sys.stderr, flush=True)
 
     try:
+        if args.save_stats:
+            check_statistics_destination(args.sample_batch, args.overwrite)
         device = resolve_device(args.device)
-        model = load_inception(args.inception_weights, device, pretrained=not args.random_weights)
+        model = load_inception(args.inception_weights, device, pretrained=not args.random_weights,
+                               allow_unverified=args.allow_unverified_weights or None)
         if args.random_weights:
             log("warning: random Inception weights; these numbers are not comparable to any published ones")
         estimator = ManifoldEstimator(args.row_batch_size, args.col_batch_size, device=device, fp16=not args.pr_fp32)
         evaluator = Evaluator(model, args.batch_size, device=device, manifold_estimator=estimator, progress=progress)
         if args.save_stats:
-            stats = evaluator.write_statistics(args.ref_batch, args.sample_batch, log)
+            stats = evaluator.write_statistics(args.ref_batch, args.sample_batch, log, args.overwrite)
             print(f"wrote {args.sample_batch}: mu [{len(stats.mu)}], sigma {list(np.shape(stats.sigma))}")
             return 0
         metrics = evaluator.evaluate(args.ref_batch, args.sample_batch, args.split_size, args.fid_method, log)

@@ -17,8 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import inception as tv_inception
 
+from cm.safe_load import check_torch_load_is_safe, verify_known_weights
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
+FID_WEIGHTS_SHA256 = {"6726825d": FID_WEIGHTS_NAME}  # pytorch-fid's release: SHA256 prefix in its name
 OPENAI_WEIGHTS_URL = "https://openaipublic.blob.core.windows.net/consistency/inception/inception-2015-12-05.pt"
 INCEPTION_WEIGHTS_ENV = "CM_INCEPTION_WEIGHTS"
 INPUT_SIZE = 299
@@ -309,19 +312,24 @@ def convert_openai_state_dict(state):
     return out
 
 
-def load_inception(weights_path=None, device="cpu", pretrained=True, seed=0):
+def load_inception(weights_path=None, device="cpu", pretrained=True, seed=0, allow_unverified=None):
     """The FID Inception network in eval mode, fp32.
 
-    :param weights_path: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or the reference's
-        `inception-2015-12-05.pt`); None looks in $CM_INCEPTION_WEIGHTS, then the torch hub cache.
+    :param weights_path: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, checked by its SHA256 (prefix
+        6726825d); None looks in $CM_INCEPTION_WEIGHTS, then the torch hub cache. Another file (such as the
+        reference's `inception-2015-12-05.pt`, which has no published hash) needs allow_unverified.
     :param device: torch device for the network.
     :param pretrained: False gives deterministic random weights (tests and timing only; the numbers are meaningless).
     :param seed: seed of the random weights when pretrained is False.
+    :param allow_unverified: use a weights file of another hash, with a warning (None: $CM_ALLOW_UNVERIFIED_WEIGHTS).
     :return: an FIDInceptionV3.
     """
     model = FIDInceptionV3()
     if pretrained:
         path = find_inception_weights(weights_path)
+        verify_known_weights(path, FID_WEIGHTS_SHA256, "FID Inception weights", allow_unverified,
+                             "--allow_unverified_weights")
+        check_torch_load_is_safe(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"{path} is not a state dict of the FID Inception network")

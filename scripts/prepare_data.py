@@ -7,7 +7,9 @@
 
 * cifar10: the python tarball of https://www.cs.toronto.edu/~kriz/cifar.html, read as a stream;
   `--split train` (50,000 images) or `test` (10,000) becomes CLASS_NNNNN.png (airplane_00000.png, ...).
-  The class names sort into CIFAR's own label order, so --class_cond labels equal CIFAR's.
+  The class names sort into CIFAR's own label order, so --class_cond labels equal CIFAR's. A tarball whose
+  MD5 is not the official one is refused unless --allow_unverified; either way its pickled batches are read
+  with an unpickler that builds only plain data and numpy arrays, so a hostile file cannot run code.
 * lsun: an lmdb export of fyu/lsun (`download.py -c bedroom`): the short side BOX-resized to
   --image_size (default 256) and center-cropped, as the reference's datasets/lsun_bedroom.py does;
   files PREFIX_NNNNNNN.png (PREFIX: --prefix, default the lmdb folder's name before "_"). Needs lmdb.
@@ -23,7 +25,7 @@ Unreadable images are skipped and counted; the summary names the first few.
 
 import io
 import os
-import pickle
+import sys
 import tarfile
 
 import numpy as np
@@ -31,12 +33,14 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from cm.image_datasets import center_crop_arr, to_rgb
+from cm.safe_load import file_digest, numpy_array_globals, restricted_pickle_load
 from cm.script_util import OneLineArgumentParser, add_dict_to_argparser, run_script
 
 KINDS = ("cifar10", "lsun", "imagenet", "folder")
 DEFAULT_SIZE = {"cifar10": 32, "lsun": 256, "imagenet": 64, "folder": 0}
 CIFAR_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CIFAR_BATCH_SIZE = 10000
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # cifar-10-python.tar.gz as published on the page above
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 READABLE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 LMDB_HINT = 'reading LSUN lmdb exports needs the lmdb package: pip install lmdb (or pip install -e ".[data]")'
@@ -46,7 +50,7 @@ SHOWN_SKIPS = 5
 def prepare_defaults():
     """Flags of prepare_data.py."""
     return dict(kind="", source="", output_dir="", image_size=0, split="train", prefix="", max_images=-1,
-                dry_run=False)
+                allow_unverified=False, dry_run=False)
 
 
 PREPARE_FLAG_HELP = dict(
@@ -57,6 +61,7 @@ PREPARE_FLAG_HELP = dict(
     split="cifar10 only: train (50,000 images) or test (10,000)",
     prefix="lsun only: class name in the file names (default: the lmdb folder's name before '_')",
     max_images="stop after this many source images (-1: all); for trying the flags on a few",
+    allow_unverified="cifar10 only: convert a tarball whose MD5 is not the official one (with a warning)",
     dry_run="print the resolved configuration as JSON and exit",
 )
 PREPARE_FLAG_CHOICES = dict(kind=KINDS, split=tuple(CIFAR_SPLITS))
@@ -86,6 +91,36 @@ def cifar_images(batch):
     """uint8 images [N, 32, 32, 3] of one CIFAR-10 python batch (rows of R, G, B planes)."""
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def check_cifar_batch(batch, name):
+    """ValueError unless `batch` is a CIFAR-10 python batch: {b"data": uint8 [N, 3072], b"labels": N ints 0-9}."""
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{name} is not a CIFAR-10 batch: it lacks b'data' as uint8 rows of 3072 values")
+    if not isinstance(labels, list) or len(labels) != len(data) or not all(
+        isinstance(v, int) and 0 <= v < len(CIFAR10_CLASSES) for v in labels
+    ):
+        raise ValueError(f"{name} is not a CIFAR-10 batch: b'labels' is not {len(data)} class numbers 0-9")
+    return batch
+
+
+def read_cifar_batch(file, name):
+    """One pickled CIFAR-10 batch, built by an unpickler that allows only dicts, lists, bytes and numpy arrays."""
+    return check_cifar_batch(restricted_pickle_load(file, numpy_array_globals(), name), name)
+
+
+def check_cifar_tarball(tar_path, allow_unverified):
+    """Refuse (or with allow_unverified, warn about) a tarball that is not the official cifar-10-python.tar.gz."""
+    md5 = file_digest(tar_path, "md5")
+    if md5 == CIFAR10_MD5:
+        return True
+    what = f"{tar_path} is not the official cifar-10-python.tar.gz (MD5 {md5}, expected {CIFAR10_MD5})"
+    if not allow_unverified:
+        raise ValueError(f"{what}; pass --allow_unverified true to convert it anyway")
+    print(f"warning: {what}; converting it as --allow_unverified asks", file=sys.stderr)
+    return False
 
 
 def decode(data):
@@ -136,11 +171,12 @@ def list_source_images(folder):
 # ----- sources: (output name, function giving the uint8 array) in a fixed order -------------------
 
 
-def cifar_items(tar_path, split):
+def cifar_items(tar_path, split, allow_unverified=False):
     """(name, loader) for every image of a CIFAR-10 python tarball split, one batch in memory at a time.
 
     The tarball is read as a stream, its batches in archive order; a batch's file names follow from its
     number (data_batch_k holds images 10000 (k - 1) ...), so the output does not depend on that order.
+    A tarball other than the official one is refused unless allow_unverified (check_cifar_tarball).
     """
     if not os.path.isfile(tar_path):
         raise FileNotFoundError(f"CIFAR-10 tarball {tar_path} does not exist")
@@ -148,6 +184,11 @@ def cifar_items(tar_path, split):
         archive = tarfile.open(tar_path, "r|*")  # a stream: members in file order, each read once
     except tarfile.TarError as e:
         raise ValueError(f"{tar_path} is not a readable tarball ({e})") from None
+    try:
+        check_cifar_tarball(tar_path, allow_unverified)
+    except ValueError:
+        archive.close()
+        raise
     return _cifar_stream(archive, tar_path, CIFAR_SPLITS[split])
 
 
@@ -158,7 +199,7 @@ def _cifar_stream(archive, tar_path, wanted):
             base = os.path.basename(member.name)
             if not member.isfile() or base not in wanted:
                 continue
-            batch = pickle.load(archive.extractfile(member), encoding="bytes")
+            batch = read_cifar_batch(archive.extractfile(member), f"{tar_path}: {member.name}")
             seen.add(base)
             offset = CIFAR_BATCH_SIZE * wanted.index(base)
             for i, (image, label) in enumerate(zip(cifar_images(batch), batch[b"labels"])):
@@ -240,7 +281,7 @@ def source_items(args, size):
     if args.kind == "cifar10":
         if size != 32:
             raise ValueError(f"CIFAR-10 images are 32x32; --image_size {size} is not supported for cifar10")
-        return cifar_items(args.source, args.split), len(CIFAR_SPLITS[args.split]) * CIFAR_BATCH_SIZE
+        return cifar_items(args.source, args.split, args.allow_unverified), len(CIFAR_SPLITS[args.split]) * CIFAR_BATCH_SIZE
     if args.kind == "lsun":
         items = lmdb_items(args.source, size, args.prefix or lsun_prefix(args.source))
         return items, next(items)

@@ -50,6 +50,19 @@ def test_a_folder_of_only_unreadable_images_is_one_clear_line(tmp_path):
         first_batch(tmp_path / "d")  # the default limit (1%, rounded up) stops sooner
 
 
+def test_symlinked_folders_are_listed_once_even_in_a_loop(tmp_path):
+    write_pngs(tmp_path / "d" / "cats", 2)
+    write_pngs(tmp_path / "d", 1, start=5)
+    os.symlink(".", tmp_path / "d" / "loop")  # d/loop -> d: a loop
+    os.symlink(tmp_path / "d" / "cats", tmp_path / "d" / "alias")  # a second way into d/cats
+    write_pngs(tmp_path / "elsewhere", 1, start=7)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "d" / "more")  # a linked folder outside d is followed
+    files = image_datasets.list_image_files(str(tmp_path / "d"))
+    real = sorted(os.path.realpath(f) for f in files)
+    assert len(files) == 4 and len(set(real)) == 4
+    assert sorted(os.path.basename(f) for f in files) == ["a_0.png", "a_1.png", "a_5.png", "a_7.png"]
+
+
 def test_skipped_images_are_counted_per_epoch_and_in_all(tmp_path, capsys):
     write_pngs(tmp_path / "d", 6)
     write_broken(tmp_path / "d", ["a_90.png", "a_91.png"])

@@ -58,3 +58,28 @@ def test_a_rank_that_dies_or_fails_stops_the_others_within_seconds(tmp_path, lau
         assert "[rank 1] error: simulated bad input on rank 1" in lines, output[-3000:]
     # rank 0 says it lost its peer, unless the launcher ended it first; nothing else
     assert all("simulated bad input" in line or "lost contact with another rank" in line for line in lines), lines
+
+
+def test_unreadable_images_are_counted_over_all_ranks_and_the_union_is_saved(tmp_path):
+    """Each of 2 ranks meets one of 2 unreadable files: the limit applies to both together, and the state that
+    rank 0 saves names both (sorted folder: a_0..a_3, b_bad, c_0, c_1, d_bad; rank r reads index r, r + 2, ...)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a_0", "a_1", "a_2", "a_3", "c_0", "c_1"):
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(data / f"{name}.png")
+    for name in ("b_bad", "d_bad"):
+        (data / f"{name}.png").write_bytes(b"not an image")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CM_DIST_TIMEOUT="60")
+    cmd = [mpiexec(), "-n", "2", sys.executable, os.path.join(HERE, "bad_data_worker.py"), str(data), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    both = sorted(str(data / f"{name}.png") for name in ("b_bad", "d_bad"))
+    for report in reports:
+        assert report["state"]["bad_files"] == both and report["state"]["skipped_total"] == 2
+        assert report["error"] and "2 images under" in report["error"] and "allows (1)" in report["error"]

@@ -229,8 +229,9 @@ def test_random_network_feature_shapes(inception):
         torch.testing.assert_close(probs.sum(1), torch.ones(1))
 
 
-def test_layer_names_load_torchvision_layout_weights_strictly(tmp_path, inception):
+def test_layer_names_load_torchvision_layout_weights_strictly(tmp_path, inception, monkeypatch):
     # pytorch-fid's weights file is a state dict of torchvision's Inception3(num_classes=1008, aux_logits=False)
+    monkeypatch.setenv("CM_ALLOW_UNVERIFIED_WEIGHTS", "1")  # random weights under the published name
     layout = Inception3(num_classes=NUM_CLASSES, aux_logits=False, init_weights=False)
     assert set(layout.state_dict()) == set(inception.state_dict())
     path = tmp_path / FID_WEIGHTS_NAME
@@ -516,3 +517,39 @@ def test_cli_writes_a_statistics_file_and_evaluates_against_it(tmp_path, capsys)
     assert lines[2] == "sFID: n/a"
     assert ev.main([str(tmp_path / "real"), str(tmp_path / "sample.npz"), "--json"] + common) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
+
+
+def test_unreadable_image_in_a_folder_is_one_line_naming_it(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "real").mkdir()
+    for i, image in enumerate(images(3, 8, 53)):
+        Image.fromarray(image).save(tmp_path / "real" / f"{i}.png")
+    (tmp_path / "real" / "1.png").write_bytes(b"")  # a 0-byte PNG among readable ones
+    common = ["--random_weights", "--quiet", "--device", "cpu"]
+    assert ev.main(["--save_stats", str(tmp_path / "real"), str(tmp_path / "stats.npz")] + common) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read image ") and err.count("\n") == 1, err
+    assert str(tmp_path / "real" / "1.png") in err and not (tmp_path / "stats.npz").exists()
+    (tmp_path / "real" / "0.png").write_bytes(b"\x89PNG\r\n")  # the first file, which gives the size, cut off
+    with pytest.raises(ValueError, match="cannot read image .*0.png"):
+        ev.ImageFolderReader(ev.list_images(str(tmp_path / "real")))
+
+
+def test_save_stats_never_replaces_a_file_unless_asked(tmp_path, capsys):
+    reference = tmp_path / "ref_batch.npz"
+    np.savez(reference, images(2, 8, 54))
+    before = reference.read_bytes()
+    np.savez(tmp_path / "sample.npz", images(2, 8, 55))
+    common = ["--random_weights", "--quiet", "--device", "cpu", "--batch_size", "2"]
+    # the two arguments swapped: the reference batch would be the file written
+    assert ev.main(["--save_stats", str(tmp_path / "sample.npz"), str(reference)] + common) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(reference) in err and "--overwrite" in err
+    assert reference.read_bytes() == before
+    with pytest.raises(ValueError, match="already exists"):
+        ev.save_statistics(str(reference), FIDStatistics(np.zeros(2), np.eye(2)))
+    assert reference.read_bytes() == before
+    ev.save_statistics(str(reference), FIDStatistics(np.zeros(2), np.eye(2)), overwrite=True)
+    with np.load(reference) as data:
+        assert sorted(data.files) == ["mu", "sigma"]

@@ -36,7 +36,7 @@ def test_setup_asks_for_ranges_and_constraints_pin_the_ci_pair():
     kwargs = setup_kwargs()
     core = kwargs["install_requires"]
     assert not [r for r in core if "==" in r]
-    assert "torch>=2.4,<3" in core and "torchvision>=0.19" in core
+    assert "torch>=2.6,<3" in core and "torchvision>=0.21" in core  # 2.6: CVE-2025-32434
     assert not [r for r in core if re.match(r"(mpich|mpi4py|diffusers|lmdb)\b", r)]
     assert any(r.startswith("safetensors") for r in core) and any(r.startswith("matplotlib") for r in core)
     extras = kwargs["extras_require"]

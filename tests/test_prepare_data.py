@@ -48,6 +48,22 @@ def fake_cifar_tarball(path, per_batch=3, seed=0):
     return arrays
 
 
+def add_member(archive, name, data):
+    info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+class _MakesDirectory:
+    """Pickles to a call of os.makedirs(path): what a hostile batch file would hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
 def read(path):
     with Image.open(path) as image:
         return np.asarray(image)
@@ -56,7 +72,8 @@ def read(path):
 def test_cifar_tarball_becomes_class_labelled_pngs_that_load_data_reads(tmp_path):
     arrays = fake_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
     out = tmp_path / "cifar_train"
-    counts = run("--kind", "cifar10", "--source", tmp_path / "cifar-10-python.tar.gz", "--output_dir", out)
+    counts = run("--kind", "cifar10", "--source", tmp_path / "cifar-10-python.tar.gz", "--output_dir", out,
+                 "--allow_unverified", "true")
     assert (counts["written"], counts["skipped"]) == (15, 0)
     for k in range(1, 6):
         images, labels = arrays[f"data_batch_{k}"]
@@ -75,7 +92,7 @@ def test_cifar_tarball_becomes_class_labelled_pngs_that_load_data_reads(tmp_path
     assert images.shape == (4, 3, 32, 32) and cond["y"].shape == (4,)
 
     test = run("--kind", "cifar10", "--split", "test", "--source", tmp_path / "cifar-10-python.tar.gz",
-               "--output_dir", tmp_path / "cifar_test")
+               "--output_dir", tmp_path / "cifar_test", "--allow_unverified", "true")
     assert test["written"] == 3
     images, labels = arrays["test_batch"]
     np.testing.assert_array_equal(read(tmp_path / "cifar_test" / f"{prep.CIFAR10_CLASSES[labels[1]]}_00001.png"),
@@ -84,7 +101,8 @@ def test_cifar_tarball_becomes_class_labelled_pngs_that_load_data_reads(tmp_path
 
 def test_runs_resume_and_leave_no_partial_files(tmp_path):
     fake_cifar_tarball(tmp_path / "c.tar.gz")
-    flags = ["--kind", "cifar10", "--source", tmp_path / "c.tar.gz", "--output_dir", tmp_path / "out"]
+    flags = ["--kind", "cifar10", "--source", tmp_path / "c.tar.gz", "--output_dir", tmp_path / "out",
+             "--allow_unverified", "true"]
     first = run(*flags, "--max_images", "4")
     assert first["written"] == 4
     again = run(*flags)
@@ -193,8 +211,72 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 def test_command_line_shows_progress_and_a_summary(tmp_path):
     fake_cifar_tarball(tmp_path / "c.tar.gz", per_batch=2)
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--kind", "cifar10",
-           "--source", str(tmp_path / "c.tar.gz"), "--output_dir", str(tmp_path / "out")]
+           "--source", str(tmp_path / "c.tar.gz"), "--output_dir", str(tmp_path / "out"), "--allow_unverified", "true"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{tmp_path / 'out'}: wrote 10, kept 0 already there, skipped 0 unreadable"
     assert "prepare" in result.stderr  # the tqdm bar
+
+
+def test_hostile_cifar_pickle_runs_nothing_and_is_one_line(tmp_path, capsys):
+    victim = tmp_path / "created_by_the_pickle"
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        add_member(archive, "data_batch_1", pickle.dumps({b"data": _MakesDirectory(str(victim)), b"labels": [0]}))
+    flags = ["--kind", "cifar10", "--source", tarball, "--output_dir", tmp_path / "out"]
+    with pytest.raises(SystemExit):  # not the official tarball: refused before reading it
+        run(*flags)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--allow_unverified" in err
+    assert prep.CIFAR10_MD5 in err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # read anyway: the unpickler refuses os.makedirs without calling it
+        run(*flags, "--allow_unverified", "true")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("prepare:")]  # no progress bar
+    assert lines[0].startswith("warning: ") and len(lines) == 2, err
+    assert lines[1].startswith("error: ") and "data_batch_1" in lines[1] and "os.makedirs" in lines[1]
+    assert not victim.exists()
+
+
+def python2_cifar_pickle(rows, labels):
+    """The opcodes Python 2's cPickle (protocol 2) writes for a CIFAR-10 batch: str keys and data, the array
+    rebuilt by numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype (as in the official files)."""
+    import struct
+
+    def short(b):
+        return b"U" + bytes([len(b)]) + b
+
+    n, width = rows.shape
+    dtype = b"cnumpy\ndtype\n" + short(b"u1") + b"K\x00K\x01\x87R" + (
+        b"(K\x03" + short(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + short(b"b") + b"\x87R"
+             + b"(K\x01" + b"K" + bytes([n]) + b"M" + struct.pack("<H", width) + b"\x86" + dtype + b"\x89"
+             + b"T" + struct.pack("<I", rows.size) + rows.tobytes() + b"tb")
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(" + short(b"data") + array + short(b"labels") + label_list + b"u."
+
+
+def test_cifar_batches_built_from_allowed_types_only(tmp_path):
+    rows = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    batch = {b"data": rows, b"labels": [3, 9], b"filenames": [b"a.png", b"b.png"], b"batch_label": b"x"}
+    for protocol in (2, 4, 5):  # Python 2's cPickle files are protocol 2; 5 rebuilds arrays from a buffer
+        out = prep.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=protocol)), "batch")
+        np.testing.assert_array_equal(out[b"data"], rows)
+        assert out[b"labels"] == [3, 9] and out[b"filenames"] == [b"a.png", b"b.png"]
+    out = prep.read_cifar_batch(io.BytesIO(python2_cifar_pickle(rows, [3, 9])), "batch")
+    np.testing.assert_array_equal(out[b"data"], rows)
+    assert out[b"labels"] == [3, 9]
+    with pytest.raises(ValueError, match="batch refers to builtins.eval"):
+        prep.read_cifar_batch(io.BytesIO(b"cbuiltins\neval\n(S'1'\ntR."), "batch")
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch"):
+        prep.read_cifar_batch(io.BytesIO(pickle.dumps({b"data": rows, b"labels": [3, 10]})), "batch")
+
+
+def test_official_tarball_md5_is_accepted_without_the_flag(tmp_path, monkeypatch, capsys):
+    arrays = fake_cifar_tarball(tmp_path / "c.tar.gz", per_batch=1)
+    monkeypatch.setattr(prep, "CIFAR10_MD5", prep.file_digest(tmp_path / "c.tar.gz", "md5"))
+    counts = run("--kind", "cifar10", "--split", "test", "--source", tmp_path / "c.tar.gz",
+                 "--output_dir", tmp_path / "o")
+    assert counts["written"] == 1 and "warning" not in capsys.readouterr().err
+    images, labels = arrays["test_batch"]
+    np.testing.assert_array_equal(read(tmp_path / "o" / f"{prep.CIFAR10_CLASSES[labels[0]]}_00000.png"), images[0])
