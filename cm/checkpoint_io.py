@@ -24,6 +24,7 @@ import blobfile as bf
 import torch
 
 from .errors import CheckpointError, first_line
+from .safe_load import check_torch_load_is_safe
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -138,7 +139,9 @@ def read_bytes(path):
 
 
 def torch_load_bytes(data, path, **kwargs):
-    """torch.load of a checkpoint's bytes; an empty, truncated, corrupt or code-carrying file is one line naming it."""
+    """torch.load of a checkpoint's bytes; an empty, truncated, corrupt or code-carrying file is one line naming it,
+    and on a torch older than 2.6 every .pt file is refused (cm.safe_load.check_torch_load_is_safe)."""
+    check_torch_load_is_safe(path)
     if not data:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was cut off before anything was written")
     if data[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(io.BytesIO(data)):

@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from . import checkpoint_io
 from .errors import CheckpointError, PeerFailure, SetupError, first_line
-from .safe_load import check_torch_load_is_safe
 
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 _LOCAL_RANK = 0
@@ -189,10 +188,8 @@ def gather_object(obj, dst=0):
 
 def load_state_dict(path, **kwargs):
     """torch.load a (blobfile) path read once on rank 0 and broadcast; always weights_only=True; a .pt file
-    is refused on a torch older than 2.6 (cm.safe_load.check_torch_load_is_safe)."""
+    is refused on a torch older than 2.6 (cm.checkpoint_io.torch_load_bytes)."""
     kwargs["weights_only"] = True
-    if not checkpoint_io.is_safetensors(path):
-        check_torch_load_is_safe(path)
     data = None
     if get_rank() == 0:
         try:

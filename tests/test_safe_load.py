@@ -39,6 +39,8 @@ def test_pt_files_are_refused_on_torch_before_2_6_and_safetensors_still_load(tmp
     message = str(info.value)
     assert "\n" not in message and "model.pt" in message and "CVE-2025-32434" in message
     assert "torch 2.5.1+cu124" in message and ".safetensors" in message
+    with pytest.raises(CheckpointError, match="CVE-2025-32434"):
+        checkpoint_io.load_checkpoint(str(tmp_path / "model.pt"))  # every reader of .pt files
     loaded = dist_util.load_state_dict(str(tmp_path / "model.safetensors"), map_location="cpu")
     assert torch.equal(loaded["w"], state["w"])
 
