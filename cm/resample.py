@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from . import dist_util
+from .modes.base import unit_weights
 from .sampling import karras_sigma
 
 SCHEDULE_SAMPLERS = ("lognormal", "uniform")
@@ -32,7 +33,7 @@ class LogNormalSampler:
         else:
             log_sigmas = self.p_mean + self.p_std * torch.randn(bs, device=device)
         sigmas = torch.exp(log_sigmas)
-        return sigmas, torch.ones_like(sigmas)
+        return sigmas, unit_weights(sigmas)
 
 
 class ScheduleSampler(ABC):
@@ -112,7 +113,7 @@ class UniformSampler(ScheduleSampler):
         n = d.num_timesteps
         indices = torch.randint(0, n, (batch_size,), device=device)
         sigmas = karras_sigma(indices, n, d.sigma_min, d.sigma_max, d.rho).float()
-        return sigmas, torch.ones_like(sigmas)
+        return sigmas, unit_weights(sigmas)
 
 
 def create_named_schedule_sampler(name, diffusion):

@@ -374,18 +374,20 @@ class Sampler:
     :param fn: sample_x(denoiser, x, sigmas, generator, progress, callback, **options).
     :param grid: (steps, ts, sigma_min, sigma_max, rho, device) -> the noise levels it walks.
     :param options: karras_sample's settings (a dict of its arguments) -> the sampler's own keyword arguments.
-    :param indexed: whether `ts` (grid indices) selects its levels.
+    :param example_ts: for samplers whose levels `ts` (grid indices) select: N -> example indices on an N-point
+        grid (None: the sampler takes no ts).
     """
 
     fn: Callable
     grid: Callable = karras_grid
     options: Callable = no_options
-    indexed: bool = False
+    example_ts: Callable = None
 
 
 SAMPLERS = {
     "onestep": Sampler(sample_onestep),
-    "multistep": Sampler(stochastic_iterative_sampler, indexed_grid, multistep_options, indexed=True),
+    "multistep": Sampler(stochastic_iterative_sampler, indexed_grid, multistep_options,
+                         example_ts=lambda n: (0, round(0.55 * (n - 1)), n - 1)),
     "heun": Sampler(sample_heun, options=churn_options),
     "euler": Sampler(sample_euler),
     "euler_ancestral": Sampler(sample_euler_ancestral),
@@ -394,7 +396,7 @@ SAMPLERS = {
     "progdist": Sampler(sample_progdist, progdist_grid),
     "trigflow_onestep": Sampler(sample_trigflow_onestep),
     "trigflow_twostep": Sampler(sample_trigflow_twostep, options=trigflow_twostep_options),
-    "lcm": Sampler(sample_lcm, lcm_grid, indexed=True),
+    "lcm": Sampler(sample_lcm, lcm_grid, example_ts=lambda n: lcm_ts(2, n)),
 }
 SAMPLER_NAMES = tuple(name for name in SAMPLERS if name != "ancestral")
 

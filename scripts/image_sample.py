@@ -29,15 +29,8 @@ from cm.image_util import (
 from cm.config import config_to_json, resolve_script_config
 from cm.latent import load_autoencoder
 from cm.random_util import get_generator
-from cm.sampling import lcm_sigmas, lcm_ts, sigmas_from_ts
+from cm.sampling import SAMPLERS
 from cm.script_util import create_parser, run_script
-
-
-# samplers that walk grid indices --ts, with an example --ts for a grid of N points
-INDEXED_SAMPLERS = {
-    "multistep": lambda n: f"0,{round(0.55 * (n - 1))},{n - 1}",
-    "lcm": lambda n: ",".join(map(str, lcm_ts(2, n))),
-}
 
 
 def create_argparser():
@@ -53,14 +46,16 @@ def resolve_config(args):
 
 def sample_kwargs(args):
     """karras_sample arguments from the flags; ts is checked against the grid before any model is built."""
-    ts = parse_ts(args.ts) if args.sampler in INDEXED_SAMPLERS else None
-    if args.sampler in INDEXED_SAMPLERS and ts is None:
+    entry = SAMPLERS[args.sampler]
+    ts = parse_ts(args.ts) if entry.example_ts else None
+    if entry.example_ts and ts is None:
+        example = ",".join(str(i) for i in entry.example_ts(args.steps))
         raise ValueError(
             f"--sampler {args.sampler} needs --ts, increasing indices into the {args.steps}-point grid, "
-            f"e.g. --ts {INDEXED_SAMPLERS[args.sampler](args.steps)}"
+            f"e.g. --ts {example}"
         )
-    if ts is not None:
-        (lcm_sigmas if args.sampler == "lcm" else sigmas_from_ts)(ts, args.steps, args.sigma_min, args.sigma_max)
+    if ts is not None:  # the grid's own checks, before any model is built
+        entry.grid(args.steps, ts, args.sigma_min, args.sigma_max, 7.0, "cpu")
     return dict(
         guidance_scale=args.guidance_scale,
         steps=args.steps,

@@ -24,7 +24,7 @@ from .. import dist_util, logger
 from ..flags import flag_rows
 from ..networks import create_model
 from ..nn import append_dims, linear, mean_flat, noise_conditioning, normalization, timestep_embedding, zero_module
-from .base import TrainingMode
+from .base import TrainingMode, unweighted
 from .consistency import consistency_schedule
 from .lcm import sample_skip_sigmas
 
@@ -198,7 +198,7 @@ class UFOGenLoss:
         rec = self.diffusion.loss_weights(t) * mean_flat((x0 - x_start) ** 2).float()
         loss = self.adv_weight * adv + self.rec_weight * rec
         terms = {"loss": loss, "adv": adv, "rec": rec, "disc_loss": disc_loss.expand(batch), "sigma": t}
-        return terms, loss.new_ones(loss.shape)
+        return unweighted(terms)
 
 
 def bind_ufogen_loss(diffusion, context):
