@@ -61,7 +61,8 @@ def test_stages_advance_every_so_many_images_steps_or_parts_of_the_run():
     over_run = ect_stage_fn(ect_stages=4, total_steps=10)
     assert [over_run(k) for k in range(12)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3]
     schedule = create_ect_schedule(ect_q=4, ect_stage_steps=2)
-    assert [schedule(k) for k in range(5)] == [(0.0, 4), (0.0, 4), (0.0, 16), (0.0, 16), (0.0, 64)]
+    assert [schedule(k)["num_scales"] for k in range(5)] == [4, 4, 16, 16, 64]
+    assert [schedule(k)["ect_stage"] for k in range(5)] == [0, 0, 1, 1, 2]
 
 
 @pytest.mark.parametrize(
