@@ -168,8 +168,8 @@ class DiT(HalfPrecisionBody, nn.Module):
     def __init__(
         self,
         image_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels,
+        out_channels,
         patch_size=2,
         hidden_size=1152,
         depth=28,
