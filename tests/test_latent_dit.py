@@ -95,6 +95,13 @@ def test_a_stopped_preparation_carries_on_to_the_same_file(tmp_path, autoencoder
     assert again["written"] == 0 and again["existing"] == 120
 
 
+def test_latents_given_to_the_on_the_fly_encoder_are_one_line(latents_file, autoencoder_path):
+    stream = LatentStream(load_data(data_dir=latents_file, batch_size=4, image_size=8), load_autoencoder(autoencoder_path),
+                          "cpu")
+    with pytest.raises(ValueError, match="4 channels, not RGB images: latents prepared by .* without --autoencoder_path"):
+        next(stream)
+
+
 def test_missing_autoencoder_is_one_line(tmp_path):
     script = load_script("prepare_data")
     args = script.create_argparser().parse_args(["--kind", "latents", "--source", "digits", "--image_size", "16",
