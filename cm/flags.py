@@ -70,8 +70,13 @@ SHARED_FLAGS = {
     for flag in [
         *flag_rows(
             "network",
-            ("model_type", "adm", "network family: adm (ADM UNet) or ncsnpp (NCSN++)", MODEL_TYPES),
+            ("model_type", "adm", "network family: adm (ADM UNet), ncsnpp (NCSN++) or dit (DiT transformer, sized "
+             "by --dit_size; the UNets' width and attention flags do not apply to it)", MODEL_TYPES),
             ("image_size", 64, "image resolution in pixels (square)", None),
+            ("in_channels", 3, "channels of the network's input: 3 for images, the latent channels for pre-encoded "
+             "latents (scripts/prepare_data.py --kind latents); --autoencoder_path sets it itself", None),
+            ("dit_size", "B/2", "DiT only: size/patch of DiT Table 1 (S 12 layers x 384 wide, 6 heads; B 12 x 768, 12; "
+             "L 24 x 1024, 16; XL 28 x 1152, 16; patch 2, 4 or 8; e.g. XL/2), or DEPTHxWIDTHxHEADS/PATCH", None),
             ("num_channels", 128, "base width of the network", None),
             ("num_res_blocks", 2, "residual blocks per resolution level", None),
             ("num_heads", 4, "attention heads (when num_head_channels is -1)", None),

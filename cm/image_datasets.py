@@ -45,7 +45,8 @@ def load_data(
 
     :param data_dir: an image folder (searched recursively; class = file-name prefix before the first "_"),
         an .npz file (arr_0 NHWC, uint8 or float in [-1, 1], C = 1 or 3; optional arr_1 labels; memory-mapped
-        when saved uncompressed with np.savez), "digits" (scikit-learn's 8x8 digits, all 1,797) or "digits_train"
+        when saved uncompressed with np.savez; with a latent_scale member, float latents of any channels and range
+        from scripts/prepare_data.py --kind latents), "digits" (scikit-learn's 8x8 digits, all 1,797) or "digits_train"
         (their training half, cm.digits_data.SPLITS: what the digits presets train on).
     :param batch_size: images per batch on this rank.
     :param image_size: side of the square images returned (center-crop resize like the reference).
@@ -113,6 +114,7 @@ def npz_arrays(path, image_size):
             mapped = npz_member_memmap(path, "arr_0")
             images = data["arr_0"] if mapped is None else mapped
             labels = data["arr_1"] if "arr_1" in data.files else None
+            latents = LATENT_MARK in data.files
     except DataError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
@@ -120,9 +122,39 @@ def npz_arrays(path, image_size):
     if mapped is None:
         logger.log(f"note: every rank reads all of {path} into memory (save it with np.savez, not "
                    "savez_compressed, on a local disk to memory-map it)")
+    labels = None if labels is None else checked_labels(labels, len(images), path)
+    if latents:
+        return LatentArray(check_latent_array(images, path, image_size)), labels
     check_image_array(images, path, image_size)
     check_float_range(images[:256], path)  # an early look; every batch is checked as it is read
-    return images, None if labels is None else checked_labels(labels, len(images), path)
+    return images, labels
+
+
+LATENT_MARK = "latent_scale"  # the member that makes an .npz pre-encoded latents (scripts/prepare_data.py)
+
+
+class LatentArray:
+    """N x h x w x c float latents (any c, any range) of a prepared latents .npz: read as they are, not as images."""
+
+    def __init__(self, array):
+        self.array = array
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+
+def check_latent_array(latents, path, image_size):
+    """Stop with one line unless latents is N x image_size x image_size x c floats."""
+    if latents.ndim != 4 or not np.issubdtype(latents.dtype, np.floating) or not len(latents):
+        raise DataError(f"{path}: arr_0 must hold N x h x w x c float latents, got {latents.dtype} {latents.shape}")
+    if latents.shape[1:3] != (image_size, image_size):
+        raise DataError(f"{path} holds {latents.shape[1]}x{latents.shape[2]} latents but --image_size is {image_size} "
+                        "(for pre-encoded latents, pass the latent side and --in_channels)")
+    return latents
 
 
 def npz_member_memmap(path, name):
@@ -346,6 +378,9 @@ class ArraySource:
 
     def batch(self, indices, seeds):
         """(NCHW uint8 or float32 images, []): array sources never skip images."""
+        if isinstance(self.images, LatentArray):  # pre-encoded latents: as stored
+            rows = np.asarray(self.images.array[np.asarray(indices, dtype=np.int64)], dtype=np.float32)
+            return torch.from_numpy(np.ascontiguousarray(rows)).permute(0, 3, 1, 2), []
         rows = np.asarray(self.images[np.asarray(indices, dtype=np.int64)])
         if rows.shape[-1] == 1:
             rows = np.repeat(rows, 3, axis=-1)

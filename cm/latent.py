@@ -176,6 +176,10 @@ class LatentStream:
 
     def __next__(self):
         images, cond = next(self.data)
+        if images.shape[1] != 3:
+            raise ValueError(f"the training data have {images.shape[1]} channels, not RGB images: latents prepared by "
+                             "scripts/prepare_data.py --kind latents are trained on without --autoencoder_path (pass "
+                             "--in_channels and the latent --image_size instead)")
         with torch.no_grad():
             latents = self.autoencoder.encode(images.to(self.device)).float()
         return latents, cond

@@ -1,14 +1,15 @@
-"""The networks: the ADM UNet (cm.unet) and NCSN++ (cm.ncsnpp) built from flag values, and the optional
+"""The networks: the ADM UNet (cm.unet), NCSN++ (cm.ncsnpp) and DiT (cm.dit) built from flag values, and the optional
 log-variance head of sCM's adaptive weighting that a network may carry. Nothing here knows how a network is
 trained; training modes and scripts build their networks through `create_model`."""
 
 import torch.nn as nn
 
+from .dit import create_dit_model
 from .ncsnpp import create_ncsnpp_model
 from .nn import timestep_embedding
 from .unet import UNetModel
 
-MODEL_TYPES = ("adm", "ncsnpp")
+MODEL_TYPES = ("adm", "ncsnpp", "dit")
 NUM_CLASSES = 1000
 
 DEFAULT_CHANNEL_MULT = {
@@ -79,17 +80,28 @@ def create_model(
     guidance_embed=False,
     adaptive_double_norm=False,
     logvar_channels=0,
+    dit_size="B/2",
     **ncsnpp_options,
 ):
     """Build the network named by model_type from flag values (ADM UNet by default, as the reference); with
     logvar_channels > 0 it carries sCM's log-variance head as `logvar_head` (add_logvar_head)."""
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r}; allowed: {', '.join(MODEL_TYPES)}")
+    if model_type == "dit":  # the UNets' width, level and attention flags do not apply
+        if adaptive_double_norm:
+            raise ValueError("--adaptive_double_norm acts on the ADM UNet's scale-shift blocks; DiT uses adaLN-Zero")
+        network = create_dit_model(
+            dit_size, image_size, in_channels, 2 * in_channels if learn_sigma else in_channels, dropout=dropout,
+            num_classes=num_classes if class_cond else None, null_class=null_class, guidance_embed=guidance_embed,
+            use_checkpoint=use_checkpoint, use_fp16=use_fp16,
+        )
+        return add_logvar_head(network, logvar_channels)
     if model_type == "ncsnpp" and adaptive_double_norm:
         raise ValueError("--adaptive_double_norm acts on the ADM UNet's scale-shift blocks (NCSN++ adds its time "
                          "embedding); use --model_type adm")
     if model_type == "ncsnpp" and (null_class or guidance_embed):
-        raise ValueError("--null_class and --guidance_embed are options of the ADM UNet; use --model_type adm")
+        raise ValueError("--null_class and --guidance_embed are options of the ADM UNet and DiT; use --model_type adm "
+                         "or dit")
     channel_mult = resolve_channel_mult(channel_mult, image_size)
     out_channels = 2 * in_channels if learn_sigma else in_channels
     if model_type == "ncsnpp":

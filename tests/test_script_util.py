@@ -89,6 +89,6 @@ def test_create_model_and_diffusion_passes_every_flag():
 
 def test_unknown_model_type():
     kw = model_and_diffusion_defaults()
-    kw["model_type"] = "dit"
-    with pytest.raises(ValueError, match="unknown model_type 'dit'"):
+    kw["model_type"] = "uvit"
+    with pytest.raises(ValueError, match="unknown model_type 'uvit'"):
         create_model_and_diffusion(**kw)
