@@ -4,8 +4,9 @@
   cannot run code, and other tools (diffusers, ComfyUI, the Hub) read it directly.
 * anything else (the reference's ``.pt``): ``torch.save``; read back with ``weights_only=True``.
 
-Writes are atomic (a temporary file in the same folder, flushed, then renamed), so a reader never sees
-half a file. Paths with a scheme (``gs://``, ``az://``) go through blobfile, whose stores publish an
+Writes are atomic (a temporary file in the same folder, fsynced, then renamed, then the folder fsynced), so a
+reader never sees half a file and a written file survives a power cut; every output of the library (samples,
+grids, statistics, configurations, exports) goes through `write_through_temporary`. Paths with a scheme (``gs://``, ``az://``) go through blobfile, whose stores publish an
 object only once it is complete.
 
 A training checkpoint at step N is a set of files with the reference's names (modelNNNNNN.pt,
@@ -15,9 +16,11 @@ them, the model file last, and `find_resume_checkpoint` finds the newest complet
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import re
+import shutil
 import zipfile
 
 import blobfile as bf
@@ -75,22 +78,57 @@ def checkpoint_bytes(state_dict, path, metadata=None):
     return buffer.getvalue()
 
 
+BLOB_RETRY_LIMIT = int(os.environ.get("CM_BLOB_RETRIES", "8"))  # blobfile's default retries forever
+_blobfile_configured = False
+
+
+def configure_blobfile():
+    """Bound blobfile's retries of a remote read or write (CM_BLOB_RETRIES, default 8; blobfile's own default
+    retries forever, so a lost bucket would hang a checkpoint write); set once per process."""
+    global _blobfile_configured
+    if not _blobfile_configured:
+        bf.configure(retry_limit=BLOB_RETRY_LIMIT, connect_timeout=30, read_timeout=120)
+        _blobfile_configured = True
+
+
+def temporary_name(path):
+    """The temporary file a write of `path` goes through: path.tmpPID, in the same folder (so the rename is atomic)."""
+    return f"{path}.tmp{os.getpid()}"
+
+
+def fsync_directory(directory):
+    """Flush a folder's entries (a rename into it) to disk; file systems that cannot sync a folder are skipped."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_through_temporary(path, write):
-    """Call write(file) on a temporary file next to `path`, flush it to disk, then rename it into place (remote
-    paths go through blobfile, whose stores publish an object only once it is complete). A failure leaves
-    neither the temporary file nor a partial `path`."""
+    """Call write(file) on a temporary file next to `path`, fsync it, rename it into place and fsync the folder,
+    so the file counts as written only once it survives a power cut (remote paths go through blobfile, whose
+    stores publish an object only once it is complete). A failure leaves the previous `path` as it was and no
+    temporary file."""
     path = str(path)
     if "://" in path:
+        configure_blobfile()
         with bf.BlobFile(path, "wb") as f:
             write(f)
         return
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_directory(os.path.dirname(path))
     finally:
         with contextlib.suppress(OSError):
             if os.path.exists(tmp):
@@ -98,8 +136,39 @@ def write_through_temporary(path, write):
 
 
 def write_atomic(data, path):
-    """Write bytes to `path` through a temporary file and a rename (blobfile for remote paths)."""
+    """Write bytes (or str, as UTF-8) to `path` through a temporary file and a rename (blobfile for remote paths)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     write_through_temporary(path, lambda f: f.write(data))
+
+
+def write_json_atomic(obj, path, indent=2):
+    """`obj` as indented JSON (with a final newline), written atomically."""
+    write_atomic(json.dumps(obj, indent=indent) + "\n", path)
+
+
+def write_directory_atomically(path, write):
+    """Call write(folder) on a new temporary folder next to `path`, then put it in `path`'s place (an earlier
+    folder there is replaced only once the new one is complete). A failure leaves `path` as it was and no
+    temporary folder."""
+    path = os.path.abspath(str(path)).rstrip(os.sep)
+    tmp, old = temporary_name(path), f"{path}.old{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+        replaced = os.path.isdir(path)
+        if replaced:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if replaced:
+                os.replace(old, path)
+            raise
+        fsync_directory(os.path.dirname(path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(state_dict, path, metadata=None):
@@ -131,6 +200,8 @@ def load_safetensors_bytes(data, map_location=None):
 
 def read_bytes(path):
     """The whole file at `path` (local or blobfile), or FileNotFoundError naming it."""
+    if "://" in str(path):
+        configure_blobfile()
     try:
         with bf.BlobFile(str(path), "rb") as f:
             return f.read()

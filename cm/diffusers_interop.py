@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from .checkpoint_io import load_checkpoint
+from .checkpoint_io import load_checkpoint, write_directory_atomically
 from .networks import create_model
 from .unet import AttentionBlock, Downsample, ResBlock, UNetModel, Upsample
 
@@ -417,7 +417,7 @@ def export_diffusers(model, output_dir, scheduler_kwargs=None):
     """Write `model` as a ConsistencyModelPipeline folder (unet/ + scheduler/); returns the pipeline.
 
     :param model: an ADM UNetModel (consistency model: boundary-condition scalings, sigma_data 0.5).
-    :param output_dir: folder to create or overwrite.
+    :param output_dir: folder to create or replace (atomically: a failed export leaves an earlier one as it was).
     :param scheduler_kwargs: CMStochasticIterativeScheduler arguments (default scheduler_config()).
     """
     diffusers = import_diffusers()
@@ -425,5 +425,5 @@ def export_diffusers(model, output_dir, scheduler_kwargs=None):
     unet.load_state_dict(adm_to_diffusers_state_dict(model.state_dict(), model), strict=True)
     scheduler = diffusers.CMStochasticIterativeScheduler(**(scheduler_kwargs or scheduler_config()))
     pipeline = diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    write_directory_atomically(output_dir, lambda folder: pipeline.save_pretrained(folder, safe_serialization=True))
     return pipeline

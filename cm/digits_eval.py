@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint_io import atomic_save
 from .digits_data import digits_arrays
 from .image_util import from_uint8
 
@@ -95,9 +96,7 @@ def load_digits_classifier():
     model = train_digits_classifier()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_save(model.state_dict(), path)
     except OSError:
         pass
     return model

@@ -6,15 +6,19 @@
 * single process: no process group at all; every helper here still works.
 
 Backend: nccl on CUDA (one GPU per local rank), gloo on CPU. Start-up and collectives time out after
-CM_DIST_TIMEOUT seconds (default 600) instead of hanging. Failures end every rank within seconds: rank 0
+CM_DIST_TIMEOUT seconds (default 600) instead of hanging. Work that rank 0 does alone (a checkpoint write, through
+`run_on_rank0`) is awaited outside any collective, for up to CM_SAVE_TIMEOUT seconds (default 3600), so a slow
+write is not taken for a lost rank. Failures end every rank within seconds: rank 0
 shares the outcome of what it does alone (`share_outcome`, e.g. a checkpoint write), and a failing rank
 exits at once (cm.errors), so the others' collectives fail on the closed connection.
 """
 
 import contextlib
 import datetime
+import itertools
 import os
 import socket
+import time
 
 import blobfile as bf
 import torch
@@ -137,6 +141,58 @@ def share_outcome(error, what):
     message = broadcast_object(None if error is None else first_line(error))
     if message is not None and get_rank() != 0:
         raise PeerFailure(f"rank 0 failed {what}: {message}")
+
+
+SOLO_POLL_SECONDS = 0.5  # the longest pause between two looks at the outcome of rank 0's solo work
+SOLO_ACK_SECONDS = 10.0  # how long a failing rank 0 waits for the others to read its message before it exits
+_solo_calls = itertools.count()
+
+
+def save_timeout():
+    """Seconds the other ranks wait for rank 0's solo work (CM_SAVE_TIMEOUT, default 3600)."""
+    return float(os.environ.get("CM_SAVE_TIMEOUT", "3600"))
+
+
+def _wait_for_key(store, key, seconds, what):
+    """The value of `key` in the rendezvous store once rank 0 has set it; PeerFailure after `seconds`."""
+    start, pause = time.monotonic(), 0.01
+    while not store.check([key]):
+        if time.monotonic() - start > seconds:
+            raise PeerFailure(
+                f"rank 0 did not finish {what} within CM_SAVE_TIMEOUT={seconds:.0f} s; raise CM_SAVE_TIMEOUT for "
+                "slow storage"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, SOLO_POLL_SECONDS)
+    return store.get(key).decode()
+
+
+def run_on_rank0(work, what):
+    """work() on rank 0 alone; the other ranks wait for its outcome through the process group's rendezvous store
+    (polling, outside any collective), for up to CM_SAVE_TIMEOUT seconds rather than CM_DIST_TIMEOUT: a
+    checkpoint write slower than the collective time-out (a big model on a network file system) is not a lost
+    rank. When work() fails, rank 0 raises its exception and the others PeerFailure naming it (`what`, e.g. "to
+    write the checkpoint of step 4"), all at once. Returns work()'s result on rank 0, None elsewhere."""
+    if not is_distributed():
+        return work()
+    key = f"cm/rank0/{next(_solo_calls)}"
+    store = dist.distributed_c10d._get_default_store()
+    if get_rank() != 0:
+        message = _wait_for_key(store, key, save_timeout(), what)
+        if message:
+            store.add(f"{key}/read", 1)
+            raise PeerFailure(f"rank 0 failed {what}: {message}")
+        return None
+    try:
+        result = work()
+    except Exception as e:
+        store.set(key, first_line(e) or type(e).__name__)
+        deadline = time.monotonic() + SOLO_ACK_SECONDS  # exiting ends the store, so let the others read it first
+        while store.add(f"{key}/read", 0) < get_world_size() - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise
+    store.set(key, "")
+    return result
 
 
 def dev():

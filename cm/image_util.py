@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import dist_util
+from .checkpoint_io import write_through_temporary
 from .image_datasets import center_crop_arr
 from .sampling import karras_sample
 from .config import resolve_model_config
@@ -63,19 +64,22 @@ def image_grid(images, ncols=None, pad=1):
     return grid
 
 
-def save_png(array, path):
-    """Write a uint8 [H, W, 3] (or [H, W, 1]) array as a PNG file."""
-    array = np.asarray(array)
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+def save_image(image, path):
+    """Write a PIL image atomically (cm.checkpoint_io.write_through_temporary) in the format of path's extension."""
+    kind = Image.registered_extensions().get(os.path.splitext(str(path))[1].lower(), "PNG")
+    write_through_temporary(path, lambda f: image.save(f, format=kind))
     return path
 
 
+def save_png(array, path):
+    """Write a uint8 [H, W, 3] (or [H, W, 1]) array as a PNG file, atomically."""
+    array = np.asarray(array)
+    return save_image(Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array), path)
+
+
 def save_npz(path, *arrays, **named):
-    """np.savez written to a temporary file and renamed, so readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, *arrays, **named)
-    os.replace(tmp, path)
+    """np.savez written atomically (cm.checkpoint_io.write_through_temporary): readers never see half a file."""
+    write_through_temporary(path, lambda f: np.savez(f, *arrays, **named))
     return path
 
 

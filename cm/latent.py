@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint_io import save_checkpoint, write_json_atomic
+
 OWN_CLASS = "CMAutoencoder"
 WEIGHTS = "model.safetensors"
 DIFFUSERS_HINT = 'pip install -e ".[diffusers]"'
@@ -101,12 +103,9 @@ class Autoencoder(nn.Module):
 
     def save(self, path):
         """Write config.json and model.safetensors into the folder `path`."""
-        from safetensors.torch import save_file
-
         os.makedirs(path, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, os.path.join(path, WEIGHTS))
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config, f, indent=2)
+        save_checkpoint(self.state_dict(), os.path.join(path, WEIGHTS))
+        write_json_atomic(self.config, os.path.join(path, "config.json"))
         return path
 
 

@@ -6,17 +6,37 @@
   unless --allow_config_change is given (then the differences are logged and the new values used). A larger
   --total_training_steps alone is a longer run when the steps already trained keep their schedule values.
 * Checkpoint files, but no complete set of this run's files (e.g. another --ema_rate): another run's. The run
-  stops with one line rather than start at step 0 and overwrite them.
+  stops with one line rather than start at step 0 and overwrite them; the line names every setting of the
+  stored config.json that differs (`key: old -> new`).
+
+Before any of this, rank 0 takes an exclusive lock on the log dir (`lock_log_dir`: fcntl.flock on LOCK_FILE,
+held until the process ends), so two processes never write one log dir (a requeued job that overlaps the old
+one stops at once with one line naming the holder's host, pid and start time). flock is advisory and local:
+on NFS it works only where the server supports locks (NFSv4, or v3 with lockd), so two hosts sharing an older
+NFS mount are not kept apart.
 """
 
+import datetime
+import errno
+import fcntl
 import json
+import os
+import socket
 
 import blobfile as bf
 import numpy as np
 
 from . import dist_util, logger
 
-from .checkpoint_io import checkpoint_files, checkpoint_steps, find_resume_checkpoint, parse_resume_step_from_filename
+from .checkpoint_io import (
+    checkpoint_files,
+    checkpoint_steps,
+    find_resume_checkpoint,
+    parse_resume_step_from_filename,
+    write_atomic,
+)
+from .config import config_to_json
+from .errors import OneLineError
 from .train_util import parse_ema_rates
 from .training_modes import FLAGS, get_training_mode
 
@@ -25,6 +45,83 @@ OPERATIONAL_KEYS = frozenset({"loop.time_limit"})
 # settings a resume may change to run longer, when the steps already trained keep their schedule values
 RUN_LENGTH_KEYS = frozenset({"loop.total_training_steps", "schedule.total_steps"})
 SCHEDULE_CHECKS = 2000  # steps at which an old and a new schedule are compared
+LOCK_FILE = "run.lock"  # in the log dir: flock'ed by the run that owns it, holding its host, pid and start time
+CONFIG_FILE = "config.json"  # the resolved configuration of the run that last started in the log dir
+_held_locks = {}  # lock file path -> the open file that holds this process's lock on it
+
+
+class LogDirInUse(OneLineError, RuntimeError):
+    """Another live process holds the log dir's lock."""
+
+
+def _still_held(handle, path):
+    """Whether `handle` is an open lock on the file now at `path` (not one moved or deleted since)."""
+    try:
+        return not handle.closed and os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
+
+
+def lock_log_dir(log_dir):
+    """Take an exclusive lock on log_dir for the rest of this process's life (again in the same process: a no-op).
+
+    A second process stops with LogDirInUse naming the holder (host, pid, start time, as written into LOCK_FILE).
+    Remote (blobfile) log dirs cannot be locked and are not.
+    """
+    if "://" in str(log_dir):
+        return None
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(log_dir, LOCK_FILE))
+    held = _held_locks.get(path)
+    if held is not None and _still_held(held, path):
+        return held
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        raise LogDirInUse(
+            f"log dir {log_dir} is in use by another run ({holder or 'its holder is starting'}); wait for that run "
+            "to end, or pass another --log_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    handle.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
+    handle.flush()
+    if held is not None:
+        held.close()
+    _held_locks[path] = handle
+    return handle
+
+
+def release_log_dir(log_dir):
+    """Give up this process's lock on log_dir (it ends with the process anyway)."""
+    path = os.path.realpath(os.path.join(log_dir, LOCK_FILE))
+    handle = _held_locks.pop(path, None)
+    if handle is not None:
+        handle.close()
+
+
+def write_run_config(log_dir, config):
+    """Rank 0 writes the resolved configuration to log_dir/config.json, atomically."""
+    if dist_util.get_rank() == 0:
+        write_atomic(config_to_json(config) + "\n", bf.join(log_dir, CONFIG_FILE))
+
+
+def stored_config(log_dir):
+    """The configuration in log_dir/config.json, or None when there is none (or it cannot be read)."""
+    path = bf.join(log_dir, CONFIG_FILE)
+    try:
+        with bf.BlobFile(path, "r") as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
 
 
 def flatten_config(config, prefix=""):
@@ -75,7 +172,17 @@ def expected_files(config):
 
 
 def check_log_dir(log_dir, config):
-    """Stop with one line when log_dir holds another run's checkpoints or a run with other settings."""
+    """Lock log_dir for this run (rank 0), then stop with one line when it holds another run's checkpoints or a
+    run with other settings."""
+    error = None
+    if dist_util.get_rank() == 0:
+        try:
+            lock_log_dir(log_dir)
+        except LogDirInUse as e:
+            error = e
+    dist_util.share_outcome(error, f"to lock the log dir {log_dir}")
+    if error is not None:
+        raise error
     steps = checkpoint_steps(log_dir)
     if not steps:
         return
@@ -85,10 +192,13 @@ def check_log_dir(log_dir, config):
         present = set(bf.listdir(log_dir))
         step, fmt = steps[0]
         missing = [n for n in checkpoint_files(step, ema_rates, extra, fmt) if n not in present]
+        stored = stored_config(log_dir)
+        differences = config_differences(stored, config) if stored else []
+        settings = f", whose settings differ: {'; '.join(differences)}" if differences else ""
         raise ValueError(
             f"log dir {log_dir} holds checkpoints of another run (model{step:06d}.{fmt} without "
-            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); pass a new --log_dir so they are not "
-            "overwritten"
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}){settings}; pass a new --log_dir so they "
+            "are not overwritten"
         )
     step = parse_resume_step_from_filename(found)
     state_path = bf.join(log_dir, f"state{step:06d}.pt")

@@ -305,7 +305,9 @@ class TrainLoop:
         return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
 
     def run_loop(self):
-        """Train until total_training_steps (or lr_anneal_steps), or until SIGINT / SIGTERM; checkpoint at the end."""
+        """Train until total_training_steps (or lr_anneal_steps), or until SIGINT / SIGTERM, --max_minutes or the
+        time budget says stop; checkpoint at the end. With several ranks every rank stops after the same step
+        (cm.stop_request: a signal to any rank during step k stops all after step k + 1)."""
         bar = None
         if self.progress and dist_util.get_rank() == 0:
             from tqdm.auto import tqdm
@@ -315,7 +317,7 @@ class TrainLoop:
         deadline = time.time() + self.time_limit if self.time_limit else float("inf")
         if self.budget is not None:
             self.budget.start(self.step, run_length(self.total_training_steps, self.lr_anneal_steps))
-        with StopRequest() as stop:
+        with StopRequest(self.device) as stop:
             while not self.done():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
@@ -323,14 +325,13 @@ class TrainLoop:
                     bar.update(1)
                 if self.budget is not None:
                     self._follow_budget(bar)
-                should_stop = stop.requested or time.time() > deadline or self._overran_budget()
+                out_of_time = time.time() > deadline or self._overran_budget()
+                should_stop = stop.agreed(stop.requested or out_of_time)
                 if self.step % self.log_interval == 0:
                     self.dump_logs(bar)
-                    should_stop = self._agree(should_stop)
-                elif dist_util.get_world_size() > 1:
-                    should_stop = False  # ranks agree on stopping only at log steps
                 if should_stop:
-                    reason = "stop requested" if stop.requested else "time limit reached"
+                    reason = "stop requested" if stop.requested else "time limit reached" if out_of_time else (
+                        "another rank stopped")
                     logger.log(f"{reason}: checkpointing step {self.step}")
                     break
                 if self.save_interval > 0 and self.step % self.save_interval == 0:
@@ -345,10 +346,6 @@ class TrainLoop:
             bar.close()
         if self.budget is not None:
             self.budget.stop()
-
-    @staticmethod
-    def _agree(flag):
-        return any(dist_util.all_gather_object(bool(flag)))
 
     def run_step(self, batch, cond):
         self.forward_backward(batch, cond)
@@ -507,25 +504,20 @@ class TrainLoop:
     def save(self):
         """Write the reference's files plus stateNNNNNN.pt atomically (rank 0), the model file last.
 
-        A failed write (disk full, quota, permissions) removes this step's files, leaves the previous
-        checkpoint as it was and stops every rank with one line: rank 0 shares the outcome (instead of a
-        barrier), so the other ranks do not wait for the distributed time-out.
+        The other ranks wait for the write outside any collective, for up to CM_SAVE_TIMEOUT seconds
+        (dist_util.run_on_rank0), so a write slower than CM_DIST_TIMEOUT is not taken for a lost rank. A failed
+        write (disk full, quota, permissions) removes this step's files, leaves the previous checkpoint as it
+        was and stops every rank at once with one line.
         """
         step = self.step
         rngs = dist_util.all_gather_object(DeviceRNG(self.device).get_state())
-        error = None
-        if dist_util.get_rank() == 0:
-            try:
-                self._write_checkpoint(step, rngs)
-            except Exception as e:  # noqa: BLE001 - every rank must learn of any failure
-                error = e
-        dist_util.share_outcome(error, f"to write the checkpoint of step {step}")
-        if error is not None:
-            raise error
+        dist_util.run_on_rank0(lambda: self._write_checkpoint(step, rngs), f"to write the checkpoint of step {step}")
         self.last_saved_step = step
 
     def _write_checkpoint(self, step, rngs):
-        """Rank 0's part of save(): every file of `step`, the model file last; on failure none of them stays."""
+        """Rank 0's part of save(): every file of `step`, the model file last, each fsynced with its folder before
+        the next; on failure none of them stays. The run's lock on the log dir (cm.run_dir) makes any temporary
+        file found here a killed process's, so it is removed."""
         directory = get_blob_logdir()
         remove_stale_temporaries(directory)
         written = []

@@ -29,6 +29,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from cm.checkpoint_io import write_through_temporary
+from cm.script_util import run_or_exit
 from evaluations.inception import INCEPTION_WEIGHTS_ENV, load_inception
 from evaluations.metrics import (  # noqa: F401  (re-exported under the reference's module path)
     FID_METHODS,
@@ -336,10 +338,7 @@ def save_statistics(path, stats, overwrite=False):
     :param overwrite: replace an existing file (otherwise a ValueError).
     """
     check_statistics_destination(path, overwrite)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=np.asarray(stats.mu), sigma=np.asarray(stats.sigma))
-    os.replace(tmp, path)
+    write_through_temporary(path, lambda f: np.savez(f, mu=np.asarray(stats.mu), sigma=np.asarray(stats.sigma)))
 
 
 def resolve_device(name=None):
@@ -552,10 +551,15 @@ def create_argparser():
 
 def main(argv=None):
     """Command-line entry point: prints the five metrics (or writes --save_stats) and returns the exit code
-    (1 on bad input).
+    (1 on bad input); anything unexpected ends in one line too (cm.script_util.run_or_exit).
 
     :param argv: argument list; None reads sys.argv.
     """
+    return run_or_exit(evaluate_command, argv)
+
+
+def evaluate_command(argv=None):
+    """The body of main(): bad input is one 'error:' line and exit code 1."""
     args = create_argparser().parse_args(argv)
     progress = not args.quiet
 

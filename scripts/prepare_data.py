@@ -46,6 +46,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from cm.checkpoint_io import write_atomic, write_through_temporary
 from cm.digits_data import digits_arrays
 from cm.image_datasets import DIGITS, center_crop_arr, class_labels, list_image_files, npz_arrays, to_rgb
 from cm.latent import load_autoencoder
@@ -268,9 +269,7 @@ def folder_items(folder, files, size, naming):
 def write_png(array, path):
     """Write a uint8 HxWx3 array as PNG through a temporary name and a rename."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_through_temporary(path, lambda f: Image.fromarray(np.ascontiguousarray(array)).save(f, format="PNG"))
 
 
 def prepare(items, output_dir, total=None, max_images=-1, progress=True):
@@ -434,19 +433,15 @@ class LatentWork:
         self.state["images"] += read
         self.state["skipped"] += len(skips)
         self.state["skipped_examples"] = (self.state["skipped_examples"] + skips)[:SHOWN_SKIPS]
-        tmp = f"{self.paths[2]}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.state, f)
-        os.replace(tmp, self.paths[2])
+        write_atomic(json.dumps(self.state), self.paths[2])
 
     def finish(self, final, scale):
         """Write the rows written, their labels, the scale and per-channel statistics into the .npz `final`
         (uncompressed, so the trainer memory-maps it) and remove the work files; returns (mean, std)."""
         rows, labels = self.rows[: self.state["rows"]], self.labels[: self.state["rows"]]
         mean, std = channel_statistics(rows)
-        tmp = f"{final}.tmp{os.getpid()}.npz"
-        np.savez(tmp, arr_0=rows, arr_1=labels, latent_scale=np.float32(scale), latent_mean=mean, latent_std=std)
-        os.replace(tmp, final)
+        write_through_temporary(final, lambda f: np.savez(f, arr_0=rows, arr_1=labels, latent_scale=np.float32(scale),
+                                                          latent_mean=mean, latent_std=std))
         del self.rows, self.labels, rows, labels  # unmapped before the files go
         for path in self.paths:
             os.remove(path)

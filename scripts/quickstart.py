@@ -14,16 +14,20 @@ class coverage (1 = all ten digits equally) and a nearest-neighbour memorisation
 of samples whose nearest real digit is a training one, 0.5 for new digits, 1 for copies). Two-step sampling is
 scored at the default intermediate time (DEFAULT_MID_FRACTION of the grid) and at the ternary-searched one.
 Every result names the CPU it ran on and whether that CPU computes bfloat16 natively.
+
+A rerun into the same --out starts a fresh run there: the earlier results are moved into
+--out/previous-<date>-<time>/ (one line says so), so nothing is lost and nothing is mixed. While a quickstart
+runs it holds --out (cm.run_dir.lock_log_dir): a second one into the same folder stops with one line.
 """
 
 import argparse
 import copy
 import csv
-import json
 import math
 import os
 import platform
 import time
+from datetime import datetime
 
 
 import numpy as np
@@ -31,12 +35,14 @@ import torch
 from PIL import Image
 
 from cm import logger
+from cm.checkpoint_io import write_json_atomic, write_through_temporary
 from cm.digits_eval import digits_metrics, digits_split, load_digits_classifier, memorisation_check, real_data_floor
 from cm.fp16_util import bf16_is_native
-from cm.image_util import image_grid, save_npz, to_uint8
+from cm.image_util import image_grid, save_image, save_npz, to_uint8
 from cm.random_util import get_generator
 from cm.sampling import karras_sample, ternary_search
-from cm.script_util import parse_args_with_config
+from cm.run_dir import LOCK_FILE, lock_log_dir
+from cm.script_util import parse_args_with_config, run_or_exit
 from cm.train_cli import build_loop, create_argparser
 from cm.training_modes import quickstart_plans
 from cm.trigflow import T_MID
@@ -199,7 +205,7 @@ def few_step_samples(loop, model, diffusion, size, opts, classifier):
 def save_grid(images, path, scale=4):
     """An 8 x 8 grid of [-1, 1] images, enlarged `scale` times for viewing."""
     grid = image_grid(to_uint8(images[:64].cpu()), ncols=8)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    save_image(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST), path)
 
 
 def plot_curves(csv_paths, path, width=640, height=300):
@@ -244,13 +250,42 @@ def plot_curves(csv_paths, path, width=640, height=300):
             twin = ax.twinx()
             line(twin, "digits_fid", color="tab:purple", ls="--")
             twin.set_ylabel("digits-FID (dashed)", color="tab:purple")
-    fig.savefig(path)
+    write_through_temporary(path, lambda f: fig.savefig(f, format="png"))
+
+
+PREVIOUS_PREFIX = "previous-"
+
+
+def set_aside_previous_run(out):
+    """Move what an earlier run left in `out` into out/previous-<date>-<time>/ (earlier previous-* folders and
+    the lock stay); returns that folder, or None when there was nothing to move."""
+    leftovers = sorted(n for n in os.listdir(out) if not n.startswith(PREVIOUS_PREFIX) and n != LOCK_FILE)
+    if not leftovers:
+        return None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    target, k = os.path.join(out, PREVIOUS_PREFIX + stamp), 1
+    while os.path.exists(target):
+        k += 1
+        target = os.path.join(out, f"{PREVIOUS_PREFIX}{stamp}-{k}")
+    os.makedirs(target)
+    for name in leftovers:
+        os.replace(os.path.join(out, name), os.path.join(target, name))
+    return target
 
 
 def main(argv=None):
-    opts = parse_args(argv)
+    """Run the quickstart; any failure ends in one 'error:' line (cm.script_util.run_or_exit). Returns the metrics."""
+    return run_or_exit(quickstart, parse_args(argv))
+
+
+def quickstart(opts):
+    """Train the plan of --mode into --out, sample, score and write the results; returns the metrics."""
     start = time.time()
     os.makedirs(opts.out, exist_ok=True)
+    lock_log_dir(opts.out)
+    previous = set_aside_previous_run(opts.out)
+    if previous:
+        print(f"{opts.out} held an earlier run: moved it to {previous}; this run starts fresh")
     budget = max(30.0, opts.minutes * 60 - EVAL_RESERVE_S)
     classifier = load_digits_classifier()  # trained and cached on first use (a few seconds)
     stages, teacher_path = [], None
@@ -302,8 +337,7 @@ def main(argv=None):
         "two_step_ts_searched": list(ts["searched"]),
         **rows,
     }
-    with open(os.path.join(opts.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json_atomic(metrics, os.path.join(opts.out, "metrics.json"))
 
     print(f"\n{opts.mode.upper()} on digits: {loop.step} steps ({metrics['precision']}), {metrics['total_minutes']} min in all")
     print(f"hardware: {describe_hardware(metrics['hardware'])}")
