@@ -129,6 +129,10 @@ def write_through_temporary(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_directory(os.path.dirname(path))
+    except Exception as e:
+        if not isinstance(e, OSError) and isinstance(e.__context__, OSError):
+            raise e.__context__ from None  # torch.save reports a full disk as a RuntimeError raised while closing
+        raise
     finally:
         with contextlib.suppress(OSError):
             if os.path.exists(tmp):

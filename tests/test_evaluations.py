@@ -553,3 +553,18 @@ def test_save_stats_never_replaces_a_file_unless_asked(tmp_path, capsys):
     ev.save_statistics(str(reference), FIDStatistics(np.zeros(2), np.eye(2)), overwrite=True)
     with np.load(reference) as data:
         assert sorted(data.files) == ["mu", "sigma"]
+
+
+def test_an_unexpected_evaluator_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device stopped answering")
+
+    monkeypatch.delenv("CM_DEBUG", raising=False)
+    monkeypatch.setattr(ev, "load_inception", broken)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images(4, 8, 0))
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([str(ref), str(ref), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: RuntimeError: the device stopped answering (full traceback in "), err

@@ -105,3 +105,30 @@ def test_quickstart_runs_a_two_stage_tuning_plan(tmp_path, mode, stages):
     for row in ("one-step", "two-step default", "two-step searched"):
         assert metrics[row]["digits_fid"] > 0 and 0 < metrics[row]["coverage"] <= 1
     assert len(metrics["two_step_ts_default"]) == len(metrics["two_step_ts_searched"])
+
+
+def test_a_rerun_into_the_same_out_starts_fresh_and_moves_the_old_results_aside(tmp_path, capsys, monkeypatch):
+    quickstart = load_quickstart()
+    monkeypatch.setattr(quickstart, "best_two_step_ts", lambda diffusion, model, n, *rest: (0, n // 2, n - 1))
+    argv = ["--steps", "2", "--out", str(tmp_path), "--num_samples", "16"]
+    quickstart.main(argv)
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    capsys.readouterr()
+    metrics = quickstart.main(argv[:1] + ["3"] + argv[2:])
+    moved = [line for line in capsys.readouterr().out.splitlines() if "held an earlier run" in line]
+    previous = [n for n in os.listdir(tmp_path) if n.startswith("previous-")]
+    assert len(moved) == 1 and len(previous) == 1 and previous[0] in moved[0]
+    assert json.loads((tmp_path / previous[0] / "metrics.json").read_text()) == first  # the old results, kept
+    assert "model000002.pt" in os.listdir(tmp_path / previous[0] / "ct")
+    assert metrics["steps"] == 3 and sorted(n for n in os.listdir(tmp_path / "ct") if n.startswith("model")) == [
+        "model000003.pt"]  # a fresh run, not a resume
+
+
+def test_a_quickstart_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CM_DEBUG", raising=False)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        load_quickstart().main(["--steps", "2", "--out", str(tmp_path / "taken")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "taken" in err and "Traceback" not in err
