@@ -16,6 +16,7 @@ import torch
 
 from cm.image_datasets import load_data
 from cm.latent import Autoencoder, autoencoder_loss
+from cm.script_util import run_or_exit
 
 
 def parse_args(argv=None):
@@ -59,7 +60,12 @@ def train(opts):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
+    """Train and save the autoencoder; any failure ends in one 'error:' line (cm.script_util.run_or_exit)."""
+    return run_or_exit(train_and_save, parse_args(argv))
+
+
+def train_and_save(opts):
+    """Train the autoencoder of `opts` and write it to --output; returns that folder."""
     model = train(opts)
     model.save(opts.output)
     print(f"saved {os.path.join(opts.output, 'config.json')} (latents {opts.latent_channels} x "

@@ -2,6 +2,7 @@
 the previous file and no temporary one), a written checkpoint is fsynced with its folder, and a log dir of
 another run names the settings that differ."""
 
+import ast
 import errno
 import json
 import os
@@ -144,3 +145,23 @@ def test_an_export_folder_is_replaced_only_once_the_new_one_is_complete(tmp_path
     assert (target / "a.txt").read_text() == "one" and sorted(os.listdir(tmp_path)) == ["pipeline"]
     checkpoint_io.write_directory_atomically(target, lambda d: open(os.path.join(d, "b.txt"), "w").write("three"))
     assert os.listdir(target) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["pipeline"]
+
+
+ONE_LINE_ENTRIES = {"run_or_exit", "run_script", "main"}  # main: cm.train_cli.main, which calls run_script
+
+
+@pytest.mark.parametrize("script", sorted(
+    [os.path.join("scripts", n) for n in os.listdir(os.path.join(HERE, "..", "scripts")) if n.endswith(".py")]
+    + [os.path.join("evaluations", "evaluator.py")]))
+def test_every_script_ends_its_failures_in_one_line(script):
+    tree = ast.parse(open(os.path.join(HERE, "..", script)).read())
+    entry = [node for node in ast.walk(tree) if isinstance(node, ast.If) and "__main__" in ast.dump(node.test)]
+    assert entry, f"{script} has no __main__ block"
+    called = {getattr(c.func, "id", getattr(c.func, "attr", None)) for c in ast.walk(entry[0]) if isinstance(c, ast.Call)}
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    if "main" in called and "main" in functions:  # the script's own main: it must hand over to run_or_exit
+        called = {getattr(c.func, "id", getattr(c.func, "attr", None)) for c in ast.walk(functions["main"])
+                  if isinstance(c, ast.Call)}
+        assert called & {"run_or_exit", "run_script"}, f"{script}: main() does not go through run_or_exit"
+    else:
+        assert called & ONE_LINE_ENTRIES, f"{script}: its __main__ block calls {sorted(called)}"
