@@ -9,7 +9,7 @@ Backend: nccl on CUDA (one GPU per local rank), gloo on CPU. Start-up and collec
 CM_DIST_TIMEOUT seconds (default 600) instead of hanging. Work that rank 0 does alone (a checkpoint write, through
 `run_on_rank0`) is awaited outside any collective, for up to CM_SAVE_TIMEOUT seconds (default 3600), so a slow
 write is not taken for a lost rank. Failures end every rank within seconds: rank 0
-shares the outcome of what it does alone (`share_outcome`, e.g. a checkpoint write), and a failing rank
+shares the outcome of what it does alone (`share_outcome`, e.g. locking the log dir), and a failing rank
 exits at once (cm.errors), so the others' collectives fail on the closed connection.
 """
 
