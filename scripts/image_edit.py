@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cm import dist_util, editing, logger
+from cm.checkpoint_io import write_atomic
 from cm.image_util import (
     from_uint8,
     image_grid,
@@ -178,8 +179,7 @@ def run(args):
     torch.manual_seed(args.seed)  # the global RNG, used by --generator dummy
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
-    with open(os.path.join(log_dir, f"{args.task}_config.json"), "w") as f:
-        f.write(config_to_json(resolve_config(args)) + "\n")
+    write_atomic(config_to_json(resolve_config(args)) + "\n", os.path.join(log_dir, f"{args.task}_config.json"))
     if args.task == "interpolate":
         logger.log(f"interpolate with {args.model_path} on {device}; one step at sigma {args.sigma_max}")
         rows, after, before = run_interpolation(args, model, diffusion, device)

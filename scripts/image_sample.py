@@ -15,6 +15,7 @@ import torch
 
 
 from cm import dist_util, logger
+from cm.checkpoint_io import write_atomic
 from cm.image_util import (
     GRID_IMAGES,
     generate_samples,
@@ -106,8 +107,7 @@ def run(args):
     if args.use_fp16 and device.type == "cpu":
         logger.log("note: float16 convolutions are slow on CPU; --use_bf16 is the fast reduced precision there")
     if rank == 0:
-        with open(os.path.join(log_dir, "sample_config.json"), "w") as f:
-            f.write(config_to_json(resolve_config(args)) + "\n")
+        write_atomic(config_to_json(resolve_config(args)) + "\n", os.path.join(log_dir, "sample_config.json"))
     logger.log(
         f"sampling {args.num_samples} images ({args.sampler}"
         f"{', ts ' + ','.join(map(str, kwargs['ts'])) if kwargs['ts'] else ''}) from {args.model_path} on {device}, "

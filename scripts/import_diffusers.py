@@ -12,7 +12,7 @@ import os
 
 import yaml
 
-from cm.checkpoint_io import save_checkpoint
+from cm.checkpoint_io import save_checkpoint, write_atomic
 from cm.diffusers_interop import import_diffusers_folder
 from cm.script_util import (
     OneLineArgumentParser,
@@ -60,8 +60,7 @@ def run(args):
     config = flags_for_config(flags)
     flags_out = args.flags_out or os.path.splitext(args.output)[0] + ".yaml"
     save_checkpoint(model.state_dict(), args.output)
-    with open(flags_out, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
+    write_atomic(yaml.safe_dump(config, sort_keys=False), flags_out)
     print(f"wrote {args.output} and {flags_out}: image_sample.py --config {flags_out} --model_path {args.output}")
     return args.output, flags_out
 

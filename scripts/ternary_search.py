@@ -20,6 +20,7 @@ import torch
 
 
 from cm import dist_util, logger
+from cm.checkpoint_io import write_json_atomic
 from cm.image_util import (
     generate_samples,
     load_sampling_model,
@@ -137,8 +138,8 @@ def run(args):
     logger.log(f"best ts: {','.join(map(str, best_ts))} ({name} {values[best]:.4f}, {len(values)} probes)")
     result = {"best_ts": list(best_ts), "metric": name, "probes": {str(p): v for p, v in values.items()}}
     if rank == 0:
-        with open(os.path.join(log_dir, "ternary_search.json"), "w") as f:
-            json.dump({**result, "config": json.loads(config_to_json(resolve_config(args)))}, f, indent=2)
+        write_json_atomic({**result, "config": json.loads(config_to_json(resolve_config(args)))},
+                          os.path.join(log_dir, "ternary_search.json"))
     dist_util.barrier()
     return result
 
