@@ -165,3 +165,13 @@ def test_every_script_ends_its_failures_in_one_line(script):
         assert called & {"run_or_exit", "run_script"}, f"{script}: main() does not go through run_or_exit"
     else:
         assert called & ONE_LINE_ENTRIES, f"{script}: its __main__ block calls {sorted(called)}"
+
+
+def test_remote_writes_retry_a_bounded_number_of_times(monkeypatch, tmp_path):
+    configured = {}
+    monkeypatch.setattr(checkpoint_io.bf, "configure", lambda **kw: configured.update(kw))
+    monkeypatch.setattr(checkpoint_io, "_blobfile_configured", False)
+    monkeypatch.setattr(checkpoint_io.bf, "BlobFile", lambda path, mode: open(tmp_path / "blob", mode))
+    checkpoint_io.write_atomic(b"weights", "gs://bucket/model000001.pt")
+    assert configured["retry_limit"] == checkpoint_io.BLOB_RETRY_LIMIT > 0  # blobfile's default (None) retries forever
+    assert (tmp_path / "blob").read_bytes() == b"weights"
