@@ -35,6 +35,7 @@ started again with the same flags and carries on where it stopped (files already
 Unreadable images are skipped and counted; the summary names the first few.
 """
 
+import functools
 import io
 import json
 import os
@@ -440,9 +441,10 @@ class LatentWork:
         (uncompressed, so the trainer memory-maps it) and remove the work files; returns (mean, std)."""
         rows, labels = self.rows[: self.state["rows"]], self.labels[: self.state["rows"]]
         mean, std = channel_statistics(rows)
-        write_through_temporary(final, lambda f: np.savez(f, arr_0=rows, arr_1=labels, latent_scale=np.float32(scale),
-                                                          latent_mean=mean, latent_std=std))
-        del self.rows, self.labels, rows, labels  # unmapped before the files go
+        write_npz = functools.partial(np.savez, arr_0=rows, arr_1=labels, latent_scale=np.float32(scale),
+                                      latent_mean=mean, latent_std=std)
+        write_through_temporary(final, write_npz)
+        del self.rows, self.labels, rows, labels, write_npz  # unmapped before the files go
         for path in self.paths:
             os.remove(path)
         return mean, std
