@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
+from . import attention_jvp
+
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in at least float32 (stable under fp16/bf16; float64 stays float64)."""
@@ -174,11 +176,47 @@ def math_attention(q, k, v):
     return probs.to(v.dtype) @ v
 
 
+def math_attention_tangent(q, k, v, out, dq, dk, dv):
+    """Tangent of o = softmax(S) v, S = q k^T / sqrt(d), with P = softmax(S) materialised (O(T^2) memory).
+
+    dS = (dq k^T + q dk^T) / sqrt(d) and do = (P * dS) v - rowsum(P * dS) o + P dv; None tangents count as zero.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    d_scores = torch.zeros_like(scores)
+    if dq is not None:
+        d_scores = d_scores + (dq @ k.transpose(-1, -2)) * scale
+    if dk is not None:
+        d_scores = d_scores + (q @ dk.transpose(-1, -2)) * scale
+    weighted = probs * d_scores
+    d_out = weighted @ v - weighted.sum(-1, keepdim=True) * out
+    if dv is not None:
+        d_out = d_out + probs @ dv
+    return d_out.to(out.dtype)
+
+
+def flash_tangent_usable(q, k, v, dq, dk, dv):
+    """True when the tiled Triton kernel (cm.attention_jvp) gives the tangent: Triton on a CUDA device (or its CPU
+    interpreter), a dtype it takes, and a tangent that needs no gradient (the kernel has no backward)."""
+    if not attention_jvp.available(q.device) or q.dtype not in attention_jvp.DTYPES:
+        return False
+    tensors = [t for t in (q, k, v, dq, dk, dv) if t is not None]
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def flash_attention_tangent(q, k, v, dq, dk, dv):
+    """Tangent of attention from the tiled Triton kernel (O(T d) memory); None tangents count as zero."""
+    dq, dk, dv = (torch.zeros_like(p) if t is None else t.to(p.dtype) for p, t in ((q, dq), (k, dk), (v, dv)))
+    return attention_jvp.attention_jvp(q, k, v, dq, dk, dv)[1]
+
+
 class _AttentionWithJVP(torch.autograd.Function):
     """Attention whose value comes from the fused SDPA kernel and whose tangent has an explicit rule.
 
-    With P = softmax(S), S = q k^T / sqrt(d), o = P v: dS = (dq k^T + q dk^T) / sqrt(d) and
-    do = (P * dS) v - rowsum(P * dS) o + P dv. Backward recomputes math_attention.
+    The tangent comes from the tiled Triton kernel where it runs and needs no gradient (sCM's tangent under
+    torch.no_grad()), else from `math_attention_tangent`. Backward differentiates the value only: through the
+    fused SDPA kernel on CUDA (flash / memory-efficient backward), through math_attention elsewhere.
     """
 
     @staticmethod
@@ -193,26 +231,17 @@ class _AttentionWithJVP(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv):
         q, k, v, out = ctx.saved_tensors
-        scale = q.shape[-1] ** -0.5
-        scores = (q @ k.transpose(-1, -2)) * scale
-        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-        d_scores = torch.zeros_like(scores)
-        if dq is not None:
-            d_scores = d_scores + (dq @ k.transpose(-1, -2)) * scale
-        if dk is not None:
-            d_scores = d_scores + (q @ dk.transpose(-1, -2)) * scale
-        weighted = probs * d_scores
-        d_out = weighted @ v - weighted.sum(-1, keepdim=True) * out
-        if dv is not None:
-            d_out = d_out + probs @ dv
-        return d_out.to(out.dtype)
+        if flash_tangent_usable(q, k, v, dq, dk, dv):
+            return flash_attention_tangent(q, k, v, dq, dk, dv).to(out.dtype)
+        return math_attention_tangent(q, k, v, out, dq, dk, dv)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
+        attend = F.scaled_dot_product_attention if q.is_cuda else math_attention
         with torch.enable_grad():
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-            return torch.autograd.grad(math_attention(q, k, v), (q, k, v), grad_out)
+            return torch.autograd.grad(attend(q, k, v), (q, k, v), grad_out)
 
 
 # Up to this many tokens, the CPU's fused attention forward + backward is faster in float32 than in bfloat16
@@ -244,10 +273,12 @@ def scaled_dot_product_attention(q, k, v):
 
 
 def network_jvp(fn, primals, tangents):
-    """(fn(*primals), J_fn(primals) tangents): forward-mode derivative of a network call (torch.func.jvp).
+    """(fn(*primals), J_fn(primals) tangents): forward-mode derivative of a network call.
 
     Dropout draws its masks once and applies them to value and tangent alike; attention uses the JVP rule above
-    and gradient checkpointing is skipped. Wrap the call in torch.no_grad() when the tangent needs no gradient.
+    (the Triton kernel on CUDA) and gradient checkpointing is skipped. Wrap the call in torch.no_grad() when the
+    tangent needs no gradient. Runs on torch.autograd.forward_ad dual tensors, so custom rules see plain tensors
+    (torch.func.jvp would hand them functorch wrappers, which a Triton kernel cannot read).
     """
     primals, tangents = tuple(primals), tuple(tangents)
     if len(primals) != len(tangents):
@@ -255,8 +286,19 @@ def network_jvp(fn, primals, tangents):
     for p, t in zip(primals, tangents):
         if p.shape != t.shape:
             raise ValueError(f"tangent shape {tuple(t.shape)} does not match its primal's {tuple(p.shape)}")
-    tangents = tuple(t.to(p.dtype) for p, t in zip(primals, tangents))
-    return torch.func.jvp(fn, primals, tangents)
+    with fwAD.dual_level():
+        out = fn(*(fwAD.make_dual(p, t.to(p.dtype)) for p, t in zip(primals, tangents)))
+        return _split_duals(out)
+
+
+def _split_duals(out):
+    """(values, tangents) of a tensor or tuple of dual tensors; an output that does not depend on the inputs gets a
+    zero tangent."""
+    if isinstance(out, (tuple, list)):
+        pairs = [_split_duals(o) for o in out]
+        return type(out)(p for p, _ in pairs), type(out)(t for _, t in pairs)
+    value, tangent = fwAD.unpack_dual(out)
+    return value, torch.zeros_like(value) if tangent is None else tangent
 
 
 C_NOISE_SCALE = 1000.0  # the reference's rescaled time: c_noise = C_NOISE_SCALE * 0.25 * log(sigma)
