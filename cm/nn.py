@@ -1,5 +1,6 @@
 """Small layers and tensor helpers shared by the networks, losses and samplers."""
 
+import contextlib
 import math
 
 import torch
@@ -119,6 +120,18 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+def float32_time_embedding(enabled, device):
+    """Context in which, when `enabled`, autocast is off so the time embedding (sinusoidal features and the MLP
+    after them) runs in float32 under mixed precision; the float32 embedding then meets the half-precision body
+    (NVlabs/rcm#10: sCM's gradient-norm spikes under bf16 went away with a float32 time embedding)."""
+    return torch.autocast(torch.device(device).type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def at_least_float32(x):
+    """x in float32 unless it is float64 (the time embedding's input dtype under fp32_time_embedding)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def checkpoint(func, inputs, params, flag):
