@@ -262,9 +262,15 @@ def setup(z):
 
 
 def peak(z, dtype):
+    """This device's matrix-product FLOP/s in `dtype` (bench_reference.matmul_peak; one 256-wide product in the
+    smoke run, where a CPU without native bfloat16 would spend minutes on the large ones)."""
     key = ("peak", dtype)
     if key not in _SETUP:
-        _SETUP[key] = br.matmul_peak(z.device, dtype, repeats=4 if z.cuda else 1)
+        if z.cuda:
+            _SETUP[key] = br.matmul_peak(z.device, dtype, repeats=4)
+        else:
+            a = torch.randn(256, 256, dtype=dtype)
+            _SETUP[key] = 2 * 256**3 / min(time_call(lambda: a @ a, z.device) for _ in range(3))
     return _SETUP[key]
 
 

@@ -13,10 +13,11 @@ from cm.nn import network_jvp
 from cm.script_util import create_model, ncsnpp_defaults
 
 NETWORKS = {
-    "adm": dict(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+    # one resolution level, so few distinct block shapes (each shape is one Dynamo trace)
+    "adm": dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="8",
                 num_head_channels=16, use_scale_shift_norm=True, dropout=0.1),
     "ncsnpp": dict(ncsnpp_defaults(), model_type="ncsnpp", image_size=8, num_channels=16, num_res_blocks=1,
-                   channel_mult="1,2", attention_resolutions="4", dropout=0.1),
+                   channel_mult="1", attention_resolutions="8", dropout=0.1),
 }  # fmt: skip
 
 
@@ -43,7 +44,7 @@ def test_compiled_blocks_match_eager_outputs_and_gradients(name):
     eager = build(name)
     compiled = compile_blocks(copy.deepcopy(eager), backend="aot_eager")
     assert compiled_block_count(compiled) == sum(1 for _ in compiled.modules() if hasattr(_, "_cm_compile_settings"))
-    assert compiled_block_count(compiled) >= 4
+    assert compiled_block_count(compiled) >= 3
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 30.0])
     out, grads = step(eager, x, t)
