@@ -53,7 +53,7 @@ import bench_reference as br  # noqa: E402
 import bench_scm  # noqa: E402
 from timing import interleaved_seconds, time_call  # noqa: E402
 
-from cm import attention_jvp  # noqa: E402
+from cm import attention_jvp, logger  # noqa: E402
 from cm.compile import compile_blocks  # noqa: E402
 from cm.nn import math_attention, math_attention_tangent, scaled_dot_product_attention  # noqa: E402
 from cm.sampling import karras_sample  # noqa: E402
@@ -353,8 +353,6 @@ def main(args):
     if not z.cuda:
         torch.set_num_threads(1)  # tiny shapes: a second thread only waits (and a busy CPU makes it spin)
     torch.manual_seed(0)
-    from cm import logger
-
     logger.configure(dir=tempfile.mkdtemp(), format_strs=[])
     print(f"machine: {br.describe_machine(z.device)}")
     print(f"{'GPU check' if z.cuda else 'CPU smoke run (tiny shapes; numbers mean nothing)'}: {z.network} network, "

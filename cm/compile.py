@@ -1,4 +1,5 @@
-"""Regional compilation: torch.compile applied to each residual and attention block of a network (--compile).
+"""Regional compilation: torch.compile applied to each residual, attention or transformer block of a network
+(--compile).
 
 Each block is compiled in place (`nn.Module.compile`); blocks of one class and input shape share one compiled
 graph (parameters are graph inputs), so compile time grows with the number of distinct block shapes, not with
@@ -11,11 +12,12 @@ import types
 
 import torch
 
+from .dit import DiTBlock
 from .ncsnpp import AttnBlock, ResnetBlock
 from .nn import has_tangent
 from .unet import AttentionBlock, ResBlock
 
-BLOCK_TYPES = (ResBlock, AttentionBlock, ResnetBlock, AttnBlock)
+BLOCK_TYPES = (ResBlock, AttentionBlock, ResnetBlock, AttnBlock, DiTBlock)
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 
@@ -51,7 +53,7 @@ def compile_blocks(model, backend="inductor", dynamic=False, mode=None):
     if not blocks:
         raise ValueError(
             f"error: --compile found no residual or attention block in {type(model).__name__}; it compiles the "
-            "ADM UNet's and NCSN++'s blocks"
+            "blocks of the ADM UNet, NCSN++ and DiT"
         )
     for block in blocks:
         block._cm_compile_settings = (backend, dynamic, mode)
