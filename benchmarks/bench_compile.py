@@ -57,10 +57,12 @@ def main():
 
     first = time_call(lambda: train_step(compiled, x, t, opts["compiled"]), args.device)
     print(f"compile: first training step {first:.1f} s (forward and backward graphs)")
-    seconds = interleaved_seconds({name: (lambda r, m=m, o=opts[name]: train_step(m, x, t, o))
-                                   for name, m in (("eager", eager), ("compiled", compiled))}, args.repeats, args.device)
+    steps = {name: (lambda r, m=m, o=opts[name]: train_step(m, x, t, o))
+             for name, m in (("eager", eager), ("compiled", compiled))}  # fmt: skip
+    seconds = interleaved_seconds(steps, args.repeats, args.device)
     print(f"training step: eager {args.repeats / seconds['eager']:.2f} steps/s, compiled "
-          f"{args.repeats / seconds['compiled']:.2f} steps/s, compiled / eager {seconds['eager'] / seconds['compiled']:.2f}x")
+          f"{args.repeats / seconds['compiled']:.2f} steps/s, compiled / eager "
+          f"{seconds['eager'] / seconds['compiled']:.2f}x")
 
     with torch.inference_mode():
         start = time.perf_counter()

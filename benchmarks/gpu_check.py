@@ -12,9 +12,9 @@ JVP (error, time, peak memory); a one-process DDP step (NCCL; gloo on CPU); a on
 seconds, speed-up). Benchmarks (benchmarks/bench_reference.py and bench_scm.py do the building and timing): the
 ImageNet-64 CD step (ours in bf16 autocast; with --reference, the reference's fp16 step and the ratio), the sCD step
 (one JVP) against the CT step of the same network and batch, and one-step sampling, each with achieved TFLOP/s and
-the fraction of this device's measured matrix-product peak. The CPU smoke run uses a tiny network (8 px) at batch 2 on one thread,
-Triton's interpreter and compiles with aot_eager (inductor's C++ build takes minutes on a small CPU); its numbers
-mean nothing beyond "it runs". Exits 1 when a check fails.
+the fraction of this device's measured matrix-product peak. The CPU smoke run uses a tiny network (8 px) at
+batch 2 on one thread, Triton's interpreter, and compiles with aot_eager (inductor's C++ build takes minutes on a
+small CPU); its numbers mean nothing beyond "it runs". Exits 1 when a check fails.
 """
 
 import argparse
@@ -158,7 +158,8 @@ def check_triton_jvp(z):
     for dtype, tolerance in ((torch.float32, 1e-4), (z.half, 2e-2)):
         q, k, v, dq, dk, dv = (torch.randn(z.attention, generator=g).to(z.device, dtype) for _ in range(6))
         with torch.no_grad():
-            (_, tangent, _), kernel_bytes = peak_memory(lambda: attention_jvp.attention_jvp(q, k, v, dq, dk, dv), z.device)
+            kernel = lambda: attention_jvp.attention_jvp(q, k, v, dq, dk, dv)  # noqa: E731
+            (_, tangent, _), kernel_bytes = peak_memory(kernel, z.device)
             out = F.scaled_dot_product_attention(q, k, v)
             want, math_bytes = peak_memory(lambda: math_attention_tangent(q, k, v, out, dq, dk, dv), z.device)
             exact = math_attention_tangent(*(t.double() for t in (q, k, v, out, dq, dk, dv)))
@@ -169,7 +170,8 @@ def check_triton_jvp(z):
         err = ((tangent.double() - exact).norm() / exact.norm()).item()
         ok &= err < tolerance
         mem = f", memory {kernel_bytes / 2**20:.0f} MiB vs {math_bytes / 2**20:.0f} MiB" if kernel_bytes else ""
-        parts.append(f"{str(dtype)[6:]}: rel. error {err:.1e} (math {((want.double() - exact).norm() / exact.norm()):.1e}), "
+        math_err = ((want.double() - exact).norm() / exact.norm()).item()
+        parts.append(f"{str(dtype)[6:]}: rel. error {err:.1e} (math {math_err:.1e}), "
                      f"{seconds['kernel'] * 1e3:.2f} ms vs math {seconds['math'] * 1e3:.2f} ms{mem}")
     return ok, f"{tuple(z.attention)} " + "; ".join(parts)
 
@@ -275,7 +277,8 @@ def peak(z, dtype):
 
 
 def rate(flops, seconds, z, dtype):
-    return f"{flops / seconds / 1e12:.2f} TFLOP/s = {100 * flops / seconds / peak(z, dtype):.0f}% of {str(dtype)[6:]} peak"
+    share = 100 * flops / seconds / peak(z, dtype)
+    return f"{flops / seconds / 1e12:.2f} TFLOP/s = {share:.0f}% of {str(dtype)[6:]} peak"
 
 
 def bench_cd_step(z):
@@ -289,7 +292,8 @@ def bench_cd_step(z):
         calls["reference"] = br.reference_train_step(s, "cd", model, teacher)
     seconds = br.time_pair(calls, z.repeats, z.device)
     flops = br.count_flops(lambda: ours(0))
-    detail = f"{z.network} batch {z.batch}: {1 / seconds['ours']:.2f} steps/s, {rate(flops, seconds['ours'], z, z.half)}"
+    detail = f"{z.network} batch {z.batch}: {1 / seconds['ours']:.2f} steps/s, "
+    detail += rate(flops, seconds["ours"], z, z.half)
     if "reference" in seconds:
         detail += (f"; reference fp16 {1 / seconds['reference']:.2f} steps/s, ours / reference "
                    f"{seconds['reference'] / seconds['ours']:.2f}x")

@@ -62,7 +62,8 @@ def _kernel():
         Q, K, V, DQ, DK, DV, O, DO, LSE,
         stride_qb, stride_qt, stride_kb, stride_kt, stride_ob, stride_ot,
         len_q, len_k, head_dim, scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         batch = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,7 +95,8 @@ def _kernel():
                 k, v, dk, dv = k.to(tl.float32), v.to(tl.float32), dk.to(tl.float32), dv.to(tl.float32)
             # scores and their tangent for this tile
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            ds = (tl.dot(dq, tl.trans(k), input_precision=PRECISION) + tl.dot(q, tl.trans(dk), input_precision=PRECISION)) * scale
+            ds = tl.dot(dq, tl.trans(k), input_precision=PRECISION)
+            ds = (ds + tl.dot(q, tl.trans(dk), input_precision=PRECISION)) * scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             # online softmax: move the running max, rescale what was carried
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -133,7 +135,9 @@ def _check(q, k, v, dq, dk, dv):
         )
     for name, (primal, tangent) in {"q": (q, dq), "k": (k, dk), "v": (v, dv)}.items():
         if tangent.shape != primal.shape:
-            raise ValueError(f"error: tangent d{name} has shape {tuple(tangent.shape)}, its primal {tuple(primal.shape)}")
+            raise ValueError(
+                f"error: tangent d{name} has shape {tuple(tangent.shape)}, its primal {tuple(primal.shape)}"
+            )
     if len({t.dtype for t in (q, k, v, dq, dk, dv)}) != 1 or q.dtype not in DTYPES:
         raise ValueError(
             f"error: q, k, v and their tangents must share one dtype of {', '.join(map(str, DTYPES))}, got "

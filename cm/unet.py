@@ -649,7 +649,8 @@ class UNetModel(HalfPrecisionBody, nn.Module):
             timesteps = at_least_float32(timesteps)
         features = timestep_embedding(timesteps, self.model_channels)
         if self.guidance_embed:
-            features = features + self.guidance_proj(guidance_features(guidance, self.model_channels).to(features.dtype))
+            guidance_emb = guidance_features(guidance, self.model_channels).to(features.dtype)
+            features = features + self.guidance_proj(guidance_emb)
         emb = self.time_embed(features)
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)

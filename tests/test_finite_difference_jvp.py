@@ -27,7 +27,8 @@ def test_error_against_the_exact_jvp(name, dtype):
     assert fd.dtype == fd_value.dtype == dtype
     assert tangent_error < TOLERANCE[dtype][0] and value_error < TOLERANCE[dtype][1]
     torch.set_rng_state(state)
-    exact_value, _ = finite_difference_jvp(net, (x.to(dtype), t.to(dtype)), (dx.to(dtype), dt.to(dtype)), exact_value=True)
+    primals, tangents = (x.to(dtype), t.to(dtype)), (dx.to(dtype), dt.to(dtype))
+    exact_value, _ = finite_difference_jvp(net, primals, tangents, exact_value=True)
     assert relative_error(exact_value, value) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-ROWS = ("fp16 loss scaling", "bf16 autocast", "SDPA flash / efficient", "Triton attention JVP", "DDP step", "FSDP2 step",
-        "--compile", "ImageNet-64 CD step", "JVP step (sCD) vs CT", "one-step sampling")  # fmt: skip
+ROWS = ("fp16 loss scaling", "bf16 autocast", "SDPA flash / efficient", "Triton attention JVP", "DDP step",
+        "FSDP2 step", "--compile", "ImageNet-64 CD step", "JVP step (sCD) vs CT", "one-step sampling")
 
 
 def test_cpu_smoke_run_exercises_every_row():
