@@ -63,6 +63,10 @@ NETWORKS = {
     "digits": dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="4", channel_mult="1,2,2",
                    num_heads=4, num_head_channels=32, use_scale_shift_norm=True, resblock_updown=False,
                    class_cond=False, dropout=0.0),
+    # a tiny ADM UNet for smoke runs (8 px, 32 channels, attention at 4 px)
+    "tiny": dict(image_size=8, num_channels=32, num_res_blocks=1, attention_resolutions="4", channel_mult="1,2",
+                 num_heads=4, num_head_channels=16, use_scale_shift_norm=True, resblock_updown=False,
+                 class_cond=False, dropout=0.0),
     # the released ImageNet-64 consistency models (scripts/launch.sh of the reference)
     "imagenet64": dict(image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
                        channel_mult="", num_heads=4, num_head_channels=64, use_scale_shift_norm=True,

@@ -25,6 +25,7 @@ from .editing import TASKS
 from .karras_diffusion import DEFAULT_TEACHER_SOLVER, INDEX_SAMPLERS, TEACHER_SOLVERS, WEIGHT_SCHEDULES
 from .metrics import LOSS_NORMS
 from .networks import MODEL_TYPES, NUM_CLASSES
+from .nn import JVP_METHODS
 from .random_util import GENERATORS
 from .sampling import SAMPLERS
 from .schedules import SCALE_MODES, TARGET_EMA_MODES
@@ -99,6 +100,8 @@ SHARED_FLAGS = {
             ("logvar_channels", 0, "width of sCM's log-variance head u(t) of the adaptive weighting, a submodule "
              "logvar_head of the network (0: none, the reference's parameters)", None),
             ("resblock_updown", False, "residual blocks for up/downsampling", None),
+            ("fp32_time_embedding", False, "compute the time embedding (sinusoidal features and their MLP) in float32 "
+             "under mixed precision (NVlabs/rcm#10; no parameters change, off: the reference's precision)", None),
             ("use_fp16", False, "float16 network body with fp32 master weights and dynamic loss scaling", None),
             ("use_new_attention_order", False, "(three, heads, dim) qkv layout regardless of attention_type", None),
             ("attention_type", "flash", "qkv channel layout: flash or legacy (the reference's two; released "
@@ -200,6 +203,9 @@ SHARED_FLAGS = {
             ("batch_size", -1, "images per step (training; -1: global_batch_size / ranks) or per forward pass "
              "(sampling) on each rank", None),
             ("seed", 0, "random seed (same seed and flags give the same run)", None),
+            ("jvp", "exact", "how the JVP modes take the network's time derivative: exact (forward-mode AD, the Triton "
+             "attention kernel on CUDA) or finite_difference (two forwards with the same dropout masks, cm.nn)",
+             tuple(JVP_METHODS)),
         ),
         *flag_rows(
             "run",
@@ -207,6 +213,8 @@ SHARED_FLAGS = {
              "training reruns resume from it", None),
             ("device", "auto", "auto (GPU of this rank if any), cpu or cuda", DEVICES),
             ("dry_run", False, "print the resolved configuration as JSON and exit", None),
+            ("compile", False, "torch.compile each residual / attention block once and reuse it (cm.compile; the "
+             "first steps pay the compile time)", None),
             ("allow_config_change", False, "resume a log dir whose checkpoints were made with other settings, using "
              "the new ones (without it such a resume stops and names the settings that differ)", None),
             affects_result=False,
@@ -296,6 +304,8 @@ SCRIPT_FLAGS = {
     "edit": _SCRIPT_COMMON + names_in("edit") + ("num_samples", "ts"),
     "search": _SCRIPT_COMMON + names_in("search") + ("num_samples",),
 }
+# regional compilation of the network (cm.compile) where it is run many times
+SCRIPT_FLAGS["sample"] += ("compile",)
 SCRIPT_DEFAULTS = {
     "train": {},
     "sample": dict(training_mode="edm", batch_size=16),

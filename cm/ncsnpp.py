@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .half_precision import HalfPrecisionBody
-from .nn import C_NOISE_SCALE, GroupNorm32, scaled_dot_product_attention
+from .nn import C_NOISE_SCALE, GroupNorm32, at_least_float32, float32_time_embedding, scaled_dot_product_attention
 
 RESBLOCK_TYPES = ("biggan", "ddpm")
 PROGRESSIVE_MODES = ("none", "output_skip", "residual")
@@ -576,6 +576,8 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
     :param num_classes: number of classes for class conditioning (None: unconditional); the label
         embedding is added to the time embedding.
     :param use_fp16: start with dtype float16 (call convert_to_fp16 as well; the trainer does).
+    :param fp32_time_embedding: compute the noise-level (and label) embedding in float32 under autocast
+        (cm.nn.float32_time_embedding); off, the reference's precision. Parameters are the same either way.
     """
 
     def __init__(
@@ -602,6 +604,7 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
         init_scale=0.0,
         num_classes=None,
         use_fp16=False,
+        fp32_time_embedding=False,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
@@ -622,6 +625,7 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
         self.progressive = progressive
         self.progressive_input = progressive_input
         self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.fp32_time_embedding = fp32_time_embedding
 
         # noise-level (and label) embedding
         self.noise_embed = NoiseEmbedding(nf, embedding_type, fourier_scale)
@@ -713,12 +717,15 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
                 "pass class labels y if and only if the model is class-conditional "
                 f"(num_classes={self.num_classes}, y {'given' if y is not None else 'missing'})"
             )
-        temb = self.temb_mlp(self.noise_embed(timesteps)) if self.conditional else None
-        if y is not None:
-            if y.shape != (batch,):
-                raise ValueError(f"labels y must have shape ({batch},), got {tuple(y.shape)}")
-            label = self.label_emb(y)
-            temb = label if temb is None else temb + label
+        if y is not None and y.shape != (batch,):
+            raise ValueError(f"labels y must have shape ({batch},), got {tuple(y.shape)}")
+        with float32_time_embedding(self.fp32_time_embedding, timesteps.device):
+            if self.fp32_time_embedding:
+                timesteps = at_least_float32(timesteps)
+            temb = self.temb_mlp(self.noise_embed(timesteps)) if self.conditional else None
+            if y is not None:
+                label = self.label_emb(y)
+                temb = label if temb is None else temb + label
         return temb
 
     def forward(self, x, timesteps, y=None):
@@ -778,6 +785,7 @@ def create_ncsnpp_model(
     fourier_scale,
     init_scale,
     resamp_with_conv,
+    fp32_time_embedding=False,
 ):
     """Build a noise-conditional NCSNpp from the command-line flags (num_channels is nf; resolutions in pixels)."""
     return NCSNpp(
@@ -802,6 +810,7 @@ def create_ncsnpp_model(
         fourier_scale=fourier_scale,
         init_scale=init_scale,
         num_classes=num_classes,
+        fp32_time_embedding=fp32_time_embedding,
     )
 
 
@@ -814,4 +823,4 @@ def _keyword_defaults(cls, leave_out):
 # The CIFAR-10 network of openai/consistency_models_cifar10 (configs/cifar10_ve_cd.py, cifar10_ve_ct_*.py), which
 # NCSNpp's defaults are: its keyword arguments, also the NCSN++ flag defaults of cm.script_util.
 CIFAR10_CONFIG = _keyword_defaults(NCSNpp, leave_out=("in_channels", "out_channels", "conditional", "num_classes",
-                                                      "use_fp16"))
+                                                      "use_fp16", "fp32_time_embedding"))

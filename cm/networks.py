@@ -81,6 +81,7 @@ def create_model(
     adaptive_double_norm=False,
     logvar_channels=0,
     dit_size="B/2",
+    fp32_time_embedding=False,
     **ncsnpp_options,
 ):
     """Build the network named by model_type from flag values (ADM UNet by default, as the reference); with
@@ -90,6 +91,9 @@ def create_model(
     if model_type == "dit":  # the UNets' width, level and attention flags do not apply
         if adaptive_double_norm:
             raise ValueError("--adaptive_double_norm acts on the ADM UNet's scale-shift blocks; DiT uses adaLN-Zero")
+        if fp32_time_embedding:
+            raise ValueError("--fp32_time_embedding is an option of the ADM UNet and NCSN++; use --model_type adm or "
+                             "ncsnpp, or --fp32_time_embedding false")
         network = create_dit_model(
             dit_size, image_size, in_channels, 2 * in_channels if learn_sigma else in_channels, dropout=dropout,
             num_classes=num_classes if class_cond else None, null_class=null_class, guidance_embed=guidance_embed,
@@ -115,6 +119,7 @@ def create_model(
             num_classes=num_classes if class_cond else None,
             in_channels=in_channels,
             out_channels=out_channels,
+            fp32_time_embedding=fp32_time_embedding,
             **ncsnpp_options,
         )
         return add_logvar_head(network, logvar_channels)
@@ -140,6 +145,7 @@ def create_model(
         null_class=null_class,
         guidance_embed=guidance_embed,
         adaptive_double_norm=adaptive_double_norm,
+        fp32_time_embedding=fp32_time_embedding,
     )
     return add_logvar_head(network, logvar_channels)
 

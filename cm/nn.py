@@ -1,5 +1,6 @@
 """Small layers and tensor helpers shared by the networks, losses and samplers."""
 
+import contextlib
 import math
 
 import torch
@@ -7,6 +8,9 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+from . import attention_jvp
+from .random_util import DeviceRNG
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -118,6 +122,18 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     return embedding
 
 
+def float32_time_embedding(enabled, device):
+    """Context in which, when `enabled`, autocast is off so the time embedding (sinusoidal features and the MLP
+    after them) runs in float32 under mixed precision; the float32 embedding then meets the half-precision body
+    (NVlabs/rcm#10: sCM's gradient-norm spikes under bf16 went away with a float32 time embedding)."""
+    return torch.autocast(torch.device(device).type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def at_least_float32(x):
+    """x in float32 unless it is float64 (the time embedding's input dtype under fp32_time_embedding)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def checkpoint(func, inputs, params, flag):
     """Run func(*inputs), recomputing activations in backward when flag is set (gradient checkpointing).
 
@@ -174,11 +190,47 @@ def math_attention(q, k, v):
     return probs.to(v.dtype) @ v
 
 
+def math_attention_tangent(q, k, v, out, dq, dk, dv):
+    """Tangent of o = softmax(S) v, S = q k^T / sqrt(d), with P = softmax(S) materialised (O(T^2) memory).
+
+    dS = (dq k^T + q dk^T) / sqrt(d) and do = (P * dS) v - rowsum(P * dS) o + P dv; None tangents count as zero.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    d_scores = torch.zeros_like(scores)
+    if dq is not None:
+        d_scores = d_scores + (dq @ k.transpose(-1, -2)) * scale
+    if dk is not None:
+        d_scores = d_scores + (q @ dk.transpose(-1, -2)) * scale
+    weighted = probs * d_scores
+    d_out = weighted @ v - weighted.sum(-1, keepdim=True) * out
+    if dv is not None:
+        d_out = d_out + probs @ dv
+    return d_out.to(out.dtype)
+
+
+def flash_tangent_usable(q, k, v, dq, dk, dv):
+    """True when the tiled Triton kernel (cm.attention_jvp) gives the tangent: Triton on a CUDA device (or its CPU
+    interpreter), a dtype it takes, and a tangent that needs no gradient (the kernel has no backward)."""
+    if not attention_jvp.available(q.device) or q.dtype not in attention_jvp.DTYPES:
+        return False
+    tensors = [t for t in (q, k, v, dq, dk, dv) if t is not None]
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def flash_attention_tangent(q, k, v, dq, dk, dv):
+    """Tangent of attention from the tiled Triton kernel (O(T d) memory); None tangents count as zero."""
+    dq, dk, dv = (torch.zeros_like(p) if t is None else t.to(p.dtype) for p, t in ((q, dq), (k, dk), (v, dv)))
+    return attention_jvp.attention_jvp(q, k, v, dq, dk, dv)[1]
+
+
 class _AttentionWithJVP(torch.autograd.Function):
     """Attention whose value comes from the fused SDPA kernel and whose tangent has an explicit rule.
 
-    With P = softmax(S), S = q k^T / sqrt(d), o = P v: dS = (dq k^T + q dk^T) / sqrt(d) and
-    do = (P * dS) v - rowsum(P * dS) o + P dv. Backward recomputes math_attention.
+    The tangent comes from the tiled Triton kernel where it runs and needs no gradient (sCM's tangent under
+    torch.no_grad()), else from `math_attention_tangent`. Backward differentiates the value only: through the
+    fused SDPA kernel on CUDA (flash / memory-efficient backward), through math_attention elsewhere.
     """
 
     @staticmethod
@@ -193,26 +245,17 @@ class _AttentionWithJVP(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv):
         q, k, v, out = ctx.saved_tensors
-        scale = q.shape[-1] ** -0.5
-        scores = (q @ k.transpose(-1, -2)) * scale
-        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-        d_scores = torch.zeros_like(scores)
-        if dq is not None:
-            d_scores = d_scores + (dq @ k.transpose(-1, -2)) * scale
-        if dk is not None:
-            d_scores = d_scores + (q @ dk.transpose(-1, -2)) * scale
-        weighted = probs * d_scores
-        d_out = weighted @ v - weighted.sum(-1, keepdim=True) * out
-        if dv is not None:
-            d_out = d_out + probs @ dv
-        return d_out.to(out.dtype)
+        if flash_tangent_usable(q, k, v, dq, dk, dv):
+            return flash_attention_tangent(q, k, v, dq, dk, dv).to(out.dtype)
+        return math_attention_tangent(q, k, v, out, dq, dk, dv)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
+        attend = F.scaled_dot_product_attention if q.is_cuda else math_attention
         with torch.enable_grad():
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-            return torch.autograd.grad(math_attention(q, k, v), (q, k, v), grad_out)
+            return torch.autograd.grad(attend(q, k, v), (q, k, v), grad_out)
 
 
 # Up to this many tokens, the CPU's fused attention forward + backward is faster in float32 than in bfloat16
@@ -244,19 +287,100 @@ def scaled_dot_product_attention(q, k, v):
 
 
 def network_jvp(fn, primals, tangents):
-    """(fn(*primals), J_fn(primals) tangents): forward-mode derivative of a network call (torch.func.jvp).
+    """(fn(*primals), J_fn(primals) tangents): forward-mode derivative of a network call.
 
     Dropout draws its masks once and applies them to value and tangent alike; attention uses the JVP rule above
-    and gradient checkpointing is skipped. Wrap the call in torch.no_grad() when the tangent needs no gradient.
+    (the Triton kernel on CUDA) and gradient checkpointing is skipped. Wrap the call in torch.no_grad() when the
+    tangent needs no gradient. Runs on torch.autograd.forward_ad dual tensors, so custom rules see plain tensors
+    (torch.func.jvp would hand them functorch wrappers, which a Triton kernel cannot read).
     """
     primals, tangents = tuple(primals), tuple(tangents)
+    _check_primals_and_tangents(primals, tangents)
+    with fwAD.dual_level():
+        out = fn(*(fwAD.make_dual(p, t.to(p.dtype)) for p, t in zip(primals, tangents)))
+        return _split_duals(out)
+
+
+def _split_duals(out):
+    """(values, tangents) of a tensor or tuple of dual tensors; an output that does not depend on the inputs gets a
+    zero tangent."""
+    if isinstance(out, (tuple, list)):
+        pairs = [_split_duals(o) for o in out]
+        return type(out)(p for p, _ in pairs), type(out)(t for _, t in pairs)
+    value, tangent = fwAD.unpack_dual(out)
+    return value, torch.zeros_like(value) if tangent is None else tangent
+
+
+def _check_primals_and_tangents(primals, tangents):
+    """One tangent per primal, of its shape."""
     if len(primals) != len(tangents):
-        raise ValueError(f"network_jvp needs one tangent per primal, got {len(primals)} and {len(tangents)}")
+        raise ValueError(f"jvp needs one tangent per primal, got {len(primals)} and {len(tangents)}")
     for p, t in zip(primals, tangents):
         if p.shape != t.shape:
             raise ValueError(f"tangent shape {tuple(t.shape)} does not match its primal's {tuple(p.shape)}")
-    tangents = tuple(t.to(p.dtype) for p, t in zip(primals, tangents))
-    return torch.func.jvp(fn, primals, tangents)
+
+
+def finite_difference_step(t, dtype, relative_step=None, min_time=1e-2):
+    """Per-sample step h = relative_step * max(|t|, min_time) of a central difference (relative to the time t).
+
+    The default relative_step eps^(1/3) of `dtype` balances the O(h^2) truncation error against the O(eps / h)
+    rounding error of a central difference (about 5e-3 for float32, 6e-6 for float64).
+    """
+    if relative_step is None:
+        relative_step = torch.finfo(dtype).eps ** (1 / 3)
+    if relative_step <= 0 or min_time <= 0:
+        raise ValueError(f"relative_step and min_time must be > 0, got {relative_step} and {min_time}")
+    return relative_step * t.detach().abs().to(torch.float64).clamp(min=min_time)
+
+
+def finite_difference_jvp(fn, primals, tangents, time_argnum=-1, relative_step=None, min_time=1e-2, exact_value=False):
+    """(value, tangent) like `network_jvp`, from two forwards: the central difference
+    (fn(p + h dp) - fn(p - h dp)) / 2h combined in float64, and the value (fn(p + h dp) + fn(p - h dp)) / 2
+    (or, with exact_value, a third forward fn(p)).
+
+    Every forward draws the same dropout masks (DeviceRNG replay) and the RNG then goes on as after one forward. The
+    step h (`finite_difference_step`) is per sample, relative to |t| = |primals[time_argnum]| (a [B] or scalar
+    tensor). Truncation error is O(h^2) for tangent and midpoint value; use it for networks or parallel wrappers
+    forward-mode AD cannot pass through.
+    """
+    primals, tangents = tuple(primals), tuple(tangents)
+    _check_primals_and_tangents(primals, tangents)
+    t = primals[time_argnum]
+    if t.ndim > 1:
+        raise ValueError(
+            f"error: the time primal (argument {time_argnum}) must be [B] or a scalar, got {tuple(t.shape)}"
+        )
+    if any(p.ndim < t.ndim or (t.ndim and p.shape[0] != t.shape[0]) for p in primals):
+        raise ValueError(f"error: every primal must lead with the time's batch dim {tuple(t.shape)}; got "
+                         f"{[tuple(p.shape) for p in primals]}")  # fmt: skip
+    h = finite_difference_step(t, primals[0].dtype, relative_step, min_time)
+
+    def shifted(sign):
+        return tuple(p + sign * append_dims(h, p.ndim).to(p.dtype) * d.to(p.dtype) for p, d in zip(primals, tangents))
+
+    rng = DeviceRNG(primals[0].device)
+    state = rng.get_state()
+    plus = fn(*shifted(1.0))
+    with rng.replaying(state):
+        minus = fn(*shifted(-1.0))
+    value, tangent = _combine_central(plus, minus, h)
+    if exact_value:
+        with rng.replaying(state):
+            value = fn(*primals)
+    return value, tangent
+
+
+def _combine_central(plus, minus, h):
+    """((plus + minus) / 2, (plus - minus) / 2h) in float64, returned in the outputs' dtype; tuples element-wise."""
+    if isinstance(plus, (tuple, list)):
+        pairs = [_combine_central(a, b, h) for a, b in zip(plus, minus)]
+        return type(plus)(v for v, _ in pairs), type(plus)(d for _, d in pairs)
+    a, b = plus.double(), minus.double()
+    step = append_dims(h, a.ndim) if h.ndim else h
+    return ((a + b) / 2).to(plus.dtype), ((a - b) / (2 * step)).to(plus.dtype)
+
+
+JVP_METHODS = {"exact": network_jvp, "finite_difference": finite_difference_jvp}
 
 
 C_NOISE_SCALE = 1000.0  # the reference's rescaled time: c_noise = C_NOISE_SCALE * 0.25 * log(sigma)

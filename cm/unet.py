@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 from .half_precision import HalfPrecisionBody
 from .nn import (
+    at_least_float32,
     avg_pool_nd,
     checkpoint,
     conv_nd,
+    float32_time_embedding,
     linear,
     normalization,
     pixel_norm,
@@ -479,6 +481,8 @@ class UNetModel(HalfPrecisionBody, nn.Module):
     :param guidance_embed: the network also takes a guidance scale w [N] (`guidance=`), embedded like a time and
         projected by a zero-initialised layer onto the time features (LCM, Luo et al. 2023, Sec. 4.2); off, the
         parameters are the reference's.
+    :param fp32_time_embedding: compute the time (and label, guidance) embedding in float32 under autocast
+        (cm.nn.float32_time_embedding); off, the reference's precision. Parameters are the same either way.
     """
 
     def __init__(
@@ -506,6 +510,7 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         adaptive_double_norm=False,
         null_class=False,
         guidance_embed=False,
+        fp32_time_embedding=False,
     ):
         super().__init__()
         if null_class and num_classes is None:
@@ -538,6 +543,7 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         self.conv_resample = conv_resample
         self.num_classes = num_classes
         self.null_label = num_classes if null_class else None
+        self.fp32_time_embedding = fp32_time_embedding
         self.guidance_embed = guidance_embed
         self.use_checkpoint = use_checkpoint
         self.dtype = torch.float16 if use_fp16 else torch.float32
@@ -637,6 +643,19 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         """The parts that convert_to_fp16 runs in half precision (the embeddings and the output head stay)."""
         return (self.input_blocks, self.middle_block, self.output_blocks)
 
+    def embed(self, timesteps, y=None, guidance=None):
+        """The conditioning vector emb [N, 4 model_channels] of timesteps, labels and guidance scales."""
+        if self.fp32_time_embedding:
+            timesteps = at_least_float32(timesteps)
+        features = timestep_embedding(timesteps, self.model_channels)
+        if self.guidance_embed:
+            guidance_emb = guidance_features(guidance, self.model_channels).to(features.dtype)
+            features = features + self.guidance_proj(guidance_emb)
+        emb = self.time_embed(features)
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        return emb
+
     def forward(self, x, timesteps, y=None, guidance=None):
         """Apply the UNet to x [N, C, ...] at timesteps [N] (rescaled noise levels), labels y [N], guidance scales
         guidance [N] (models with guidance_embed)."""
@@ -650,14 +669,10 @@ class UNetModel(HalfPrecisionBody, nn.Module):
                 "pass guidance scales if and only if the model was built with guidance_embed "
                 f"(guidance_embed={self.guidance_embed}, guidance {'given' if guidance is not None else 'missing'})"
             )
-        features = timestep_embedding(timesteps, self.model_channels)
-        if self.guidance_embed:
-            features = features + self.guidance_proj(guidance_features(guidance, self.model_channels).to(features.dtype))
-        emb = self.time_embed(features)
-        if self.num_classes is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-            emb = emb + self.label_emb(y)
+        if self.num_classes is not None and y.shape != (x.shape[0],):
+            raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        with float32_time_embedding(self.fp32_time_embedding, x.device):
+            emb = self.embed(timesteps, y, guidance)
 
         hs = []
         h = x.type(self.body_dtype())

@@ -1,0 +1,79 @@
+"""--compile (regional compilation, cm.compile) against eager: one training step (forward, backward, Adam) and
+one-step sampling of a network, timed in turns, plus the compile seconds the first calls pay.
+
+    python benchmarks/bench_compile.py                        # the digits net (configs/digits_ct.yaml), batch 32
+    python benchmarks/bench_compile.py --network small        # the 32 px comparison net, batch 8
+    python benchmarks/bench_compile.py --backend aot_eager    # Dynamo + AOT autograd only (no code generation)
+
+Prints steps/s and images/s of both and the ratio compiled / eager; asserts nothing.
+"""
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_reference import NETWORKS, describe_machine, fill_zero_parameters  # noqa: E402
+from timing import interleaved_seconds, time_call  # noqa: E402
+
+from cm.compile import compile_blocks  # noqa: E402
+from cm.script_util import create_model  # noqa: E402
+
+BATCH = {"digits": 32, "small": 8, "tiny": 8, "imagenet64": 64}
+
+
+def train_step(model, x, t, opt):
+    """One forward / backward / Adam step of a regression loss on the network's output."""
+    opt.zero_grad(set_to_none=True)
+    model(x, t).square().mean().backward()
+    opt.step()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--network", choices=sorted(NETWORKS), default="digits")
+    p.add_argument("--backend", default="inductor")
+    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    batch = args.batch or BATCH[args.network]
+    net = {k: v for k, v in NETWORKS[args.network].items()}
+    eager = create_model(**net).to(args.device)
+    fill_zero_parameters(eager)
+    compiled = compile_blocks(copy.deepcopy(eager), backend=args.backend)
+    size = net["image_size"]
+    x, t = torch.randn(batch, 3, size, size, device=args.device), torch.rand(batch, device=args.device) * 10
+    opts = {name: torch.optim.Adam(m.parameters(), lr=1e-5) for name, m in (("eager", eager), ("compiled", compiled))}
+    print(f"machine: {describe_machine(args.device)}")
+    print(f"network {args.network}, batch {batch}, backend {args.backend}, {args.repeats} timed repeats")
+
+    first = time_call(lambda: train_step(compiled, x, t, opts["compiled"]), args.device)
+    print(f"compile: first training step {first:.1f} s (forward and backward graphs)")
+    steps = {name: (lambda r, m=m, o=opts[name]: train_step(m, x, t, o))
+             for name, m in (("eager", eager), ("compiled", compiled))}  # fmt: skip
+    seconds = interleaved_seconds(steps, args.repeats, args.device)
+    print(f"training step: eager {args.repeats / seconds['eager']:.2f} steps/s, compiled "
+          f"{args.repeats / seconds['compiled']:.2f} steps/s, compiled / eager "
+          f"{seconds['eager'] / seconds['compiled']:.2f}x")
+
+    with torch.inference_mode():
+        start = time.perf_counter()
+        compiled(x, t)
+        print(f"compile: first inference forward {time.perf_counter() - start:.1f} s")
+        seconds = interleaved_seconds({"eager": lambda r: eager(x, t), "compiled": lambda r: compiled(x, t)},
+                                      args.repeats, args.device)
+    print(f"one-step sampling forward: eager {batch * args.repeats / seconds['eager']:.1f} images/s, compiled "
+          f"{batch * args.repeats / seconds['compiled']:.1f} images/s, compiled / eager "
+          f"{seconds['eager'] / seconds['compiled']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
