@@ -125,22 +125,22 @@ def _check(q, k, v, dq, dk, dv):
     """One-line errors for inputs the kernel cannot take."""
     if not available(q.device):
         raise RuntimeError(
-            f"error: the Triton attention JVP needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); got "
+            f"the Triton attention JVP needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); got "
             f"{q.device.type} with Triton {'installed' if _triton() else 'missing'}: use cm.nn.math_attention's JVP"
         )
     if q.ndim < 2 or k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
-            f"error: attention wants q [..., Tq, D] and k, v [..., Tk, D] with equal leading dims, got "
+            f"attention wants q [..., Tq, D] and k, v [..., Tk, D] with equal leading dims, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     for name, (primal, tangent) in {"q": (q, dq), "k": (k, dk), "v": (v, dv)}.items():
         if tangent.shape != primal.shape:
             raise ValueError(
-                f"error: tangent d{name} has shape {tuple(tangent.shape)}, its primal {tuple(primal.shape)}"
+                f"tangent d{name} has shape {tuple(tangent.shape)}, its primal {tuple(primal.shape)}"
             )
     if len({t.dtype for t in (q, k, v, dq, dk, dv)}) != 1 or q.dtype not in DTYPES:
         raise ValueError(
-            f"error: q, k, v and their tangents must share one dtype of {', '.join(map(str, DTYPES))}, got "
+            f"q, k, v and their tangents must share one dtype of {', '.join(map(str, DTYPES))}, got "
             f"{sorted({str(t.dtype) for t in (q, k, v, dq, dk, dv)})}; cast them first"
         )
 

@@ -48,11 +48,11 @@ def compile_blocks(model, backend="inductor", dynamic=False, mode=None):
     :param mode: torch.compile mode (None, "reduce-overhead", "max-autotune").
     """
     if backend not in BACKENDS:
-        raise ValueError(f"error: unknown compile backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown compile backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     blocks = [m for m in model.modules() if isinstance(m, BLOCK_TYPES)]
     if not blocks:
         raise ValueError(
-            f"error: --compile found no residual or attention block in {type(model).__name__}; it compiles the "
+            f"--compile found no residual or attention block in {type(model).__name__}; it compiles the "
             "blocks of the ADM UNet, NCSN++ and DiT"
         )
     for block in blocks:

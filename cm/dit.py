@@ -20,7 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .half_precision import HalfPrecisionBody
-from .nn import checkpoint, scaled_dot_product_attention, timestep_embedding, zero_module
+from .nn import (
+    at_least_float32,
+    checkpoint,
+    float32_time_embedding,
+    scaled_dot_product_attention,
+    timestep_embedding,
+    zero_module,
+)
 from .unet import guidance_features
 
 DIT_WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
@@ -163,6 +170,7 @@ class DiT(HalfPrecisionBody, nn.Module):
         added through a zero-initialised layer to the time features (LCM, as the ADM UNet's).
     :param use_checkpoint: gradient checkpointing of every block.
     :param use_fp16: self.dtype float16; convert_to_fp16 makes the patch embedding and the blocks run in it.
+    :param fp32_time_embedding: compute the time (and label, guidance) conditioning in float32 under autocast.
     """
 
     def __init__(
@@ -181,6 +189,7 @@ class DiT(HalfPrecisionBody, nn.Module):
         guidance_embed=False,
         use_checkpoint=False,
         use_fp16=False,
+        fp32_time_embedding=False,
     ):
         super().__init__()
         if null_class and num_classes is None:
@@ -194,6 +203,7 @@ class DiT(HalfPrecisionBody, nn.Module):
         self.num_classes = num_classes
         self.null_label = num_classes if null_class else None
         self.guidance_embed = guidance_embed
+        self.fp32_time_embedding = fp32_time_embedding
         self.dtype = torch.float16 if use_fp16 else torch.float32
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -294,7 +304,8 @@ class DiT(HalfPrecisionBody, nn.Module):
             )
         if y is not None and y.shape != (x.shape[0],):
             raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-        c = self.condition(timesteps, y, guidance)
+        with float32_time_embedding(self.fp32_time_embedding, x.device):
+            c = self.condition(at_least_float32(timesteps) if self.fp32_time_embedding else timesteps, y, guidance)
         dtype = self.body_dtype()
         h = self.x_embedder(x.type(dtype)).flatten(2).transpose(1, 2)  # [N, T, width]
         h = h + self.pos_embed.to(h.dtype)

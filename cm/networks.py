@@ -91,13 +91,10 @@ def create_model(
     if model_type == "dit":  # the UNets' width, level and attention flags do not apply
         if adaptive_double_norm:
             raise ValueError("--adaptive_double_norm acts on the ADM UNet's scale-shift blocks; DiT uses adaLN-Zero")
-        if fp32_time_embedding:
-            raise ValueError("--fp32_time_embedding is an option of the ADM UNet and NCSN++; use --model_type adm or "
-                             "ncsnpp, or --fp32_time_embedding false")
         network = create_dit_model(
             dit_size, image_size, in_channels, 2 * in_channels if learn_sigma else in_channels, dropout=dropout,
             num_classes=num_classes if class_cond else None, null_class=null_class, guidance_embed=guidance_embed,
-            use_checkpoint=use_checkpoint, use_fp16=use_fp16,
+            use_checkpoint=use_checkpoint, use_fp16=use_fp16, fp32_time_embedding=fp32_time_embedding,
         )
         return add_logvar_head(network, logvar_channels)
     if model_type == "ncsnpp" and adaptive_double_norm:

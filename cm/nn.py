@@ -348,10 +348,10 @@ def finite_difference_jvp(fn, primals, tangents, time_argnum=-1, relative_step=N
     t = primals[time_argnum]
     if t.ndim > 1:
         raise ValueError(
-            f"error: the time primal (argument {time_argnum}) must be [B] or a scalar, got {tuple(t.shape)}"
+            f"the time primal (argument {time_argnum}) must be [B] or a scalar, got {tuple(t.shape)}"
         )
     if any(p.ndim < t.ndim or (t.ndim and p.shape[0] != t.shape[0]) for p in primals):
-        raise ValueError(f"error: every primal must lead with the time's batch dim {tuple(t.shape)}; got "
+        raise ValueError(f"every primal must lead with the time's batch dim {tuple(t.shape)}; got "
                          f"{[tuple(p.shape) for p in primals]}")  # fmt: skip
     h = finite_difference_step(t, primals[0].dtype, relative_step, min_time)
 

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from . import dist_util, logger
-from .config import config_to_json, resolve_training_config
+from .compile import compile_blocks
+from .config import resolve_training_config
 from .image_datasets import load_data
 from .latent import LatentStream, load_autoencoder
 from .karras_diffusion import KarrasDenoiser
 from .resample import create_named_schedule_sampler
-from .run_dir import check_log_dir
+from .run_dir import check_log_dir, write_run_config
 from .script_util import create_model, create_parser, load_model_checkpoint, run_script
 from .train_util import CMTrainLoop, TrainLoop
 from .training_modes import build_denoiser, get_training_mode
@@ -50,10 +51,13 @@ def build_loop(args):
     return build_training(resolve_training_config(args, dist_util.get_world_size()))
 
 
-def _prepare(model, device, channels_last):
+def _prepare(model, device, channels_last, compile=False):
+    """The network on its device, in channels_last when asked, its blocks compiled when asked (cm.compile)."""
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if compile:
+        compile_blocks(model)
     return model
 
 
@@ -102,9 +106,7 @@ def build_training(config):
     log_dir = logger.configure(dir=run_config["log_dir"] or None)
     check_log_dir(log_dir, config)  # another run's checkpoints, or this run's with other settings, stop here
     rank = dist_util.get_rank()
-    if rank == 0:
-        with open(os.path.join(log_dir, "config.json"), "w") as f:
-            f.write(config_to_json(config) + "\n")
+    write_run_config(log_dir, config)
     torch.manual_seed(run_config["seed"] + rank)
     np.random.seed(run_config["seed"] + rank)
     device = dist_util.dev()
@@ -133,7 +135,7 @@ def build_training(config):
         logger.log(f"latent space of {autoencoder_path}: the network sees {config['network']['in_channels']} x "
                    f"{config['network']['image_size']}^2 latents")
     common = dict(
-        model=_prepare(model, device, channels_last),
+        model=_prepare(model, device, channels_last, run_config["compile"]),
         diffusion=diffusion,
         data=data,
         run_config=config,
@@ -149,9 +151,9 @@ def build_training(config):
         if mode.target:
             target = create_model(**config["network"])
             target.load_state_dict(model.state_dict())
-            _prepare(target, device, channels_last)
+            _prepare(target, device, channels_last, run_config["compile"])
         if teacher is not None:
-            _prepare(teacher, device, channels_last)
+            _prepare(teacher, device, channels_last, run_config["compile"])
         loop = CMTrainLoop(
             target_model=target,
             teacher_model=teacher,

@@ -15,6 +15,7 @@ import torch
 
 
 from cm import dist_util, logger
+from cm.compile import compile_blocks
 from cm.checkpoint_io import write_atomic
 from cm.image_util import (
     GRID_IMAGES,
@@ -100,10 +101,12 @@ def run(args):
     log_dir = logger.configure(dir=args.log_dir or None, format_strs=["stdout", "log"])
     rank = dist_util.get_rank()
     if args.ts and kwargs["ts"] is None:
-        logger.log(f"note: --ts is used by --sampler multistep and lcm only; ignored for {args.sampler}")
+        logger.log(f"note: --ts selects grid indices for samplers that take them; ignored for {args.sampler}")
     torch.manual_seed(args.seed + rank)  # the global RNG (--generator dummy): seeded, different on every rank
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
+    if args.compile:
+        compile_blocks(model)  # each block compiled once; the first batch pays the compile time
     if args.use_fp16 and device.type == "cpu":
         logger.log("note: float16 convolutions are slow on CPU; --use_bf16 is the fast reduced precision there")
     if rank == 0:

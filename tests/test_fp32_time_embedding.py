@@ -1,5 +1,5 @@
-"""--fp32_time_embedding: the time embedding runs in float32 under bf16 autocast and half-precision bodies (ADM UNet
-and NCSN++), the parameters and the float32 outputs stay the same, and the JVP goes through it."""
+"""--fp32_time_embedding: the time embedding runs in float32 under bf16 autocast and half-precision bodies (ADM UNet,
+NCSN++ and DiT), the parameters and the float32 outputs stay the same, and the JVP goes through it."""
 
 import pytest
 import torch
@@ -12,12 +12,16 @@ TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
 NETWORKS = {
     "adm": dict(TINY, model_type="adm", class_cond=True, num_classes=3),
     "ncsnpp": dict(TINY, **ncsnpp_defaults(), model_type="ncsnpp", num_channels=16),
+    "dit": dict(image_size=8, num_channels=32, num_res_blocks=1, model_type="dit", dit_size="2x32x2/2", class_cond=True,
+                num_classes=3),
 }
 
 
 def embedding_module(model):
     """The MLP after the sinusoidal / Fourier features."""
-    return model.time_embed if hasattr(model, "time_embed") else model.temb_mlp
+    for name in ("time_embed", "temb_mlp", "t_embedder"):
+        if hasattr(model, name):
+            return getattr(model, name)
 
 
 def build(name, fp32_time_embedding):
@@ -34,7 +38,7 @@ def inputs(name):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([-1.5, 0.3, 120.0, 700.0])  # rescaled times: where bf16 loses the most in the sin/cos
-    kwargs = {"y": torch.tensor([0, 1, 2, 0])} if name == "adm" else {}
+    kwargs = {"y": torch.tensor([0, 1, 2, 0])} if name in ("adm", "dit") else {}
     return x, t, kwargs
 
 

@@ -18,8 +18,8 @@ There is no target network: the JVP pass is the online network under stop-gradie
 
 import torch
 
-from ..flags import flag_rows
-from ..nn import mean_flat, network_jvp
+from ..flags import SHARED_FLAGS, flag_rows
+from ..nn import JVP_METHODS, mean_flat, network_jvp
 from ..random_util import DeviceRNG
 from ..trigflow import (
     TIME_CONDITIONINGS,
@@ -50,7 +50,7 @@ def tangent_warmup(step, warmup_steps):
     return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
 
 
-def trigflow_jvp(model, x_t, t, dxt_dt, sigma_data=0.5, c_noise_scale=1.0, model_kwargs=None):
+def trigflow_jvp(model, x_t, t, dxt_dt, sigma_data=0.5, c_noise_scale=1.0, model_kwargs=None, jvp_fn=network_jvp):
     """(F(x_t / sigma_d, c_noise(t)), cos(t) sin(t) dF/dt) along dx_t/dt by one JVP whose tangents are scaled by
     cos(t) sin(t) (sCM Sec. 5, "JVP rearrangement": keeps the tangent's size bounded, which bf16 needs).
 
@@ -62,7 +62,7 @@ def trigflow_jvp(model, x_t, t, dxt_dt, sigma_data=0.5, c_noise_scale=1.0, model
     def network(x, s):
         return model(x / sigma_data, trigflow_c_noise(s, c_noise_scale), **model_kwargs)
 
-    return network_jvp(network, (x_t, t), (per_sample(scale, dxt_dt) * dxt_dt, scale))
+    return jvp_fn(network, (x_t, t), (per_sample(scale, dxt_dt) * dxt_dt, scale))
 
 
 def scm_tangent(model_output, output_jvp, x_t, dxt_dt, t, sigma_data=0.5, warmup=1.0):
@@ -97,6 +97,7 @@ def scm_losses(
     scm_p_std=1.4,
     rng=None,
     target_model=None,
+    jvp_fn=network_jvp,
 ):
     """The sCM loss per sample: sCT (teacher None: dx_t/dt = cos(t) z - sin(t) x_0) or sCD (dx_t/dt = teacher(x_t, t)).
 
@@ -113,6 +114,7 @@ def scm_losses(
     :param rng: a cm.random_util.DeviceRNG; the JVP pass replays the online pass's dropout.
     :param target_model: the network the JVP pass runs (default `model`): the same weights, e.g. the module inside a
         DistributedDataParallel `model`, so the no-gradient pass skips its hooks.
+    :param jvp_fn: how the tangent's dF/dt is taken (--jvp): cm.nn.network_jvp (exact) or cm.nn.finite_difference_jvp.
     :return: {"loss": [B], "mse": [B] (unweighted), "logvar": [B], "t": t, "sigma": sigma_d tan(t)}.
     """
     model_kwargs = model_kwargs or {}
@@ -135,7 +137,7 @@ def scm_losses(
     model_output, (target_output, output_jvp) = consistency_pair(
         rng or DeviceRNG(x_start.device),
         online=lambda: model(x_t / sigma_data, trigflow_c_noise(t, c_noise_scale), **model_kwargs),
-        target=lambda: trigflow_jvp(target_model, x_t, t, dxt_dt, sigma_data, c_noise_scale, model_kwargs),
+        target=lambda: trigflow_jvp(target_model, x_t, t, dxt_dt, sigma_data, c_noise_scale, model_kwargs, jvp_fn),
     )
     with torch.no_grad():
         g = scm_tangent(target_output.to(x_t.dtype), output_jvp.to(x_t.dtype), x_t, dxt_dt, t, sigma_data, warmup)
@@ -179,6 +181,7 @@ def bind_scm_loss(diffusion, context):
     options = context.options
     teacher = teacher_velocity(context, diffusion.sigma_data)
     c = options["tangent_norm_c"]
+    jvp_fn = JVP_METHODS[context.config.get("run", {}).get("jvp", SHARED_FLAGS["jvp"].default)]
 
     def loss(model, x_start, model_kwargs, schedule):
         network = unwrap_ddp(model)
@@ -195,6 +198,7 @@ def bind_scm_loss(diffusion, context):
             scm_p_mean=options["scm_p_mean"],
             scm_p_std=options["scm_p_std"],
             target_model=diffusion.network(network),
+            jvp_fn=jvp_fn,
         )
         return unweighted(terms)
 
@@ -254,7 +258,8 @@ MODES = (
         name="sct",
         description="continuous-time consistency training, sCT (Lu & Song 2024): TrigFlow, the tangent by one JVP",
         teacher="optional",
-        flag_defaults=dict(adaptive_double_norm=True, logvar_channels=128, total_training_steps=400000),
+        flag_defaults=dict(adaptive_double_norm=True, logvar_channels=128, fp32_time_embedding=True,
+                           total_training_steps=400000),
         quickstart=QuickstartPlan("sct", (("sCT", "digits_sct.yaml", "sct"),)),
         **SCM_ENTRY,
     ),
@@ -264,7 +269,8 @@ MODES = (
         teacher="required",
         teacher_in_loss=True,
         # the student from scratch: the EDM teacher's weights expect its time input (--time_conditioning edm)
-        flag_defaults=dict(init_from_teacher="false", logvar_channels=128, total_training_steps=400000),
+        flag_defaults=dict(init_from_teacher="false", logvar_channels=128, fp32_time_embedding=True,
+                           total_training_steps=400000),
         quickstart=QuickstartPlan("scd", (("EDM", "digits_edm.yaml", "edm"), ("sCD", "digits_scd.yaml", "scd"))),
         **SCM_ENTRY,
     ),
