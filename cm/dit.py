@@ -28,7 +28,7 @@ from .nn import (
     timestep_embedding,
     zero_module,
 )
-from .unet import guidance_features
+from .unet import check_conditioning, guidance_features
 
 DIT_WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 DIT_PATCHES = (2, 4, 8)
@@ -287,23 +287,12 @@ class DiT(HalfPrecisionBody, nn.Module):
     def forward(self, x, timesteps, y=None, guidance=None):
         """Apply DiT to x [N, C, H, W] at timesteps [N] (the denoiser's c_noise), labels y [N], guidance scales
         guidance [N] (models with guidance_embed)."""
-        if (y is not None) != (self.num_classes is not None):
-            raise ValueError(
-                "pass class labels y if and only if the model is class-conditional "
-                f"(num_classes={self.num_classes}, y {'given' if y is not None else 'missing'})"
-            )
-        if (guidance is not None) != self.guidance_embed:
-            raise ValueError(
-                "pass guidance scales if and only if the model was built with guidance_embed "
-                f"(guidance_embed={self.guidance_embed}, guidance {'given' if guidance is not None else 'missing'})"
-            )
+        check_conditioning(x, y, guidance, self.num_classes, self.guidance_embed)
         if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(
                 f"DiT built for {self.in_channels} x {self.image_size} x {self.image_size} inputs got "
                 f"{' x '.join(map(str, x.shape[1:]))} (check --in_channels and --image_size)"
             )
-        if y is not None and y.shape != (x.shape[0],):
-            raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
         with float32_time_embedding(self.fp32_time_embedding, x.device):
             c = self.condition(at_least_float32(timesteps) if self.fp32_time_embedding else timesteps, y, guidance)
         dtype = self.body_dtype()

@@ -444,6 +444,23 @@ def guidance_features(w, dim):
     return timestep_embedding(GUIDANCE_EMBED_SCALE * w.float(), dim)
 
 
+def check_conditioning(x, y, guidance, num_classes, guidance_embed):
+    """One line when labels or guidance scales are given to a network that takes none (or missing where it does),
+    or labels are not one per image of x."""
+    if (y is not None) != (num_classes is not None):
+        raise ValueError(
+            "pass class labels y if and only if the model is class-conditional "
+            f"(num_classes={num_classes}, y {'given' if y is not None else 'missing'})"
+        )
+    if (guidance is not None) != guidance_embed:
+        raise ValueError(
+            "pass guidance scales if and only if the model was built with guidance_embed "
+            f"(guidance_embed={guidance_embed}, guidance {'given' if guidance is not None else 'missing'})"
+        )
+    if y is not None and y.shape != (x.shape[0],):
+        raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+
+
 def downsample_rates(channel_mult):
     """Downsample rates 1, 2, 4, ... that a UNet with these channel multipliers passes through."""
     return [2**i for i in range(len(channel_mult))]
@@ -659,18 +676,7 @@ class UNetModel(HalfPrecisionBody, nn.Module):
     def forward(self, x, timesteps, y=None, guidance=None):
         """Apply the UNet to x [N, C, ...] at timesteps [N] (rescaled noise levels), labels y [N], guidance scales
         guidance [N] (models with guidance_embed)."""
-        if (y is not None) != (self.num_classes is not None):
-            raise ValueError(
-                "pass class labels y if and only if the model is class-conditional "
-                f"(num_classes={self.num_classes}, y {'given' if y is not None else 'missing'})"
-            )
-        if (guidance is not None) != self.guidance_embed:
-            raise ValueError(
-                "pass guidance scales if and only if the model was built with guidance_embed "
-                f"(guidance_embed={self.guidance_embed}, guidance {'given' if guidance is not None else 'missing'})"
-            )
-        if self.num_classes is not None and y.shape != (x.shape[0],):
-            raise ValueError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        check_conditioning(x, y, guidance, self.num_classes, self.guidance_embed)
         with float32_time_embedding(self.fp32_time_embedding, x.device):
             emb = self.embed(timesteps, y, guidance)
 
