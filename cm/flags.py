@@ -93,6 +93,8 @@ SHARED_FLAGS = {
              None),
             ("guidance_embed", False, "the network also takes the guidance scale w through an embedding (LCM students; "
              "off keeps the reference's parameters)", None),
+            ("second_time_embed", False, "the network also takes a second time through its own embedding, summed with "
+             "the first (flow maps: MeanFlow's (t, t - r)); off keeps the reference's parameters", None),
             ("use_checkpoint", False, "gradient checkpointing (less memory, more compute)", None),
             ("use_scale_shift_norm", True, "FiLM-style scale/shift conditioning in residual blocks", None),
             ("adaptive_double_norm", False, "sCM's adaptive double normalisation of that conditioning: norm(h) "

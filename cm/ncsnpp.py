@@ -578,6 +578,9 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
     :param use_fp16: start with dtype float16 (call convert_to_fp16 as well; the trainer does).
     :param fp32_time_embedding: compute the noise-level (and label) embedding in float32 under autocast
         (cm.nn.float32_time_embedding); off, the reference's precision. Parameters are the same either way.
+    :param second_time_embed: the network also takes a second time (`second_time=`, a flow map's h = t - r),
+        embedded like the first by its own MLP and summed with it (MeanFlow, Geng et al. 2025, Sec. 4.3); off, the
+        parameters are unchanged.
     """
 
     def __init__(
@@ -605,8 +608,11 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
         num_classes=None,
         use_fp16=False,
         fp32_time_embedding=False,
+        second_time_embed=False,
     ):
         super().__init__()
+        if second_time_embed and not conditional:
+            raise ValueError("second_time_embed needs a noise-conditional NCSN++ (conditional true)")
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
         errors = ncsnpp_config_errors(
@@ -633,6 +639,11 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
         self.temb_mlp = None
         if conditional:
             self.temb_mlp = nn.Sequential(
+                linear(self.noise_embed.out_dim, temb_dim), nn.SiLU(), linear(temb_dim, temb_dim)
+            )
+        self.two_times = second_time_embed
+        if second_time_embed:
+            self.second_time_mlp = nn.Sequential(
                 linear(self.noise_embed.out_dim, temb_dim), nn.SiLU(), linear(temb_dim, temb_dim)
             )
         self.label_emb = nn.Embedding(num_classes, temb_dim) if num_classes is not None else None
@@ -710,8 +721,13 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
         """The parts that run in half precision under convert_to_fp16."""
         return (self.stem, self.encoder, self.middle, self.decoder)
 
-    def embed(self, timesteps, y, batch):
+    def embed(self, timesteps, y, batch, second_time=None):
         """The conditioning vector temb [B, 4 nf] (or None when neither noise- nor class-conditional)."""
+        if (second_time is not None) != self.two_times:
+            raise ValueError(
+                "pass a second time if and only if the model was built with second_time_embed "
+                f"(second_time_embed={self.two_times}, second_time {'given' if second_time is not None else 'missing'})"
+            )
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(
                 "pass class labels y if and only if the model is class-conditional "
@@ -723,14 +739,18 @@ class NCSNpp(HalfPrecisionBody, nn.Module):
             if self.fp32_time_embedding:
                 timesteps = at_least_float32(timesteps)
             temb = self.temb_mlp(self.noise_embed(timesteps)) if self.conditional else None
+            if self.two_times:
+                second_time = at_least_float32(second_time) if self.fp32_time_embedding else second_time
+                temb = temb + self.second_time_mlp(self.noise_embed(second_time))
             if y is not None:
                 label = self.label_emb(y)
                 temb = label if temb is None else temb + label
         return temb
 
-    def forward(self, x, timesteps, y=None):
-        """Apply NCSN++ to x [N, C, H, W] at timesteps [N] (rescaled_t = 250 log sigma), labels y [N]."""
-        temb = self.embed(timesteps, y, x.shape[0])
+    def forward(self, x, timesteps, y=None, second_time=None):
+        """Apply NCSN++ to x [N, C, H, W] at timesteps [N] (rescaled_t = 250 log sigma), labels y [N], second times
+        [N] (models with second_time_embed)."""
+        temb = self.embed(timesteps, y, x.shape[0], second_time)
         h = x.type(self.body_dtype())
 
         # encoder: residual blocks, then downsample and merge the input pyramid
@@ -786,6 +806,7 @@ def create_ncsnpp_model(
     init_scale,
     resamp_with_conv,
     fp32_time_embedding=False,
+    second_time_embed=False,
 ):
     """Build a noise-conditional NCSNpp from the command-line flags (num_channels is nf; resolutions in pixels)."""
     return NCSNpp(
@@ -811,6 +832,7 @@ def create_ncsnpp_model(
         init_scale=init_scale,
         num_classes=num_classes,
         fp32_time_embedding=fp32_time_embedding,
+        second_time_embed=second_time_embed,
     )
 
 
@@ -823,4 +845,5 @@ def _keyword_defaults(cls, leave_out):
 # The CIFAR-10 network of openai/consistency_models_cifar10 (configs/cifar10_ve_cd.py, cifar10_ve_ct_*.py), which
 # NCSNpp's defaults are: its keyword arguments, also the NCSN++ flag defaults of cm.script_util.
 CIFAR10_CONFIG = _keyword_defaults(NCSNpp, leave_out=("in_channels", "out_channels", "conditional", "num_classes",
-                                                      "use_fp16", "fp32_time_embedding"))
+                                                      "use_fp16", "fp32_time_embedding",
+                                                      "second_time_embed"))

@@ -82,6 +82,7 @@ def create_model(
     logvar_channels=0,
     dit_size="B/2",
     fp32_time_embedding=False,
+    second_time_embed=False,
     **ncsnpp_options,
 ):
     """Build the network named by model_type from flag values (ADM UNet by default, as the reference); with
@@ -117,6 +118,7 @@ def create_model(
             in_channels=in_channels,
             out_channels=out_channels,
             fp32_time_embedding=fp32_time_embedding,
+            second_time_embed=second_time_embed,
             **ncsnpp_options,
         )
         return add_logvar_head(network, logvar_channels)
@@ -143,6 +145,7 @@ def create_model(
         guidance_embed=guidance_embed,
         adaptive_double_norm=adaptive_double_norm,
         fp32_time_embedding=fp32_time_embedding,
+        second_time_embed=second_time_embed,
     )
     return add_logvar_head(network, logvar_channels)
 

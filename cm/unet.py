@@ -444,9 +444,14 @@ def guidance_features(w, dim):
     return timestep_embedding(GUIDANCE_EMBED_SCALE * w.float(), dim)
 
 
-def check_conditioning(x, y, guidance, num_classes, guidance_embed):
-    """One line when labels or guidance scales are given to a network that takes none (or missing where it does),
-    or labels are not one per image of x."""
+def check_conditioning(x, y, guidance, num_classes, guidance_embed, second_time=None, second_time_embed=False):
+    """One line when labels, guidance scales or second times are given to a network that takes none (or missing where
+    it does), or labels are not one per image of x."""
+    if (second_time is not None) != second_time_embed:
+        raise ValueError(
+            "pass a second time if and only if the model was built with second_time_embed "
+            f"(second_time_embed={second_time_embed}, second_time {'given' if second_time is not None else 'missing'})"
+        )
     if (y is not None) != (num_classes is not None):
         raise ValueError(
             "pass class labels y if and only if the model is class-conditional "
@@ -500,6 +505,9 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         parameters are the reference's.
     :param fp32_time_embedding: compute the time (and label, guidance) embedding in float32 under autocast
         (cm.nn.float32_time_embedding); off, the reference's precision. Parameters are the same either way.
+    :param second_time_embed: the network also takes a second time (`second_time=`, a flow map's h = t - r) through
+        its own embedding MLP, summed with the first's (MeanFlow, Geng et al. 2025, Sec. 4.3); off, the parameters
+        are the reference's.
     """
 
     def __init__(
@@ -528,6 +536,7 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         null_class=False,
         guidance_embed=False,
         fp32_time_embedding=False,
+        second_time_embed=False,
     ):
         super().__init__()
         if null_class and num_classes is None:
@@ -561,6 +570,7 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         self.num_classes = num_classes
         self.null_label = num_classes if null_class else None
         self.fp32_time_embedding = fp32_time_embedding
+        self.two_times = second_time_embed
         self.guidance_embed = guidance_embed
         self.use_checkpoint = use_checkpoint
         self.dtype = torch.float16 if use_fp16 else torch.float32
@@ -603,6 +613,12 @@ class UNetModel(HalfPrecisionBody, nn.Module):
             self.label_emb = nn.Embedding(num_classes + int(null_class), time_embed_dim)
         if guidance_embed:
             self.guidance_proj = zero_module(linear(model_channels, model_channels, bias=False))
+        if second_time_embed:
+            self.second_time_embed = nn.Sequential(
+                linear(model_channels, time_embed_dim),
+                nn.SiLU(),
+                linear(time_embed_dim, time_embed_dim),
+            )
 
         ch = input_ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
@@ -660,25 +676,28 @@ class UNetModel(HalfPrecisionBody, nn.Module):
         """The parts that convert_to_fp16 runs in half precision (the embeddings and the output head stay)."""
         return (self.input_blocks, self.middle_block, self.output_blocks)
 
-    def embed(self, timesteps, y=None, guidance=None):
-        """The conditioning vector emb [N, 4 model_channels] of timesteps, labels and guidance scales."""
+    def embed(self, timesteps, y=None, guidance=None, second_time=None):
+        """The conditioning vector emb [N, 4 model_channels] of timesteps, labels, guidance scales and second times."""
         if self.fp32_time_embedding:
             timesteps = at_least_float32(timesteps)
+            second_time = None if second_time is None else at_least_float32(second_time)
         features = timestep_embedding(timesteps, self.model_channels)
         if self.guidance_embed:
             guidance_emb = guidance_features(guidance, self.model_channels).to(features.dtype)
             features = features + self.guidance_proj(guidance_emb)
         emb = self.time_embed(features)
+        if self.two_times:
+            emb = emb + self.second_time_embed(timestep_embedding(second_time, self.model_channels).to(features.dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
         return emb
 
-    def forward(self, x, timesteps, y=None, guidance=None):
+    def forward(self, x, timesteps, y=None, guidance=None, second_time=None):
         """Apply the UNet to x [N, C, ...] at timesteps [N] (rescaled noise levels), labels y [N], guidance scales
-        guidance [N] (models with guidance_embed)."""
-        check_conditioning(x, y, guidance, self.num_classes, self.guidance_embed)
+        guidance [N] (models with guidance_embed), second times [N] (models with second_time_embed)."""
+        check_conditioning(x, y, guidance, self.num_classes, self.guidance_embed, second_time, self.two_times)
         with float32_time_embedding(self.fp32_time_embedding, x.device):
-            emb = self.embed(timesteps, y, guidance)
+            emb = self.embed(timesteps, y, guidance, second_time)
 
         hs = []
         h = x.type(self.body_dtype())

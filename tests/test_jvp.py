@@ -175,3 +175,36 @@ def test_network_jvp_checks_its_arguments():
         network_jvp(model, (x, t), (dx,))
     with pytest.raises(ValueError, match="does not match"):
         network_jvp(model, (x, t), (dx, dt[:1]))
+
+
+@pytest.mark.parametrize("name", ["unet", "ncsnpp"])
+def test_two_time_network_jvp_through_both_times_matches_finite_differences(name):
+    """F(x, t, second_time=h) of a flow map's network: one JVP along (dx, dt, dh) against float64 central
+    differences, and the h input really changes the output."""
+    torch.manual_seed(0)
+    model = {"unet": unet, "ncsnpp": ncsnpp}[name](second_time_embed=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.train()
+    x, t, dx, dt = point()
+    h, dh = torch.tensor([0.2, 0.9], dtype=torch.float64), torch.randn(2, dtype=torch.float64, generator=g)
+
+    def two_time(m):
+        return lambda x_, t_, h_: m(x_, t_, second_time=h_)
+
+    state = torch.get_rng_state()
+    eps, m64 = 1e-5, float64(model)
+    plus = replay(state, two_time(m64), x + eps * dx, t + eps * dt, h + eps * dh)
+    minus = replay(state, two_time(m64), x - eps * dx, t - eps * dt, h - eps * dh)
+    reference = (plus - minus) / (2 * eps)
+    _, jvp64 = replay(state, network_jvp, two_time(m64), (x, t, h), (dx, dt, dh))
+    _, jvp32 = replay(state, network_jvp, two_time(model), (x.float(), t.float(), h.float()),
+                      (dx.float(), dt.float(), dh.float()))
+    assert relative_error(jvp64, reference) < 1e-7
+    assert relative_error(jvp32, reference) < 1e-3
+    # the h tangent alone is nonzero: the second embedding reaches the output
+    zero = torch.zeros_like
+    _, only_h = replay(state, network_jvp, two_time(m64), (x, t, h), (zero(dx), zero(dt), dh))
+    assert only_h.norm() > 1e-3 * reference.norm()
