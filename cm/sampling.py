@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .flowmap import flow_grid, flow_map_options, flow_onestep_grid, sample_flow_map
 from .guidance import guided_denoiser, takes_guidance
 from .nn import append_dims, append_zero
 from .random_util import get_generator
@@ -397,6 +398,8 @@ SAMPLERS = {
     "trigflow_onestep": Sampler(sample_trigflow_onestep),
     "trigflow_twostep": Sampler(sample_trigflow_twostep, options=trigflow_twostep_options),
     "lcm": Sampler(sample_lcm, lcm_grid, example_ts=lambda n: lcm_ts(2, n)),
+    "meanflow": Sampler(sample_flow_map, flow_grid, flow_map_options),
+    "meanflow_onestep": Sampler(sample_flow_map, flow_onestep_grid, flow_map_options),
 }
 SAMPLER_NAMES = tuple(name for name in SAMPLERS if name != "ancestral")
 
