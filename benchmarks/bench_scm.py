@@ -1,11 +1,13 @@
-"""Cost of an sCM training step (one forward, one JVP, one backward) against a plain consistency-training step.
+"""Cost of an sCM or MeanFlow training step (one forward, one JVP, one backward) against a plain consistency-training
+step.
 
     python benchmarks/bench_scm.py                      # the digits presets on the CPU, fp32 and bf16
     python benchmarks/bench_scm.py --precision fp32 --repeats 20
     python benchmarks/bench_scm.py --device cuda --imagenet64   # the ImageNet-64 network, bf16, batch 32
 
 Each step is a whole CMTrainLoop.run_step built from the presets through the command line (CT: digits_ct.yaml;
-sCT: digits_sct.yaml; sCD: digits_scd.yaml with an untrained EDM teacher of the same network); the cases are timed
+sCT: digits_sct.yaml; sCD: digits_scd.yaml with an untrained EDM teacher of the same network; MeanFlow:
+digits_meanflow.yaml, the same network with its second time embedding); the cases are timed
 in turn (benchmarks/timing.py) so load on a shared machine hits all alike. Also times the pieces of the sCT step on
 one batch: the online forward, the JVP pass (value and tangent), the backward. Prints seconds per step and ratios to
 the CT step; asserts nothing.
@@ -24,7 +26,7 @@ from timing import interleaved_seconds, time_call  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = (("CT", "digits_ct.yaml", "consistency_training"), ("sCT", "digits_sct.yaml", "sct"),
-         ("sCD", "digits_scd.yaml", "scd"))
+         ("sCD", "digits_scd.yaml", "scd"), ("MeanFlow", "digits_meanflow.yaml", "meanflow"))
 IMAGENET64 = ["--image_size", "64", "--num_channels", "192", "--num_res_blocks", "3", "--channel_mult", "1,2,3,4",
               "--attention_resolutions", "32,16,8", "--num_head_channels", "64", "--resblock_updown", "true",
               "--class_cond", "true", "--batch_size", "32"]
@@ -117,7 +119,7 @@ def main():
         print(f"\n{precision}, batch {batch}, {sum(q.numel() for q in loops['CT'].model.parameters()):,} parameters "
               f"({args.device}, {torch.get_num_threads()} threads)")
         for name, s in per_step.items():
-            print(f"  {name:<4} {s:7.3f} s/step  {batch / s:7.1f} images/s  {s / per_step['CT']:5.2f}x CT")
+            print(f"  {name:<8} {s:7.3f} s/step  {batch / s:7.1f} images/s  {s / per_step['CT']:5.2f}x CT")
         parts = pieces(loops["sCT"], args.device)
         total = sum(parts.values())
         print("  sCT pieces: " + ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in parts.items()))

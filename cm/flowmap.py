@@ -116,7 +116,7 @@ def sample_flow_map(denoiser, x, sigmas, generator=None, progress=False, callbac
     :param noise_level: the scale of x, so that e = x / noise_level.
     """
     if flow_map is None:
-        raise ValueError("sample_flow_map needs the network's flow_map (a flow-map checkpoint: --training_mode meanflow)")
+        raise ValueError("sample_flow_map needs the network's flow_map (a checkpoint of --training_mode meanflow)")
     times = sigma_to_flow_time(sigmas.to(torch.float64)).tolist()
     z = x / noise_level
     indices = range(len(times) - 1)

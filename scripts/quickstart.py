@@ -53,6 +53,7 @@ EVAL_RESERVE_S = 15  # sampling, the two-step search and the metrics after train
 # two-step command (--ts 0,22,39 on a 40-point grid)
 DEFAULT_MID_FRACTION = 22 / 39
 T_MIDS = tuple(round(0.3 + 0.1 * i, 1) for i in range(13))  # sCM two-step: intermediate times searched, 0.3 .. 1.5
+FLOW_GRID = 20  # flow-map two-step: the intermediate time searched among 1 - i / 20 (MeanFlow's default: 0.5)
 # --mode: the plans the training modes declare (cm.training_modes): the stages of the run as (name, preset in
 # configs/, training mode); each stage's EMA model is the teacher of the next
 PLANS = quickstart_plans()
@@ -60,9 +61,9 @@ PLANS = quickstart_plans()
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=tuple(PLANS), default="ct", help="the method: ct consistency training, cd an EDM "
-                   "teacher then consistency distillation from it, ect, sct, scd (two-stage plans give each stage half "
-                   "the time); the modes that declare a digits plan (LCM, LCF and UFOGen need class labels and a "
-                   "guided teacher, so they have none)")
+                   "teacher then consistency distillation from it, ect, sct, scd, meanflow (two-stage plans give each "
+                   "stage half the time); the modes that declare a digits plan (LCM, LCF and UFOGen need class labels "
+                   "and a guided teacher, so they have none)")
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of the whole run")
     p.add_argument("--out", default="quickstart_out", help="output directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -181,16 +182,31 @@ def best_t_mid(diffusion, model, image_size, seed, classifier):
     return T_MIDS[best]
 
 
+def best_flow_mid(diffusion, model, image_size, seed, classifier):
+    """Flow-map two-step sampling: the grid index i of the intermediate time 1 - i / FLOW_GRID, by the same search."""
+    def score(mid):
+        x = draw(diffusion, model, 300, image_size, seed, sampler="meanflow", steps=FLOW_GRID, ts=(0, mid))
+        return digits_metrics(x.cpu(), classifier)["digits_fid"]
+
+    mid, _ = ternary_search(score, 1, FLOW_GRID - 1)
+    return mid
+
+
 def few_step_samples(loop, model, diffusion, size, opts, classifier):
     """(one-step samples, {"default", "searched": two-step samples}, {the same: their times}) with the samplers of
     the stage's training mode: consistency models at Karras-grid indices (the reference's fraction, and the index
-    found by search), sCM models at TrigFlow times (T, t_mid) (the paper's t_mid, and the one found by search)."""
+    found by search), sCM models at TrigFlow times (T, t_mid) (the paper's t_mid, and the one found by search), flow
+    maps at flow times (1, t_mid) (0.5, and the one found by search)."""
     one_step, two_step = loop.mode.samplers
     if two_step == "multistep":
         n = loop.schedule_fn(loop.step - 1)["num_scales"]
         ts = {"default": default_two_step_ts(n),
               "searched": best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier)}
         kwargs = {which: dict(steps=n, ts=t) for which, t in ts.items()}
+    elif two_step == "meanflow":
+        mid = best_flow_mid(diffusion, model, size, opts.seed + 1, classifier)
+        ts = {"default": (1.0, 0.5), "searched": (1.0, 1 - mid / FLOW_GRID)}
+        kwargs = {"default": dict(steps=2), "searched": dict(steps=FLOW_GRID, ts=(0, mid))}
     else:
         start = round(math.atan(80.0 / diffusion.sigma_data), 4)  # karras_sample starts at sigma_max 80
         t_mid = best_t_mid(diffusion, model, size, opts.seed + 1, classifier)

@@ -103,8 +103,8 @@ def meanflow_losses(denoiser, model, x_start, r=None, t=None, noise=None, model_
     )
     u_target = meanflow_target(v.float(), du_dt, r.float(), t.float()).detach()
     squared = (u.float() - u_target).pow(2).flatten(1).sum(dim=1)
-    return {"loss": adaptive_weighted(squared, p, eps), "mse": squared.detach(), "sigma": flow_time_to_sigma(t).clamp(denoiser.sigma_min, denoiser.sigma_max),
-            "t": t, "r": r}
+    sigma = flow_time_to_sigma(t).clamp(denoiser.sigma_min, denoiser.sigma_max)  # the EDM level of t, for the logs
+    return {"loss": adaptive_weighted(squared, p, eps), "mse": squared.detach(), "sigma": sigma, "t": t, "r": r}
 
 
 def meanflow_schedule(total_steps):
