@@ -401,7 +401,8 @@ SAMPLERS = {
     "meanflow": Sampler(sample_flow_map, flow_grid, flow_map_options),
     "meanflow_onestep": Sampler(sample_flow_map, flow_onestep_grid, flow_map_options),
 }
-SAMPLER_NAMES = tuple(name for name in SAMPLERS if name != "ancestral")
+# the samplers of every denoiser: not the alias "ancestral", nor the flow-map ones (they need a two-time network)
+SAMPLER_NAMES = tuple(name for name, s in SAMPLERS.items() if name != "ancestral" and s.options is not flow_map_options)
 
 
 def register_sampler(name, sampler):
