@@ -76,7 +76,8 @@ def build(config, mode, args, teacher):
 
 def pieces(loop, device):
     """Seconds of the online forward, the JVP pass and the backward of one sCT batch (median of 5)."""
-    from cm.trigflow import trigflow_jvp, trigflow_t_lognormal, trigflow_velocity, trigflow_x_t
+    from cm.modes.scm import trigflow_jvp, trigflow_t_lognormal
+    from cm.trigflow import trigflow_velocity, trigflow_x_t
 
     x0, cond = next(loop.data)
     x0, cond = x0.to(device), {k: v.to(device) for k, v in cond.items()}
