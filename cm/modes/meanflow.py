@@ -12,9 +12,8 @@ identity (Eq. 6), which is the training target:
 with du/dt one JVP of (z, r, t) -> u_theta along the tangent (v, 0, 1) (Eq. 8), run in float32 outside autocast on
 the unwrapped network without gradients and with the online pass's dropout masks replayed
 (cm.modes.base.consistency_pair); the online pass is a plain forward, so DistributedDataParallel synchronises the
-gradients as usual. Times:
-t and r both from a logit-normal, t = max, r = min, and r = t except on a share `ratio` of the samples (Sec. 4.3;
-where r = t the loss is flow matching). There is no target network and no curriculum.
+gradients as usual. Times: t and r both from a logit-normal, t = max, r = min, and r = t except on a share `ratio`
+of the samples (Sec. 4.3; where r = t the loss is flow matching). There is no target network and no curriculum.
 """
 
 import torch
