@@ -168,6 +168,8 @@ class DiT(HalfPrecisionBody, nn.Module):
         (DiT's class-dropout row).
     :param guidance_embed: the network also takes a guidance scale w [N] (`guidance=`), embedded like a time and
         added through a zero-initialised layer to the time features (LCM, as the ADM UNet's).
+    :param second_time_embed: the network also takes a second time (`second_time=`, a flow map's h = t - r) through
+        its own embedding MLP, summed with the first's (MeanFlow's (t, t - r)); off, the parameters are DiT's.
     :param use_checkpoint: gradient checkpointing of every block.
     :param use_fp16: self.dtype float16; convert_to_fp16 makes the patch embedding and the blocks run in it.
     :param fp32_time_embedding: compute the time (and label, guidance) conditioning in float32 under autocast.
@@ -190,6 +192,7 @@ class DiT(HalfPrecisionBody, nn.Module):
         use_checkpoint=False,
         use_fp16=False,
         fp32_time_embedding=False,
+        second_time_embed=False,
     ):
         super().__init__()
         if null_class and num_classes is None:
@@ -204,6 +207,7 @@ class DiT(HalfPrecisionBody, nn.Module):
         self.null_label = num_classes if null_class else None
         self.guidance_embed = guidance_embed
         self.fp32_time_embedding = fp32_time_embedding
+        self.two_times = second_time_embed
         self.dtype = torch.float16 if use_fp16 else torch.float32
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -214,6 +218,10 @@ class DiT(HalfPrecisionBody, nn.Module):
         self.t_embedder = nn.Sequential(
             nn.Linear(FREQUENCY_CHANNELS, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
+        if second_time_embed:
+            self.second_time_embedder = nn.Sequential(
+                nn.Linear(FREQUENCY_CHANNELS, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            )
         if num_classes is not None:
             self.y_embedder = nn.Embedding(num_classes + int(null_class), hidden_size)
         if guidance_embed:
@@ -240,8 +248,9 @@ class DiT(HalfPrecisionBody, nn.Module):
         weight = self.x_embedder.weight
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        for layer in (self.t_embedder[0], self.t_embedder[2]):
-            nn.init.normal_(layer.weight, std=0.02)
+        for embedder in (self.t_embedder, self.second_time_embedder) if self.two_times else (self.t_embedder,):
+            for layer in (embedder[0], embedder[2]):
+                nn.init.normal_(layer.weight, std=0.02)
         if self.num_classes is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
 
@@ -274,27 +283,34 @@ class DiT(HalfPrecisionBody, nn.Module):
         x = tokens.reshape(tokens.shape[0], grid, grid, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(tokens.shape[0], c, grid * p, grid * p)
 
-    def condition(self, timesteps, y, guidance):
-        """c = MLP(sin-cos features of the time [+ guidance features]) + class embedding, [N, width] in float32."""
+    def condition(self, timesteps, y, guidance, second_time=None):
+        """c = MLP(sin-cos features of the time [+ guidance features]) [+ MLP'(features of the second time)] + class
+        embedding, [N, width] in float32."""
         features = timestep_embedding(timesteps, FREQUENCY_CHANNELS)
         if self.guidance_embed:
             features = features + self.guidance_proj(guidance_features(guidance, FREQUENCY_CHANNELS).to(features.dtype))
         c = self.t_embedder(features.to(self.t_embedder[0].weight.dtype))
+        if self.two_times:
+            second = timestep_embedding(second_time, FREQUENCY_CHANNELS)
+            c = c + self.second_time_embedder(second.to(self.second_time_embedder[0].weight.dtype))
         if self.num_classes is not None:
             c = c + self.y_embedder(y)
         return c
 
-    def forward(self, x, timesteps, y=None, guidance=None):
+    def forward(self, x, timesteps, y=None, guidance=None, second_time=None):
         """Apply DiT to x [N, C, H, W] at timesteps [N] (the denoiser's c_noise), labels y [N], guidance scales
-        guidance [N] (models with guidance_embed)."""
-        check_conditioning(x, y, guidance, self.num_classes, self.guidance_embed)
+        guidance [N] (models with guidance_embed), second times [N] (models with second_time_embed)."""
+        check_conditioning(x, y, guidance, self.num_classes, self.guidance_embed, second_time, self.two_times)
         if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(
                 f"DiT built for {self.in_channels} x {self.image_size} x {self.image_size} inputs got "
                 f"{' x '.join(map(str, x.shape[1:]))} (check --in_channels and --image_size)"
             )
         with float32_time_embedding(self.fp32_time_embedding, x.device):
-            c = self.condition(at_least_float32(timesteps) if self.fp32_time_embedding else timesteps, y, guidance)
+            if self.fp32_time_embedding:
+                timesteps = at_least_float32(timesteps)
+                second_time = None if second_time is None else at_least_float32(second_time)
+            c = self.condition(timesteps, y, guidance, second_time)
         dtype = self.body_dtype()
         h = self.x_embedder(x.type(dtype)).flatten(2).transpose(1, 2)  # [N, T, width]
         h = h + self.pos_embed.to(h.dtype)

@@ -8,6 +8,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from cm.dit import DiT
 from cm.ncsnpp import NCSNpp
 from cm.nn import math_attention, network_jvp, scaled_dot_product_attention
 from cm.unet import UNetModel
@@ -177,12 +178,19 @@ def test_network_jvp_checks_its_arguments():
         network_jvp(model, (x, t), (dx, dt[:1]))
 
 
-@pytest.mark.parametrize("name", ["unet", "ncsnpp"])
+TWO_TIME = {
+    "unet": unet,
+    "ncsnpp": ncsnpp,
+    "dit": lambda **kw: DiT(8, 3, 3, patch_size=2, hidden_size=32, depth=2, num_heads=2, dropout=0.2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", TWO_TIME)
 def test_two_time_network_jvp_through_both_times_matches_finite_differences(name):
     """F(x, t, second_time=h) of a flow map's network: one JVP along (dx, dt, dh) against float64 central
     differences, and the h input really changes the output."""
     torch.manual_seed(0)
-    model = {"unet": unet, "ncsnpp": ncsnpp}[name](second_time_embed=True)
+    model = TWO_TIME[name](second_time_embed=True)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

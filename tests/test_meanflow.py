@@ -31,7 +31,7 @@ from test_toy2d import CENTERS, WEIGHTS, Mixture, mode_statistics
 # ----- two-time networks ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["adm", "ncsnpp"])
+@pytest.mark.parametrize("model_type", ["adm", "ncsnpp", "dit"])
 def test_second_time_is_off_by_default_and_adds_only_its_own_embedding(model_type):
     kw = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
               model_type=model_type)
@@ -39,10 +39,13 @@ def test_second_time_is_off_by_default_and_adds_only_its_own_embedding(model_typ
         kw.update(fir=True, fir_kernel="1,3,3,1", skip_rescale=True, resblock_type="biggan", progressive="none",
                   progressive_input="residual", progressive_combine="sum", embedding_type="positional",
                   fourier_scale=16.0, init_scale=0.0, resamp_with_conv=True)
+    if model_type == "dit":
+        kw.update(dit_size="2x64x4/2")
     one, two = create_model(**kw), create_model(**kw, second_time_embed=True)
     keys_one, keys_two = set(one.state_dict()), set(two.state_dict())
     assert keys_one < keys_two
-    assert all(".".join(k.split(".")[:1]) in ("second_time_embed", "second_time_mlp") for k in keys_two - keys_one)
+    new = ("second_time_embed", "second_time_mlp", "second_time_embedder")
+    assert all(k.split(".")[0] in new for k in keys_two - keys_one)
     # a one-time checkpoint loads into the one-time network unchanged, and into the two-time one but for the new MLP
     one.load_state_dict(create_model(**kw).state_dict())
     missing = two.load_state_dict(one.state_dict(), strict=False).missing_keys
