@@ -163,6 +163,40 @@ def test_the_jvp_pass_replays_the_online_dropout_and_only_the_online_pass_has_gr
     assert all(p.grad is not None for p in model.parameters())
 
 
+class LabelVelocity(torch.nn.Module):
+    """u(z, r, t | y) = a[y], a constant per label (label 3 the null one), so du/dt = 0 and u_tgt = v or v_g."""
+
+    null_label = 3
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0], [0.5, 0.5]]))
+
+    def forward(self, z, time, second_time=None, y=None):
+        return self.a[y].expand_as(z)
+
+
+def test_guidance_is_trained_into_the_target_on_labelled_samples_inside_its_interval():
+    """v_g = w v + k u(z, t, t | c) + (1 - w - k) u(z, t, t | null) where y != null and t in [t_min, t_max]; the
+    plain v elsewhere (MeanFlow App. B.1)."""
+    torch.manual_seed(0)
+    model, denoiser = LabelVelocity(), FlowMapDenoiser()
+    x, e = torch.randn(6, 2), torch.randn(6, 2)
+    t = torch.tensor([0.3, 0.5, 0.9, 0.5, 0.2, 0.6])
+    y = torch.tensor([0, 1, 2, 3, 0, 1])  # sample 3 has the null label; 2 and 4 lie outside [0.25, 0.8]
+    guidance = dict(w=2.0, k=0.5, t_min=0.25, t_max=0.8)
+    terms = meanflow_losses(denoiser, model, x, r=t * 0.5, t=t, noise=e, model_kwargs={"y": y}, p=0.0,
+                            guidance=guidance)
+    a, v = model.a.detach(), e - x
+    guided = 2.0 * v + 0.5 * a[y] + (1 - 2.0 - 0.5) * a[3]
+    inside = torch.tensor([True, True, False, False, False, True])
+    target = torch.where(inside[:, None], guided, v)
+    torch.testing.assert_close(terms["loss"], (a[y] - target).pow(2).sum(dim=1))
+    with pytest.raises(ValueError, match="null"):
+        args = create_argparser("meanflow").parse_args(tiny_argv(meanflow_cfg_w=2.0))
+        resolve_training_config(args)
+
+
 # ----- samplers --------------------------------------------------------------------------------------------------
 
 

@@ -14,11 +14,16 @@ the unwrapped network without gradients and with the online pass's dropout masks
 (cm.modes.base.consistency_pair); the online pass is a plain forward, so DistributedDataParallel synchronises the
 gradients as usual. Times: t and r both from a logit-normal, t = max, r = min, and r = t except on a share `ratio`
 of the samples (Sec. 4.3; where r = t the loss is flow matching). There is no target network and no curriculum.
+
+Classifier-free guidance trained into the flow map (App. B.1, with its mixing scale kappa): on labelled samples
+with t in [t_min, t_max], v is replaced by v_g = w v + k u(z_t, t, t | c) + (1 - w - k) u(z_t, t, t | null), both
+u's from the network without gradients; label dropout (--class_dropout_prob, the null class) trains u(. | null).
 """
 
 import torch
 
 from ..flags import flag_rows
+from ..guidance import null_label
 from ..flowmap import FlowMapDenoiser, flow_interpolate, flow_time_to_sigma, per_sample_time
 from ..nn import network_jvp
 from ..random_util import DeviceRNG
@@ -47,6 +52,17 @@ def sample_times(batch_size, mean=-0.4, std=1.0, ratio=0.25, device="cpu"):
 # ----- the loss ----------------------------------------------------------------------------------------------------
 
 
+def guided_velocity(denoiser, model, z, t, v, y, null, w=1.0, k=0.0, t_min=0.0, t_max=1.0):
+    """v_g = w v + k u(z, t, t | y) + (1 - w - k) u(z, t, t | null) on labelled samples (y != null) with t in
+    [t_min, t_max], v elsewhere (MeanFlow App. B.1); the u's without gradients."""
+    with torch.no_grad():
+        u_cond = denoiser.average_velocity(model, z, t, t, y=y).to(v.dtype)
+        u_null = denoiser.average_velocity(model, z, t, t, y=torch.full_like(y, null)).to(v.dtype)
+    guided = w * v + k * u_cond + (1 - w - k) * u_null
+    inside = (y != null) & (t >= t_min) & (t <= t_max)
+    return torch.where(per_sample_time(inside, v).bool(), guided, v)
+
+
 def average_velocity_jvp(denoiser, model, z, r, t, v, model_kwargs=None):
     """(u(z, r, t), du/dt = v d_z u + d_t u): one JVP along the tangent (v, 0, 1) of (z, r, t) (MeanFlow Eq. 8), in
     float32 outside autocast (a reduced-precision tangent of a 1000 t time input loses its digits)."""
@@ -73,7 +89,7 @@ def adaptive_weighted(squared_error, p=1.0, eps=1e-3):
 
 
 def meanflow_losses(denoiser, model, x_start, r=None, t=None, noise=None, model_kwargs=None, p=1.0, eps=1e-3,
-                    time_mean=-0.4, time_std=1.0, ratio=0.25, rng=None, jvp_model=None):
+                    time_mean=-0.4, time_std=1.0, ratio=0.25, rng=None, jvp_model=None, guidance=None):
     """The MeanFlow loss per sample: w ||u_theta(z_t, r, t) - sg(v - (t - r) du/dt)||^2 (Eq. 9-10).
 
     :param denoiser: a cm.flowmap.FlowMapDenoiser (u = F(z, c(t), second_time=c(t - r))).
@@ -84,6 +100,8 @@ def meanflow_losses(denoiser, model, x_start, r=None, t=None, noise=None, model_
     :param p, eps: the adaptive weighting 1 / sg((||.||^2 + eps)^p).
     :param rng: a cm.random_util.DeviceRNG; the JVP pass replays the online pass's dropout masks.
     :param jvp_model: the network of the no-gradient JVP pass (default: `model` unwrapped from DDP).
+    :param guidance: None, or {"w", "k", "t_min", "t_max"} of the guided velocity (`guided_velocity`; needs labels y
+        and a network with a null class).
     :return: {"loss", "mse" (unweighted squared error), "sigma" (EDM level of t), "t", "r"}, per sample.
     """
     model_kwargs = model_kwargs or {}
@@ -93,6 +111,8 @@ def meanflow_losses(denoiser, model, x_start, r=None, t=None, noise=None, model_
     z = flow_interpolate(x_start, noise, t)
     v = noise - x_start
     jvp_model = unwrap_ddp(model) if jvp_model is None else jvp_model
+    if guidance is not None:
+        v = guided_velocity(denoiser, jvp_model, z, t, v, model_kwargs["y"], null_label(jvp_model), **guidance)
 
     # the online u_theta, then du/dt by one JVP without gradients with the same dropout masks
     u, (_, du_dt) = consistency_pair(
@@ -120,9 +140,20 @@ def check_meanflow_config(config):
     options = config["loss"]
     sample_times(1, options["meanflow_time_mean"], options["meanflow_time_std"], options["meanflow_ratio"])
     adaptive_weighted(torch.zeros(1), options["meanflow_adaptive_p"], options["meanflow_eps"])
+    if guidance_options(options) is not None and not config["network"].get("null_class"):
+        raise ValueError("MeanFlow's guided target (--meanflow_cfg_w / --meanflow_cfg_k) needs a class-conditional "
+                         "network with a null class: --class_cond true --null_class true --class_dropout_prob 0.1")
     if options["meanflow_time_std"] <= 0 or options["meanflow_eps"] <= 0:
         raise ValueError("meanflow_time_std and meanflow_eps must be > 0, got "
                          f"{options['meanflow_time_std']} and {options['meanflow_eps']}")
+
+
+def guidance_options(options):
+    """The guided velocity's settings from the flag values, or None when w = 1 and k = 0 (no guidance)."""
+    if (options["meanflow_cfg_w"], options["meanflow_cfg_k"]) == (1.0, 0.0):
+        return None
+    return dict(w=options["meanflow_cfg_w"], k=options["meanflow_cfg_k"], t_min=options["meanflow_cfg_t_min"],
+                t_max=options["meanflow_cfg_t_max"])
 
 
 def bind_meanflow_loss(diffusion, context):
@@ -130,7 +161,7 @@ def bind_meanflow_loss(diffusion, context):
     options = context.options
     settings = dict(p=options["meanflow_adaptive_p"], eps=options["meanflow_eps"],
                     time_mean=options["meanflow_time_mean"], time_std=options["meanflow_time_std"],
-                    ratio=options["meanflow_ratio"])
+                    ratio=options["meanflow_ratio"], guidance=guidance_options(options))
 
     def loss(model, x_start, model_kwargs, schedule):
         return unweighted(meanflow_losses(diffusion, model, x_start, model_kwargs=model_kwargs, **settings))
@@ -152,6 +183,11 @@ FLAGS = (
         ("meanflow_adaptive_p", 1.0, "MeanFlow adaptive weighting 1 / sg((||u - u_tgt||^2 + eps)^p): p (ImageNet: 1; "
          "CIFAR-10: 0.75; 0: squared l2)", None),
         ("meanflow_eps", 1e-3, "MeanFlow adaptive weighting: eps", None),
+        ("meanflow_cfg_w", 1.0, "MeanFlow guidance trained into the target, v_g = w v + k u(c) + (1 - w - k) "
+         "u(null): w (1 with k 0: no guidance; needs --class_cond, --null_class, --class_dropout_prob)", None),
+        ("meanflow_cfg_k", 0.0, "MeanFlow guidance: k, the weight of the network's own conditional velocity", None),
+        ("meanflow_cfg_t_min", 0.0, "MeanFlow guidance: applied for t in [t_min, t_max]", None),
+        ("meanflow_cfg_t_max", 1.0, "MeanFlow guidance: t_max", None),
     ),
 )
 
