@@ -3,7 +3,6 @@ one-time checkpoints, the loss at r = t is flow matching, the target is exact at
 exact resume from the command line, and a 2-D mixture recovered in one and two jumps."""
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -283,7 +282,8 @@ def test_a_2d_mixture_is_recovered_in_one_and_two_jumps(tmp_path):
     torch.manual_seed(0)
     model = Linear2Time()
     options = dict(meanflow_time_mean=-0.4, meanflow_time_std=1.0, meanflow_ratio=0.5, meanflow_adaptive_p=0.0,
-                   meanflow_eps=1e-3)
+                   meanflow_eps=1e-3, meanflow_cfg_w=1.0, meanflow_cfg_k=0.0, meanflow_cfg_t_min=0.0,
+                   meanflow_cfg_t_max=1.0)
     steps = 1500
     loop = CMTrainLoop(model=model, diffusion=FlowMapDenoiser(), data=Mixture(256), batch_size=256, microbatch=-1,
                        lr=2e-3, ema_rate="0.99", log_interval=10**9, save_interval=-1, resume_checkpoint="",
