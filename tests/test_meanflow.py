@@ -177,7 +177,7 @@ class LabelVelocity(torch.nn.Module):
 
 def test_guidance_is_trained_into_the_target_on_labelled_samples_inside_its_interval():
     """v_g = w v + k u(z, t, t | c) + (1 - w - k) u(z, t, t | null) where y != null and t in [t_min, t_max]; the
-    plain v elsewhere (MeanFlow App. B.1)."""
+    plain v elsewhere (MeanFlow's guided target)."""
     torch.manual_seed(0)
     model, denoiser = LabelVelocity(), FlowMapDenoiser()
     x, e = torch.randn(6, 2), torch.randn(6, 2)

@@ -15,7 +15,7 @@ the unwrapped network without gradients and with the online pass's dropout masks
 gradients as usual. Times: t and r both from a logit-normal, t = max, r = min, and r = t except on a share `ratio`
 of the samples (Sec. 4.3; where r = t the loss is flow matching). There is no target network and no curriculum.
 
-Classifier-free guidance trained into the flow map (App. B.1, with its mixing scale kappa): on labelled samples
+Classifier-free guidance trained into the flow map (MeanFlow's guided target, with its mixing scale kappa): on labelled samples
 with t in [t_min, t_max], v is replaced by v_g = w v + k u(z_t, t, t | c) + (1 - w - k) u(z_t, t, t | null), both
 u's from the network without gradients; label dropout (--class_dropout_prob, the null class) trains u(. | null).
 """
@@ -54,7 +54,7 @@ def sample_times(batch_size, mean=-0.4, std=1.0, ratio=0.25, device="cpu"):
 
 def guided_velocity(denoiser, model, z, t, v, y, null, w=1.0, k=0.0, t_min=0.0, t_max=1.0):
     """v_g = w v + k u(z, t, t | y) + (1 - w - k) u(z, t, t | null) on labelled samples (y != null) with t in
-    [t_min, t_max], v elsewhere (MeanFlow App. B.1); the u's without gradients."""
+    [t_min, t_max], v elsewhere (MeanFlow's guided target); the u's without gradients."""
     with torch.no_grad():
         u_cond = denoiser.average_velocity(model, z, t, t, y=y).to(v.dtype)
         u_null = denoiser.average_velocity(model, z, t, t, y=torch.full_like(y, null)).to(v.dtype)
