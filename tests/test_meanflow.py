@@ -257,8 +257,9 @@ def test_resume_mid_run_is_bit_exact(tmp_path):
 def test_image_sample_draws_a_checkpoint_in_one_and_two_jumps(tmp_path):
     main("meanflow", meanflow_argv(tmp_path / "run", 1, save_interval=-1))
     image_sample = load_script("image_sample")
-    flags = [f"--{k}={v}" for k, v in TINY_MODEL.items()] + ["--second_time_embed=true", "--training_mode=meanflow",
-                                                             "--model_path", str(tmp_path / "run" / "ema_0.9_000001.pt")]
+    checkpoint = str(tmp_path / "run" / "ema_0.9_000001.pt")
+    flags = [f"--{k}={v}" for k, v in TINY_MODEL.items()]
+    flags += ["--second_time_embed=true", "--training_mode=meanflow", "--model_path", checkpoint]
     images = {}
     for sampler, steps in (("meanflow", 2), ("meanflow", 1), ("meanflow_onestep", 1)):
         out = tmp_path / f"{sampler}{steps}"

@@ -16,8 +16,9 @@ gradients as usual. Times: t and r both from a logit-normal, t = max, r = min, a
 of the samples (Sec. 4.3; where r = t the loss is flow matching). There is no target network and no curriculum.
 
 Classifier-free guidance trained into the flow map (MeanFlow's guided target, with its mixing scale kappa): on
-labelled samples with t in [t_min, t_max], v is replaced by v_g = w v + k u(z_t, t, t | c) + (1 - w - k) u(z_t, t, t | null), both
-u's from the network without gradients; label dropout (--class_dropout_prob, the null class) trains u(. | null).
+labelled samples with t in [t_min, t_max], v is replaced by v_g = w v + k u(z_t, t, t | c) + (1 - w - k)
+u(z_t, t, t | null), both u's from the network without gradients; label dropout (--class_dropout_prob, the null
+class) trains u(. | null).
 """
 
 import torch
