@@ -13,6 +13,7 @@ shares the outcome of what it does alone (`share_outcome`, e.g. locking the log 
 exits at once (cm.errors), so the others' collectives fail on the closed connection.
 """
 
+import atexit
 import contextlib
 import datetime
 import itertools
@@ -29,6 +30,7 @@ from .errors import CheckpointError, PeerFailure, SetupError, first_line
 
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 _LOCAL_RANK = 0
+_TEARDOWN_REGISTERED = False
 
 # The reference's module constants, kept importable: it gave rank r the GPU r % GPUS_PER_NODE and never read
 # SETUP_RETRY_COUNT; here a rank takes the GPU of its local rank, whatever the node size.
@@ -113,6 +115,26 @@ def setup_dist(backend=None):
             f"{_timeout().total_seconds():.0f} s ({type(e).__name__}: {e}); set CM_MASTER_ADDR to an address "
             "every node can reach, or raise CM_DIST_TIMEOUT"
         ) from None
+    _register_teardown()
+
+
+def _register_teardown():
+    """Tear the process group down at interpreter exit, once: atexit runs it while Python is fully alive and
+    before mpi4py finalises MPI (atexit is last-in first-out and mpi4py registered first). Without it, gloo's
+    worker threads and pending work outlive the interpreter, and a finished run could abort in C++ teardown
+    ("terminate called without an active exception", exit code 6 under mpiexec)."""
+    global _TEARDOWN_REGISTERED
+    if not _TEARDOWN_REGISTERED:
+        atexit.register(teardown_dist)
+        _TEARDOWN_REGISTERED = True
+
+
+def teardown_dist():
+    """Leave the process group: wait for this rank's pending collectives, then destroy the group (idempotent).
+    Ranks that fail leave through os._exit (cm.errors) and never get here, so no rank waits on a dead one."""
+    if not is_distributed():
+        return
+    dist.destroy_process_group()
 
 
 def is_distributed():

@@ -109,7 +109,8 @@ def str2bool(v):
 
 
 def add_dict_to_argparser(parser, default_dict, help_text=None, choices=None):
-    """Add --key flags typed like their defaults (bools via str2bool), with help text and allowed values.
+    """Add --key flags typed like their defaults, with help text and allowed values. A boolean flag takes a
+    value parsed by str2bool or stands alone: `--dry_run` is `--dry_run true`.
 
     :param help_text: {key: help text} (default: every flag's, cm.training_modes.flag_help()).
     :param choices: {key: allowed values} of enum flags (default: cm.training_modes.flag_choices()).
@@ -117,12 +118,10 @@ def add_dict_to_argparser(parser, default_dict, help_text=None, choices=None):
     help_text = flag_help() if help_text is None else help_text
     choices = flag_choices() if choices is None else choices
     for k, v in default_dict.items():
-        v_type = type(v)
-        if v is None:
-            v_type = str
-        elif isinstance(v, bool):
-            v_type = str2bool
+        v_type = str if v is None else type(v)
         kwargs = dict(default=v, type=v_type, help=help_text.get(k, "") + " (default: %(default)s)")
+        if isinstance(v, bool):
+            kwargs.update(type=str2bool, nargs="?", const=True)
         if k in choices:
             kwargs["choices"] = choices[k]
         parser.add_argument(f"--{k}", **kwargs)

@@ -92,3 +92,22 @@ def test_unknown_model_type():
     kw["model_type"] = "uvit"
     with pytest.raises(ValueError, match="unknown model_type 'uvit'"):
         create_model_and_diffusion(**kw)
+
+
+def test_boolean_flags_stand_alone_or_take_a_value(tmp_path):
+    """`--class_cond` alone is `--class_cond true`; explicit values and YAML booleans still parse."""
+    assert parser().parse_args(["--class_cond"]).class_cond is True
+    assert parser().parse_args(["--class_cond", "--lr", "0.5"]).class_cond is True
+    assert parser().parse_args(["--class_cond", "false"]).class_cond is False
+    assert parser().parse_args(["--class_cond", "yes"]).class_cond is True
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("class_cond: true\n")
+    assert parse_args_with_config(parser(), ["--config", str(cfg)]).class_cond is True
+    assert parse_args_with_config(parser(), ["--config", str(cfg), "--class_cond", "no"]).class_cond is False
+
+
+def test_bare_dry_run_prints_the_configuration(capsys):
+    from cm.train_cli import main
+
+    main(None, ["--training_mode", "consistency_training", "--dry_run"])
+    assert '"training_mode": "consistency_training"' in capsys.readouterr().out
