@@ -21,6 +21,7 @@ from .image_datasets import center_crop_arr
 from .sampling import karras_sample
 from .config import resolve_model_config
 from .flags import DEVICES
+from .run_config import mismatch_hint
 from .script_util import create_model, load_model_checkpoint
 from .training_modes import build_denoiser
 GRID_IMAGES = 64
@@ -191,7 +192,7 @@ def load_sampling_model(args, device):
     config = resolve_model_config(args)
     model = create_model(**config["network"])
     diffusion = build_denoiser(config["training_mode"], config["denoiser"])
-    load_model_checkpoint(model, args.model_path)
+    load_run_checkpoint(model, args)
     model.to(device)
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
@@ -200,6 +201,18 @@ def load_sampling_model(args, device):
     elif getattr(args, "use_bf16", False):
         model.convert_to_bf16()
     return model.eval().requires_grad_(False), diffusion
+
+
+def load_run_checkpoint(model, args):
+    """Load args.model_path into model; a file that does not fit the flags says the likely cause in the same line."""
+    try:
+        return load_model_checkpoint(model, args.model_path)
+    except ValueError as e:
+        if "does not fit the model flags" not in str(e):
+            raise
+        state_dict = dist_util.load_state_dict(args.model_path, map_location="cpu")
+        hint = mismatch_hint(state_dict, vars(args), getattr(model, "in_channels", 3))
+        raise ValueError(f"{e}; {hint}") from None
 
 
 # ----- sampling over ranks -----------------------------------------------------------------------

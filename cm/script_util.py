@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from . import dist_util, errors, logger, schedules
+from . import dist_util, errors, logger, run_config, schedules
 from .checkpoint_io import load_fitting_state_dict
 from .config import config_to_json, group_values
 from .flags import CM_TRAIN_FLAGS, MODEL_AND_DIFFUSION_FLAGS, NCSNPP_FLAGS, TRAIN_FLAGS
@@ -158,28 +158,45 @@ def parse_args_with_config(parser, argv=None):
     if not any(a.dest == "config" for a in parser._actions):
         parser.add_argument("--config", default="", help="YAML file of flag values (flags on the command line win)")
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
+    values, source = config_values(pre)
+    if values is not None:
         actions = {a.dest: a for a in parser._actions}
-        values = load_config(pre.config)
         # keys of other cm scripts (e.g. training flags in a file given to image_sample.py) are skipped
         values = {k: v for k, v in values.items() if k in actions or k not in FLAGS}
         unknown = sorted(k for k in values if k not in actions or k == "config")
         if unknown:
-            parser.error(f"config file {pre.config} has unknown keys: {', '.join(unknown)}")
+            parser.error(f"config file {source} has unknown keys: {', '.join(unknown)}")
         converted = {}
         for key, value in values.items():
             action = actions[key]
             try:
                 converted[key] = action.type(value) if action.type and value is not None else value
             except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-                parser.error(f"config file {pre.config}: bad value for {key}: {e}")
+                parser.error(f"config file {source}: bad value for {key}: {e}")
             if action.choices is not None and converted[key] not in action.choices:
                 parser.error(
-                    f"config file {pre.config}: {key} must be one of {', '.join(map(str, action.choices))}, "
+                    f"config file {source}: {key} must be one of {', '.join(map(str, action.choices))}, "
                     f"got {value!r}"
                 )
         parser.set_defaults(**converted)
     return parser.parse_args(argv)
+
+
+def config_values(pre):
+    """(flag values, their file) that become the parser's defaults: --config (flat flag values, or a run's
+    config.json whose model part is used), else the configuration of the run that wrote --model_path
+    (cm.run_config); (None, None) when there is neither."""
+    if pre.config:
+        if pre.config.endswith(".json"):
+            config = run_config.read_run_config_file(pre.config)
+            if config is not None:
+                return run_config.model_flag_values(config), pre.config
+        return load_config(pre.config), pre.config
+    config, where = run_config.find_run_config(getattr(pre, "model_path", ""))
+    if config is None:
+        return None, None
+    print(f"model flags from {where} (flags on the command line win)", file=sys.stderr)
+    return run_config.model_flag_values(config), where
 
 
 def run_or_exit(fn, *args):

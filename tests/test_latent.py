@@ -2,6 +2,7 @@
 resume, sampling that decodes them, and diffusers' AutoencoderKL behind the same interface."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -100,3 +101,24 @@ def test_a_missing_extra_or_folder_is_one_line(tmp_path, monkeypatch):
         latent_network(str(tmp_path / "nowhere"), 8)
     with pytest.raises(ValueError, match="not divisible"):
         latent_network(str(folder), 9)
+
+
+def test_model_path_alone_samples_a_latent_run(tmp_path, autoencoder_path, capsys):
+    """The run's configuration brings its autoencoder; without it, the mismatch says this is a latent model."""
+    main("edm", tiny_argv(log_dir=tmp_path / "edm", total_training_steps=1, autoencoder_path=autoencoder_path))
+    model = tmp_path / "edm" / "model000001.pt"
+    common = ["--sampler", "euler", "--steps", "3", "--num_samples", "3", "--batch_size", "3"]
+    alone = load_script("image_sample").main(common + ["--model_path", str(model), "--log_dir", str(tmp_path / "a")])
+    flags = [f"--{k}={v}" for k, v in TINY_MODEL.items()]
+    given = load_script("image_sample").main(flags + common + [
+        "--model_path", str(model), "--autoencoder_path", autoencoder_path, "--training_mode", "edm",
+        "--log_dir", str(tmp_path / "b")])
+    with np.load(alone) as a, np.load(given) as b:
+        assert alone.endswith("samples_3x8x8x3.npz") and np.array_equal(a["arr_0"], b["arr_0"])
+    os.remove(tmp_path / "edm" / "config.json")
+    os.remove(tmp_path / "edm" / "state000001.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        load_script("image_sample").main(flags + common + ["--model_path", str(model), "--training_mode", "edm",
+                                                           "--log_dir", str(tmp_path / "c")])
+    assert "this is a latent model, pass --autoencoder_path" in capsys.readouterr().err
