@@ -162,3 +162,17 @@ def resolve_script_config(args, script_groups):
 def config_to_json(config):
     """The configuration as indented JSON (for --dry_run, config.json and checkpoints)."""
     return json.dumps(config, indent=2, sort_keys=True, default=str)
+
+
+def lr_decay_warning(flags):
+    """One line when the linear lr decay outlasts the run (lr_anneal_steps > total_training_steps), else None: a
+    shortened preset then stops at a high lr. A time budget re-plans both lengths together, so it gets none."""
+    flags = as_flags(flags)
+    total, anneal = flags.get("total_training_steps", 0) or 0, flags.get("lr_anneal_steps", 0) or 0
+    if total <= 0 or anneal <= total or flags.get("time_budget_minutes", 0):
+        return None
+    return (
+        f"warning: --lr_anneal_steps {anneal} outlasts --total_training_steps {total}: the run ends at "
+        f"{1 - total / anneal:.0%} of --lr instead of decaying to 0; pass --lr_anneal_steps {total} to decay "
+        "within the run"
+    )

@@ -13,7 +13,7 @@ import sys
 
 from . import dist_util, errors, logger, run_config, schedules
 from .checkpoint_io import load_fitting_state_dict
-from .config import config_to_json, group_values
+from .config import config_to_json, group_values, lr_decay_warning
 from .flags import CM_TRAIN_FLAGS, MODEL_AND_DIFFUSION_FLAGS, NCSNPP_FLAGS, TRAIN_FLAGS
 from .karras_diffusion import KarrasDenoiser
 from .networks import create_model, resolve_channel_mult  # noqa: F401  (the reference's location of create_model)
@@ -223,10 +223,21 @@ def run_script(parser, run, argv=None, resolve=None):
     """The body of every script's main(): flags and --config, then run(args) with bad input reported in one
     line. --dry_run prints the resolved configuration (`resolve(args)`, default the flags) and exits."""
     args = parse_args_with_config(parser, argv)
+    warning = lr_decay_warning(args)
+    if warning and launch_rank() == 0:
+        print(warning, file=sys.stderr)
     if getattr(args, "dry_run", False):
         print(config_to_json(run_or_exit(resolve, args)) if resolve else args_to_json(args))
         return None
     return run_or_exit(run, args)
+
+
+def launch_rank():
+    """This process's rank as its launcher (torchrun, mpiexec) set it, before any process group exists."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def args_to_json(args):

@@ -305,3 +305,18 @@ def test_reference_launch_lines_build_the_reference_objective(line):
         assert schedule["end_scales"] == int(flags["--end_scales"])
     assert config["optimizer"] == dict(optimizer="radam", lr=float(flags["--lr"]), weight_decay=0.0, lr_anneal_steps=0,
                                        lr_warmup_steps=0)
+
+
+def test_a_run_shorter_than_its_lr_decay_warns_in_one_line(capsys):
+    from cm.config import lr_decay_warning
+    from cm.train_cli import main
+
+    assert lr_decay_warning({"total_training_steps": 1700, "lr_anneal_steps": 1700}) is None
+    assert lr_decay_warning({"total_training_steps": 0, "lr_anneal_steps": 1700}) is None
+    assert lr_decay_warning({"total_training_steps": 30, "lr_anneal_steps": 1700, "time_budget_minutes": 5}) is None
+    line = lr_decay_warning({"total_training_steps": 30, "lr_anneal_steps": 1700})
+    assert "98% of --lr" in line and "--lr_anneal_steps 30" in line and "\n" not in line
+    preset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_ct.yaml")
+    main(None, ["--config", preset, "--total_training_steps", "30", "--dry_run"])
+    err = capsys.readouterr().err
+    assert err.count("warning: --lr_anneal_steps 1700 outlasts --total_training_steps 30") == 1
