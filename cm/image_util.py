@@ -9,19 +9,20 @@
 
 import math
 import os
+import time
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from . import dist_util
+from . import dist_util, logger
 from .checkpoint_io import write_through_temporary
 from .image_datasets import center_crop_arr
 from .sampling import karras_sample
 from .config import resolve_model_config
 from .flags import DEVICES
-from .run_config import mismatch_hint
+from .run_config import find_run_config, mismatch_hint
 from .script_util import create_model, load_model_checkpoint
 from .training_modes import build_denoiser
 GRID_IMAGES = 64
@@ -174,6 +175,18 @@ def select_device(name):
         os.environ["CM_DEVICE"] = name
 
 
+def output_dir(log_dir, kind):
+    """Where a script writes: --log_dir, else OPENAI_LOGDIR, else ./{kind}/YYYYMMDD-HHMMSS in the current directory
+    (rank 0's choice on every rank)."""
+    chosen = log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join(os.getcwd(), kind, time.strftime("%Y%m%d-%H%M%S"))
+    return dist_util.broadcast_object(chosen)
+
+
+def written_line(paths):
+    """The last line of a script's output: every file it wrote."""
+    return "wrote " + " ".join(p for p in paths if p)
+
+
 # ----- models ------------------------------------------------------------------------------------
 
 
@@ -189,6 +202,9 @@ def load_sampling_model(args, device):
         raise ValueError("no checkpoint given: pass --model_path (e.g. ema_0.9999_NNNNNN.pt from a training log dir)")
     if getattr(args, "use_fp16", False) and getattr(args, "use_bf16", False):
         raise ValueError("choose one of --use_fp16 and --use_bf16")
+    _, where = (None, None) if getattr(args, "config", "") else find_run_config(args.model_path)
+    if where:
+        logger.log(f"model flags from {where} (flags on the command line win)")
     config = resolve_model_config(args)
     model = create_model(**config["network"])
     diffusion = build_denoiser(config["training_mode"], config["denoiser"])

@@ -195,7 +195,6 @@ def config_values(pre):
     config, where = run_config.find_run_config(getattr(pre, "model_path", ""))
     if config is None:
         return None, None
-    print(f"model flags from {where} (flags on the command line win)", file=sys.stderr)
     return run_config.model_flag_values(config), where
 
 

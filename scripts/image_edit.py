@@ -26,11 +26,13 @@ from cm.image_util import (
     from_uint8,
     image_grid,
     load_sampling_model,
+    output_dir,
     parse_ts,
     read_images,
     read_mask,
     save_npz,
     save_png,
+    written_line,
     select_device,
     to_uint8,
 )
@@ -175,11 +177,12 @@ def run(args):
     if not args.model_path:
         raise ValueError("no checkpoint given: pass --model_path (a consistency-model state dict)")
     select_device(args.device)
-    log_dir = logger.configure(dir=args.log_dir or None, format_strs=["stdout", "log"])
+    log_dir = logger.configure(dir=output_dir(args.log_dir, "edits"), format_strs=["stdout", "log"])
     torch.manual_seed(args.seed)  # the global RNG, used by --generator dummy
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
-    write_atomic(config_to_json(resolve_config(args)) + "\n", os.path.join(log_dir, f"{args.task}_config.json"))
+    config_path = os.path.join(log_dir, f"{args.task}_config.json")
+    write_atomic(config_to_json(resolve_config(args)) + "\n", config_path)
     if args.task == "interpolate":
         logger.log(f"interpolate with {args.model_path} on {device}; one step at sigma {args.sigma_max}")
         rows, after, before = run_interpolation(args, model, diffusion, device)
@@ -195,6 +198,7 @@ def run(args):
     strip = image_grid(shown.reshape(-1, size, size, 3), ncols=rows.shape[1])
     png = save_png(strip, os.path.join(log_dir, f"{args.task}.png"))
     logger.log(f"saved {png} ({len(shown)} of {len(rows)} rows) and {npz} (all {len(after)} results)")
+    logger.log(written_line([png, npz, config_path, os.path.join(log_dir, "log.txt")]))
     return {"npz": npz, "png": png, "results": after, "given": before}
 
 

@@ -23,9 +23,11 @@ from cm.image_util import (
     grid_path,
     image_grid,
     load_sampling_model,
+    output_dir,
     parse_ts,
     save_npz,
     save_png,
+    written_line,
     select_device,
 )
 from cm.config import config_to_json, resolve_script_config
@@ -98,7 +100,7 @@ def run(args):
         raise ValueError("no checkpoint given: pass --model_path (e.g. ema_0.9999_NNNNNN.pt from a training log dir)")
     select_device(args.device)
     dist_util.setup_dist()
-    log_dir = logger.configure(dir=args.log_dir or None, format_strs=["stdout", "log"])
+    log_dir = logger.configure(dir=output_dir(args.log_dir, "samples"), format_strs=["stdout", "log"])
     rank = dist_util.get_rank()
     if args.ts and kwargs["ts"] is None:
         logger.log(f"note: --ts selects grid indices for samplers that take them; ignored for {args.sampler}")
@@ -109,8 +111,9 @@ def run(args):
         compile_blocks(model)  # each block compiled once; the first batch pays the compile time
     if args.use_fp16 and device.type == "cpu":
         logger.log("note: float16 convolutions are slow on CPU; --use_bf16 is the fast reduced precision there")
+    config_path = os.path.join(log_dir, "sample_config.json")
     if rank == 0:
-        write_atomic(config_to_json(resolve_config(args)) + "\n", os.path.join(log_dir, "sample_config.json"))
+        write_atomic(config_to_json(resolve_config(args)) + "\n", config_path)
     logger.log(
         f"sampling {args.num_samples} images ({args.sampler}"
         f"{', ts ' + ','.join(map(str, kwargs['ts'])) if kwargs['ts'] else ''}) from {args.model_path} on {device}, "
@@ -137,6 +140,7 @@ def run(args):
         rate = args.num_samples / seconds
         logger.log(f"saved {path}{' and ' + grid if grid else ''}")
         logger.log(f"sampled {args.num_samples} images in {seconds:.2f} s: {rate:.2f} img/s")
+        logger.log(written_line([path, grid, config_path, os.path.join(log_dir, "log.txt")]))
     dist_util.barrier()
     return path
 

@@ -24,8 +24,10 @@ from cm.checkpoint_io import write_json_atomic
 from cm.image_util import (
     generate_samples,
     load_sampling_model,
+    output_dir,
     parse_ts,
     select_device,
+    written_line,
 )
 from cm.config import config_to_json, resolve_script_config
 from cm.random_util import get_generator
@@ -105,7 +107,7 @@ def run(args):
         raise ValueError("no checkpoint given: pass --model_path (a consistency-model state dict)")
     select_device(args.device)
     dist_util.setup_dist()
-    log_dir = logger.configure(dir=args.log_dir or None, format_strs=["stdout", "log"])
+    log_dir = logger.configure(dir=output_dir(args.log_dir, "search"), format_strs=["stdout", "log"])
     rank = dist_util.get_rank()
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
@@ -138,8 +140,9 @@ def run(args):
     logger.log(f"best ts: {','.join(map(str, best_ts))} ({name} {values[best]:.4f}, {len(values)} probes)")
     result = {"best_ts": list(best_ts), "metric": name, "probes": {str(p): v for p, v in values.items()}}
     if rank == 0:
-        write_json_atomic({**result, "config": json.loads(config_to_json(resolve_config(args)))},
-                          os.path.join(log_dir, "ternary_search.json"))
+        result_path = os.path.join(log_dir, "ternary_search.json")
+        write_json_atomic({**result, "config": json.loads(config_to_json(resolve_config(args)))}, result_path)
+        logger.log(written_line([result_path, os.path.join(log_dir, "log.txt")]))
     dist_util.barrier()
     return result
 

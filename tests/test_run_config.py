@@ -40,7 +40,7 @@ def explicit_samples(run_dir, out):
 def test_model_path_alone_gives_the_runs_samples(run_dir, tmp_path, capsys):
     alone = samples(image_sample.main(SAMPLE + ["--model_path", str(run_dir / "ema_0.9999_000001.pt"),
                                                 "--log_dir", str(tmp_path / "alone")]))
-    assert "model flags from" in capsys.readouterr().err
+    assert "model flags from" in capsys.readouterr().out
     assert np.array_equal(alone, explicit_samples(run_dir, tmp_path / "explicit"))
 
 
@@ -83,3 +83,15 @@ def test_grouped_configuration_maps_back_to_model_flags():
               "data": {"image_size": 16, "batch_size": 8}, "loop": {"batch_size": 8}}
     assert model_flag_values(config) == {"training_mode": "edm", "num_channels": 64, "image_size": 16,
                                          "sigma_max": 80.0, "autoencoder_path": "ae"}
+
+
+def test_without_log_dir_samples_go_under_the_current_directory_and_the_last_line_lists_them(
+        run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    path = image_sample.main(SAMPLE + ["--model_path", str(run_dir / "ema_0.9999_000001.pt")])
+    assert os.path.dirname(os.path.dirname(path)) == str(tmp_path / "samples")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("wrote ") and path in last.split()
+    written = last.split()[1:]
+    assert len(written) == 4 and all(os.path.isfile(p) for p in written)
