@@ -1,10 +1,13 @@
 """Worker for the clean-exit test: under `mpiexec -n 2`, each rank forks ROUNDS children; the children of one
 round form a fresh 2-rank gloo world, train a tiny CT run to the end through scripts/cm_train.py's main and leave
-through the interpreter's ordinary shutdown, as a finished run does. Each child's exit status is collected.
+through the interpreter's ordinary shutdown, as a finished run does. Each child's exit status is collected. Then
+the two MPI ranks themselves train the same run over MPI's start-up and leave as cm_train.py does (process group
+torn down, then MPI finalised).
 
 Run as `mpiexec -n 2 python exit_worker.py OUT_DIR ROUNDS`; rank 0 writes OUT_DIR/statuses.json.
 """
 
+import atexit
 import importlib
 import json
 import os
@@ -12,8 +15,17 @@ import sys
 
 import mpi4py
 
-mpi4py.rc.finalize = False  # the forked children must not finalise their parent's MPI; the parent does below
+mpi4py.rc.finalize = False  # the forked children must not finalise their parent's MPI; the parent does at exit
 from mpi4py import MPI  # noqa: E402
+
+
+
+def finalize_mpi():
+    if not MPI.Is_finalized():
+        MPI.Finalize()
+
+
+atexit.register(finalize_mpi)  # registered before anything else, so it runs last, as mpi4py's own does
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +45,7 @@ def tiny_run(log_dir):
 
 def child(out_dir, round_index, port):
     """A fresh rank of a 2-rank torch.distributed job; ends through sys.exit (atexit, then interpreter shutdown)."""
+    atexit.unregister(finalize_mpi)  # the parent's MPI is not this process's to finalise
     for name in MPI_VARS:
         os.environ.pop(name, None)
     rank = MPI.COMM_WORLD.rank
@@ -83,4 +96,4 @@ def run(out_dir, rounds):
 
 if __name__ == "__main__":
     run(sys.argv[1], int(sys.argv[2]))
-    MPI.Finalize()
+    tiny_run(os.path.join(sys.argv[1], "mpi"))

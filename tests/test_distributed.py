@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -63,3 +64,33 @@ def test_a_dead_rank_makes_the_launch_fail_instead_of_hanging(tmp_path):
     result = run([mpiexec(), "-n", "2", sys.executable, WORKER, str(tmp_path), "--die"], timeout=150, dist_timeout=10)
     assert result.returncode != 0
     assert time.time() - start < 100
+
+
+EXIT_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_worker.py")
+
+
+def test_finished_runs_exit_cleanly_under_mpiexec(tmp_path):
+    """A finished 2-rank run leaves with status 0 every time: CM_EXIT_ROUNDS fresh 2-rank runs forked inside one
+    mpiexec launch (each ending through the interpreter's shutdown), then a run of the launch itself over MPI.
+    Without the orderly teardown (cm.dist_util.teardown_dist), gloo could outlive the interpreter and abort a
+    finished run ("terminate called without an active exception", exit code 6)."""
+    rounds = int(os.environ.get("CM_EXIT_ROUNDS", "4"))
+    result = run([mpiexec(), "-n", "2", sys.executable, EXIT_WORKER, str(tmp_path), str(rounds)], timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "terminate called" not in output, output[-3000:]
+    statuses = json.loads((tmp_path / "statuses.json").read_text())
+    assert statuses == [[0] * rounds, [0] * rounds]
+    finished = [tmp_path / f"round{i}" for i in range(rounds)] + [tmp_path / "mpi"]
+    assert all((run_dir / "model000003.pt").exists() for run_dir in finished)
+
+
+def test_the_teardown_is_registered_once_and_is_idempotent(monkeypatch):
+    from cm import dist_util
+
+    registered = []
+    monkeypatch.setattr(dist_util.atexit, "register", registered.append)
+    monkeypatch.setattr(dist_util, "_TEARDOWN_REGISTERED", False)
+    dist_util._register_teardown()
+    dist_util._register_teardown()
+    assert registered == [dist_util.teardown_dist]
+    dist_util.teardown_dist()  # no process group: nothing to do, no error
