@@ -104,3 +104,12 @@ def mismatch_hint(state_dict, flags, image_channels=3):
                 "--autoencoder_path (the run's autoencoder)")
     return ("pass the run's configuration: --config LOG_DIR/config.json, or keep config.json next to the model "
             "file")
+
+
+def missing_checkpoint_note(path):
+    """What exists where a checkpoint was expected: the checkpoint files of its folder, or that the folder is missing."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    found = sorted(n for n in os.listdir(folder) if n.endswith((".pt", ".safetensors")) and not n.startswith(("opt", "state")))
+    return f"{folder} holds {', '.join(found)}" if found else f"{folder} holds no checkpoint"

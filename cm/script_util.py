@@ -248,7 +248,10 @@ def load_model_checkpoint(model, path, what="checkpoint"):
     """Load a state dict file into model (strict), or stop with one line saying which keys / shapes differ."""
     if not path:
         raise ValueError(f"no {what} path given")
-    state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    try:
+        state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what} {path} does not exist; {run_config.missing_checkpoint_note(path)}") from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict and not any(k.endswith(".weight") for k in state_dict):
         state_dict = state_dict["state_dict"]
     return load_fitting_state_dict(model, state_dict, path, what)

@@ -95,3 +95,12 @@ def test_without_log_dir_samples_go_under_the_current_directory_and_the_last_lin
     assert last.startswith("wrote ") and path in last.split()
     written = last.split()[1:]
     assert len(written) == 4 and all(os.path.isfile(p) for p in written)
+
+
+def test_a_missing_teacher_lists_the_checkpoints_of_its_folder(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_main("consistency_distillation", tiny_argv(log_dir=tmp_path, total_training_steps=1, loss_norm="l2",
+                                                         teacher_model_path=run_dir / "ema_0.9999_001500.pt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ema_0.9999_001500.pt does not exist" in err[0]
+    assert f"{run_dir} holds ema_0.9999_000001.pt, model000001.pt" in err[0]
