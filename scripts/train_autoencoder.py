@@ -19,8 +19,12 @@ from cm.latent import Autoencoder, autoencoder_loss
 from cm.script_util import run_or_exit
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's lines and shows every default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output", required=True, help="folder to write config.json and model.safetensors to")
     p.add_argument("--data_dir", default="digits_train", help="training images (as --data_dir of the training scripts)")
     p.add_argument("--image_size", type=int, default=16, help="image side in pixels")
@@ -33,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--latent_std", type=float, default=0.5, help="standard deviation the scaled latents get")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--log_interval", type=int, default=100, help="steps between loss lines")
     return p.parse_args(argv)
 
 
@@ -51,7 +56,7 @@ def train(opts):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 500 == 0 or step == opts.steps - 1:
+        if step % opts.log_interval == 0 or step == opts.steps - 1:
             print(f"step {step}: reconstruction loss {loss.item():.5f} ({time.time() - start:.0f} s)", flush=True)
     with torch.no_grad():  # the latents' spread over a few batches sets the scaling factor
         latents = torch.cat([model.encoder(next(data)[0].to(opts.device)) for _ in range(8)])
