@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -297,8 +298,15 @@ def network_jvp(fn, primals, tangents):
     primals, tangents = tuple(primals), tuple(tangents)
     _check_primals_and_tangents(primals, tangents)
     with fwAD.dual_level():
-        out = fn(*(fwAD.make_dual(p, t.to(p.dtype)) for p, t in zip(primals, tangents)))
-        return _split_duals(out)
+        with warnings.catch_warnings():
+            # torch's first make_dual loads its own JVP decompositions through torch.jit.script, which warns that
+            # torch.jit.script is deprecated (torch's code, nothing a user can change)
+            warnings.filterwarnings("ignore", message=TORCH_JIT_DEPRECATION, category=FutureWarning)
+            duals = [fwAD.make_dual(p, t.to(p.dtype)) for p, t in zip(primals, tangents)]
+        return _split_duals(fn(*duals))
+
+
+TORCH_JIT_DEPRECATION = r"`torch.jit.script` is deprecated"
 
 
 def _split_duals(out):

@@ -216,3 +216,15 @@ def test_two_time_network_jvp_through_both_times_matches_finite_differences(name
     zero = torch.zeros_like
     _, only_h = replay(state, network_jvp, two_time(m64), (x, t, h), (zero(dx), zero(dt), dh))
     assert only_h.norm() > 1e-3 * reference.norm()
+
+
+def test_the_first_jvp_prints_no_torch_jit_deprecation_warning():
+    """torch loads its JVP decompositions through torch.jit.script on the first forward-mode call (once per process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from cm.nn import network_jvp; "
+            "print(network_jvp(torch.sin, (torch.zeros(3),), (torch.ones(3),))[1].tolist())")
+    result = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[1.0, 1.0, 1.0]", result.stderr[-1500:]
