@@ -425,5 +425,25 @@ def export_diffusers(model, output_dir, scheduler_kwargs=None):
     unet.load_state_dict(adm_to_diffusers_state_dict(model.state_dict(), model), strict=True)
     scheduler = diffusers.CMStochasticIterativeScheduler(**(scheduler_kwargs or scheduler_config()))
     pipeline = diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
-    write_directory_atomically(output_dir, lambda folder: pipeline.save_pretrained(folder, safe_serialization=True))
+    def write(folder):
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        give_files_default_mode(folder)
+
+    write_directory_atomically(output_dir, write)
     return pipeline
+
+
+def default_file_mode():
+    """The mode a newly created file gets from this process's umask (0644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def give_files_default_mode(folder):
+    """Files under `folder` get the mode of every other output: the safetensors weights diffusers writes come out
+    0600, its JSON files with the umask's mode."""
+    mode = default_file_mode()
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(parent, name), mode)

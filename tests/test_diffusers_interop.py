@@ -146,3 +146,11 @@ def test_export_script_refuses_non_consistency_models_in_one_line(tmp_path, caps
                              "--training_mode", "edm"])
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "boundary scalings" in err
+
+
+def test_exported_files_get_the_mode_of_other_outputs(tmp_path):
+    model, _ = random_consistency_model(**CONFIGS[next(iter(CONFIGS))])
+    di.export_diffusers(model, str(tmp_path))
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in modes
+    assert set(modes.values()) == {di.default_file_mode()}, modes
