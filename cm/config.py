@@ -176,3 +176,22 @@ def lr_decay_warning(flags):
         f"{1 - total / anneal:.0%} of --lr instead of decaying to 0; pass --lr_anneal_steps {total} to decay "
         "within the run"
     )
+
+
+NCSNPP_ONLY = "NCSN++ only: "  # how the help of a flag that only the NCSN++ network reads begins (cm.flags)
+
+
+def not_applied_notes(config):
+    """Lines for --dry_run (beside the configuration, which stays whole) naming the values that do not apply to
+    this run: NCSN++-only network keys of an ADM run, and the global batch when --batch_size fixes each rank's."""
+    notes = []
+    network = config.get("network") or {}
+    if network.get("model_type", "adm") != "ncsnpp":
+        unused = [k for k in network if k in FLAGS and FLAGS[k].help.startswith(NCSNPP_ONLY)]
+        if unused:
+            notes.append(f"note: not applied (read by NCSN++ only, this is an ADM run): network {', '.join(unused)}")
+    run = config.get("run") or {}
+    if run.get("batch_size", -1) > 0 and "global_batch_size" in run:
+        notes.append(f"note: not applied: run global_batch_size {run['global_batch_size']} (--batch_size "
+                     f"{run['batch_size']} sets the batch of each rank)")
+    return notes

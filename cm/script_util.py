@@ -13,7 +13,7 @@ import sys
 
 from . import dist_util, errors, logger, run_config, schedules
 from .checkpoint_io import load_fitting_state_dict
-from .config import config_to_json, group_values, lr_decay_warning
+from .config import config_to_json, group_values, lr_decay_warning, not_applied_notes
 from .flags import CM_TRAIN_FLAGS, MODEL_AND_DIFFUSION_FLAGS, NCSNPP_FLAGS, TRAIN_FLAGS
 from .karras_diffusion import KarrasDenoiser
 from .networks import create_model, resolve_channel_mult  # noqa: F401  (the reference's location of create_model)
@@ -226,7 +226,13 @@ def run_script(parser, run, argv=None, resolve=None):
     if warning and launch_rank() == 0:
         print(warning, file=sys.stderr)
     if getattr(args, "dry_run", False):
-        print(config_to_json(run_or_exit(resolve, args)) if resolve else args_to_json(args))
+        if resolve is None:
+            print(args_to_json(args))
+            return None
+        config = run_or_exit(resolve, args)
+        print(config_to_json(config))
+        for note in not_applied_notes(config):
+            print(note, file=sys.stderr)
         return None
     return run_or_exit(run, args)
 

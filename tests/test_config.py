@@ -320,3 +320,16 @@ def test_a_run_shorter_than_its_lr_decay_warns_in_one_line(capsys):
     main(None, ["--config", preset, "--total_training_steps", "30", "--dry_run"])
     err = capsys.readouterr().err
     assert err.count("warning: --lr_anneal_steps 1700 outlasts --total_training_steps 30") == 1
+
+
+def test_dry_run_names_what_does_not_apply_beside_the_whole_configuration(capsys):
+    from cm.train_cli import main as train_main
+
+    train_main(None, ["--training_mode", "consistency_training", "--batch_size", "4", "--dry_run"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["network"]["fir"] is True  # the configuration itself stays whole
+    notes = captured.err.strip().splitlines()
+    assert any(n.startswith("note: not applied (read by NCSN++ only") and "fir_kernel" in n for n in notes)
+    assert any("global_batch_size" in n and "--batch_size 4" in n for n in notes)
+    train_main(None, ["--training_mode", "consistency_training", "--model_type", "ncsnpp", "--dry_run"])
+    assert "not applied" not in capsys.readouterr().err
