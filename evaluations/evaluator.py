@@ -33,6 +33,7 @@ from cm.checkpoint_io import write_through_temporary
 from cm.script_util import run_or_exit
 from evaluations.inception import INCEPTION_WEIGHTS_ENV, load_inception
 from evaluations.metrics import (  # noqa: F401  (re-exported under the reference's module path)
+    ALL_METRICS_STAGES,
     FID_METHODS,
     DistanceBlock,
     FIDStatistics,
@@ -427,7 +428,8 @@ class Evaluator:
             return stats
         if activations is None:
             raise ValueError(f"{npz_path} has neither images (arr_0) nor statistics (mu, sigma[, mu_s, sigma_s])")
-        return tuple(self.compute_statistics(acts) for acts in activations)
+        sets = tqdm(activations, desc="statistics", unit="set", disable=not self.progress, leave=False)
+        return tuple(self.compute_statistics(acts) for acts in sets)
 
     def read_input(self, path, what="batch", log=None):
         """(activations or None, statistics) of an evaluator input: an .npz batch (images and/or statistics)
@@ -482,10 +484,16 @@ class Evaluator:
         sample_acts, sample_stats = self.read_input(sample_batch, "sample batch", log)
         log("computing evaluations...")
         probs = self.compute_softmax(sample_acts[0]) if sample_acts is not None else None
-        return compute_all_metrics(
-            ref_acts, sample_acts, probs, ref_stats, self.manifold_estimator, split_size, fid_method,
-            sample_stats=sample_stats,
-        )
+        with tqdm(total=ALL_METRICS_STAGES, desc="evaluations", unit="stage", disable=not self.progress,
+                  leave=False) as bar:
+            def stage(name):
+                bar.set_postfix_str(name, refresh=False)
+                bar.update(1)
+
+            return compute_all_metrics(
+                ref_acts, sample_acts, probs, ref_stats, self.manifold_estimator, split_size, fid_method,
+                sample_stats=sample_stats, stage=stage,
+            )
 
     def write_statistics(self, path, out_path, log=None, overwrite=False):
         """Write the mu/sigma file (pytorch-fid / EDM layout) of an .npz batch or image folder; returns its stats.

@@ -430,8 +430,12 @@ def _stats_of(activations, stats, what):
     return tuple(FIDStatistics.from_features(acts) for acts in activations)
 
 
+ALL_METRICS_STAGES = 5  # the stages compute_all_metrics announces
+
+
 def compute_all_metrics(ref_activations, sample_activations, sample_probs=None, ref_stats=None,
-                        manifold_estimator=None, split_size=5000, fid_method="sqrtm", sample_stats=None):
+                        manifold_estimator=None, split_size=5000, fid_method="sqrtm", sample_stats=None,
+                        stage=None):
     """Inception Score, FID, sFID, precision and recall from two activation sets (the reference's main()).
 
     :param ref_activations: (pool [N1, 2048], spatial [N1, 2023]) of the reference batch, or None when
@@ -445,18 +449,25 @@ def compute_all_metrics(ref_activations, sample_activations, sample_probs=None, 
     :param split_size: IS split size (reference 5000).
     :param fid_method: "sqrtm" (reference) or "eigh"; see FIDStatistics.frechet_distance.
     :param sample_stats: like ref_stats, for the samples (the reference reads them from the sample npz too).
+    :param stage: callable taking the name of each stage as it starts (e.g. a progress bar), or None.
     :return: dict with inception_score, fid, sfid, precision, recall.
     """
+    stage = stage or (lambda name: None)
+    stage("statistics")
     ref_stats = _stats_of(ref_activations, ref_stats, "reference")
     sample_stats = _stats_of(sample_activations, sample_stats, "sample")
     metrics = {"inception_score": None}
+    stage("inception score")
     if sample_probs is not None:
         metrics["inception_score"] = compute_inception_score(sample_probs, split_size)
+    stage("fid")
     metrics["fid"] = sample_stats[0].frechet_distance(ref_stats[0], method=fid_method)
     metrics["sfid"] = None
+    stage("sfid")
     if sample_stats[1] is not None and ref_stats[1] is not None:
         metrics["sfid"] = sample_stats[1].frechet_distance(ref_stats[1], method=fid_method)
     metrics["precision"] = metrics["recall"] = None
+    stage("precision and recall")
     if ref_activations is not None and sample_activations is not None:
         metrics["precision"], metrics["recall"] = compute_prec_recall(
             ref_activations[0], sample_activations[0], manifold_estimator

@@ -568,3 +568,16 @@ def test_an_unexpected_evaluator_failure_is_one_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and len(err.splitlines()) == 1, err
     assert err.startswith("error: RuntimeError: the device stopped answering (full traceback in "), err
+
+
+def test_every_stage_of_an_evaluation_shows_progress(tmp_path, capsys):
+    np.savez(tmp_path / "ref.npz", images(14, 6, 21))
+    np.savez(tmp_path / "sample.npz", images(9, 6, 22))
+    quiet = ev.Evaluator(MeanColour(), batch_size=4, progress=False).evaluate(str(tmp_path / "ref.npz"),
+                                                                             str(tmp_path / "sample.npz"))
+    capsys.readouterr()
+    shown = ev.Evaluator(MeanColour(), batch_size=4, progress=True).evaluate(str(tmp_path / "ref.npz"),
+                                                                            str(tmp_path / "sample.npz"))
+    err = capsys.readouterr().err
+    assert shown == quiet
+    assert "statistics" in err and "evaluations:" in err and f"/{ev.ALL_METRICS_STAGES} [" in err  # bars by stage
