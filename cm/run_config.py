@@ -32,7 +32,8 @@ def is_run_config(data):
 def model_flag_values(config):
     """{flag: value} that rebuild a run's network and denoiser from its resolved configuration.
 
-    The network section of a latent run holds the latent side and channels; the image side is the data's.
+    The network section of a latent run holds the latent side and channels; the image side is the data's and the
+    channels follow from the autoencoder again.
     Decisions that are not flags (e.g. the boundary condition, latent channels) are left out: they follow
     from the flags again.
     """
@@ -41,6 +42,8 @@ def model_flag_values(config):
         for name, value in (config.get(section) or {}).items():
             if name in FLAGS:
                 values[name] = value
+    if (config.get("latent") or {}).get("autoencoder_path"):  # the autoencoder decides the network's input again
+        values.pop("in_channels", None)
     image_size = (config.get("data") or {}).get("image_size")
     if image_size is not None:
         values["image_size"] = image_size
