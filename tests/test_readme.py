@@ -20,7 +20,7 @@ SAMPLES = 4
 # commands that run as written but take minutes: named here so nobody mistakes them for cheap
 HEAVY = {"scripts/quickstart.py": "trains for five minutes by design (tests/test_quickstart.py covers it)"}
 # a command naming any of these needs data, weights or processes from outside this repository
-EXTERNAL = ("/data/", "imagenet64", "cifar10", "lsun", "NEW_DATA", "VIRTUAL_", "photo.png", " ... ", "cd_imagenet64",
+EXTERNAL = ("/data/", "imagenet", "cifar10", "lsun", "NEW_DATA", "VIRTUAL_", "photo.png", " ... ", "cd_imagenet64",
             "ema_0.9999_050000", "my_photos", "mpiexec", "torchrun")
 
 
