@@ -130,10 +130,12 @@ def _register_teardown():
 
 
 def teardown_dist():
-    """Leave the process group: wait for this rank's pending collectives, then destroy the group (idempotent).
-    Ranks that fail leave through os._exit (cm.errors) and never get here, so no rank waits on a dead one."""
+    """Leave the process group together, then destroy it (idempotent). The barrier keeps rank 0, which hosts the
+    rendezvous store, alive until every rank is done with it (e.g. its last look at run_on_rank0's outcome).
+    Ranks that fail leave through os._exit (cm.errors) and never get here."""
     if not is_distributed():
         return
+    dist.barrier()
     dist.destroy_process_group()
 
 
