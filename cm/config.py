@@ -9,6 +9,7 @@ it with the stored one. cm.train_cli.build_loop builds the objects from it.
 
 import json
 
+from .flags import NCSNPP_FLAGS
 from .latent import latent_network
 from .training_modes import FLAGS, get_training_mode
 
@@ -79,7 +80,7 @@ def resolve_teacher(flags, mode, network):
     teacher = {
         "model_path": path,
         "in_loss": mode.teacher_in_loss,
-        "solver": flag_value(flags, "teacher_solver"),
+        "solver": flag_value(flags, "teacher_solver") if mode.teacher_ode_steps else None,
         "stochastic": stochastic,
         # a diffusion model: the student's architecture without sCM's log-variance head, EDM's preconditioning
         "network": {**network, "dropout": flag_value(flags, "teacher_dropout"), "logvar_channels": 0,
@@ -178,7 +179,6 @@ def lr_decay_warning(flags):
     )
 
 
-NCSNPP_ONLY = "NCSN++ only: "  # how the help of a flag that only the NCSN++ network reads begins (cm.flags)
 
 
 def not_applied_notes(config):
@@ -187,7 +187,7 @@ def not_applied_notes(config):
     notes = []
     network = config.get("network") or {}
     if network.get("model_type", "adm") != "ncsnpp":
-        unused = [k for k in network if k in FLAGS and FLAGS[k].help.startswith(NCSNPP_ONLY)]
+        unused = [k for k in network if k in NCSNPP_FLAGS]
         if unused:
             notes.append(f"note: not applied (read by NCSN++ only, this is an ADM run): network {', '.join(unused)}")
     run = config.get("run") or {}

@@ -256,7 +256,7 @@ def load_model_checkpoint(model, path, what="checkpoint"):
         raise ValueError(f"no {what} path given")
     try:
         state_dict = dist_util.load_state_dict(path, map_location="cpu")
-    except FileNotFoundError as e:
+    except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist; {run_config.missing_checkpoint_note(path)}") from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict and not any(k.endswith(".weight") for k in state_dict):
         state_dict = state_dict["state_dict"]

@@ -78,7 +78,8 @@ def describe_teacher(teacher_config):
         how = f"train mode, dropout {dropout} active (--teacher_stochastic true)"
     else:
         how = "eval mode, no dropout, as the reference"
-    return f"teacher: {teacher_config['model_path']} ({how}; {teacher_config['solver']} steps)"
+    steps = f"; {teacher_config['solver']} steps" if teacher_config["solver"] else ""
+    return f"teacher: {teacher_config['model_path']} ({how}{steps})"
 
 
 def init_student(model, config, teacher):

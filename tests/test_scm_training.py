@@ -13,7 +13,7 @@ from cm import nn as nn_module
 from cm.karras_diffusion import KarrasDenoiser
 from cm.nn import pixel_norm
 from cm.script_util import create_model, model_and_diffusion_defaults
-from cm.train_cli import create_argparser, main
+from cm.train_cli import create_argparser, describe_teacher, main
 from cm.training_modes import get_training_mode
 from cm.trigflow import TrigFlowDenoiser
 from cm.unet import ResBlock, UNetModel
@@ -185,3 +185,11 @@ def test_quickstart_samples_scm_modes_with_the_trigflow_samplers(tmp_path, tmp_p
         assert json.load(f)["mode"] == mode
     assert {"onestep_grid.png", "twostep_grid.png", "metrics.json"} <= set(os.listdir(tmp_path))
     assert np.isfinite(metrics["one-step"]["digits_fid"])
+
+
+def test_scd_names_no_teacher_solver_it_does_not_use():
+    scd = cm_config.resolve_training_config(create_argparser("scd").parse_args(tiny_argv(teacher_model_path="t.pt")))
+    assert scd["teacher"]["solver"] is None and "steps" not in describe_teacher(scd["teacher"])
+    cd_args = create_argparser("consistency_distillation").parse_args(tiny_argv(teacher_model_path="t.pt"))
+    cd = cm_config.resolve_training_config(cd_args)
+    assert cd["teacher"]["solver"] == "heun" and "heun steps" in describe_teacher(cd["teacher"])

@@ -54,6 +54,7 @@ class TrainingMode:
     :param loss_groups: flag groups whose values the binder gets as LossContext.options.
     :param teacher: "required", "optional" (only to initialise the student) or "none".
     :param teacher_in_loss: the loss runs the teacher network (CD, progdist); else it is only a weight source.
+    :param teacher_ode_steps: the loss steps the teacher's PF-ODE with --teacher_solver (sCD only reads its velocity).
     :param target: the loop keeps a target network theta- updated by EMA with the schedule's "target_ema".
     :param uses_distance: the loss applies the denoiser's loss_norm distance (built, LPIPS loaded, at start-up).
     :param boundary_condition: f(x, sigma_min) = x scalings (CM paper App. C) instead of EDM's.
@@ -81,6 +82,7 @@ class TrainingMode:
     loss_groups: tuple = ()
     teacher: str = "none"
     teacher_in_loss: bool = False
+    teacher_ode_steps: bool = True
     target: bool = False
     uses_distance: bool = True
     boundary_condition: bool = False

@@ -268,6 +268,7 @@ MODES = (
         description="continuous-time consistency distillation, sCD (Lu & Song 2024), from an EDM teacher",
         teacher="required",
         teacher_in_loss=True,
+        teacher_ode_steps=False,  # the tangent reads the teacher's velocity; no solver steps
         # the student from scratch: the EDM teacher's weights expect its time input (--time_conditioning edm)
         flag_defaults=dict(init_from_teacher="false", logvar_channels=128, fp32_time_embedding=True,
                            total_training_steps=400000),
