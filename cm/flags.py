@@ -231,8 +231,9 @@ SHARED_FLAGS = {
             ("num_samples", 10000, "images to generate over all ranks (image_edit: the first N inputs, -1 all; its "
              "interpolate task: noise pairs, -1 one; ternary_search: images per probe)", None),
             ("sampler", "heun", "onestep / multistep: consistency models (multistep needs --ts); heun, euler, "
-             "euler_ancestral, dpm: EDM solvers over a --steps grid; progdist: progressive-distillation models; "
-             "meanflow (--steps jumps from t = 1 to 0), meanflow_onestep: flow maps",
+             "euler_ancestral, dpm: EDM solvers over a --steps grid; dpmpp_2m: DPM-Solver++(2M), --steps steps in "
+             "log-SNR; progdist: progressive-distillation models; meanflow (--steps jumps from t = 1 to 0), "
+             "meanflow_onestep: flow maps",
              SAMPLERS),
             ("s_churn", 0.0, "EDM stochasticity S_churn (heun, dpm)", None),
             ("s_tmin", 0.0, "EDM S_tmin: churn only for sigma >= s_tmin", None),

@@ -9,6 +9,7 @@
 
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -24,7 +25,7 @@ from .config import resolve_model_config
 from .flags import DEVICES
 from .run_config import find_run_config, mismatch_hint
 from .script_util import create_model, load_model_checkpoint
-from .training_modes import build_denoiser
+from .training_modes import build_denoiser, get_training_mode
 GRID_IMAGES = 64
 
 
@@ -206,9 +207,24 @@ def load_sampling_model(args, device):
     if where:
         logger.log(f"model flags from {where} (flags on the command line win)")
     config = resolve_model_config(args)
+    mode = get_training_mode(config["training_mode"])
     model = create_model(**config["network"])
-    diffusion = build_denoiser(config["training_mode"], config["denoiser"])
+    diffusion = build_denoiser(mode, config["denoiser"])
     load_run_checkpoint(model, args)
+    model = _for_inference(model, args, device)
+    if mode.companion_network:  # a frozen network saved beside the checkpoint (TCM's stage 1)
+        path = companion_path(args.model_path, mode.companion_network)
+        if not os.path.exists(path):
+            raise ValueError(f"training_mode {mode.name} samples with the {mode.companion_network} network saved "
+                             f"beside each checkpoint, but {path} does not exist; keep the pair of files together")
+        companion = create_model(**config["network"])
+        load_model_checkpoint(companion, path)
+        diffusion = mode.attach_companion(diffusion, _for_inference(companion, args, device))
+    return model, diffusion
+
+
+def _for_inference(model, args, device):
+    """The network on `device`, optionally channels_last, in the flags' precision, in eval mode without gradients."""
     model.to(device)
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
@@ -216,7 +232,17 @@ def load_sampling_model(args, device):
         model.convert_to_fp16()
     elif getattr(args, "use_bf16", False):
         model.convert_to_bf16()
-    return model.eval().requires_grad_(False), diffusion
+    return model.eval().requires_grad_(False)
+
+
+def companion_path(model_path, prefix):
+    """The file of a companion network beside a checkpoint, at its step and in its format:
+    ema_0.9999_050000.pt or model050000.pt -> PREFIX050000.pt in the same directory."""
+    match = re.search(r"(\d+)\.(pt|safetensors)$", os.path.basename(model_path))
+    if not match:
+        raise ValueError(f"cannot tell the step of {model_path}: the companion network's file is found by the "
+                         "checkpoint's name, e.g. ema_0.9999_050000.pt")
+    return os.path.join(os.path.dirname(model_path), f"{prefix}{match.group(1)}.{match.group(2)}")
 
 
 def load_run_checkpoint(model, args):

@@ -269,6 +269,58 @@ def sample_dpm(
     return x
 
 
+def logsnr_sigmas(n, sigma_min, sigma_max, device="cpu"):
+    """n + 1 noise levels from sigma_max down to sigma_min, equally spaced in log-SNR lambda = -log sigma
+    (DPM-Solver's "logSNR" time steps for EDM's sigma(t) = t); no final 0."""
+    if n < 1:
+        raise ValueError(f"the log-SNR grid needs at least one step, got {n}")
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n + 1, dtype=torch.float64)
+    sigmas = log_sigmas.exp()
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # the ends exact
+    return sigmas.to(device)
+
+
+def dpmpp_2m_states(denoiser, x, sigmas, lower_order_final=True, callback=None):
+    """The states x_0, x_1, ..., x_N of DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2: data prediction,
+    multistep, 2nd order) at the given noise levels, one per yield (x_0 = x itself).
+
+    With h_i = log(sigma_i / sigma_(i+1)) and D_i = D(x_i, sigma_i):
+        x_(i+1) = (sigma_(i+1) / sigma_i) x_i + (1 - sigma_(i+1) / sigma_i) (D_i + (D_i - D_(i-1)) / (2 r_i)),
+    r_i = h_(i-1) / h_i; the first step is first order (DDIM), and so is the last with lower_order_final (as the
+    solver in sony/cmt, at any number of steps). A step to sigma = 0 returns D_i.
+    """
+    sigmas = sigmas.tolist()
+    n = len(sigmas) - 1
+    yield x
+    denoised_prev, h_prev = None, None
+    for i in range(n):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, _batch_sigma(t_cur, x))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "denoised": denoised})
+        if t_next == 0:
+            x = denoised
+            yield x
+            continue
+        h = math.log(t_cur / t_next)
+        first_order = denoised_prev is None or (lower_order_final and i == n - 1)
+        # the data prediction of the step: D_i, or D_i plus half its backward difference scaled to this step
+        target = denoised if first_order else denoised + (denoised - denoised_prev) * (h / h_prev / 2)
+        x = x * (t_next / t_cur) + target * (1 - t_next / t_cur)
+        denoised_prev, h_prev = denoised, h
+        yield x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, generator=None, progress=False, callback=None, lower_order_final=True):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) over the given sigmas; its last state is the sample."""
+    states = dpmpp_2m_states(denoiser, x, sigmas, lower_order_final, callback)
+    x = next(states)
+    for _ in _steps(len(sigmas) - 1, progress):
+        x = next(states)
+    return x
+
+
 def get_ancestral_step(sigma_from, sigma_to):
     """Split a step into a deterministic part down to sigma_down and fresh noise sigma_up (k-diffusion)."""
     sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
@@ -348,6 +400,11 @@ def lcm_grid(steps, ts, sigma_min, sigma_max, rho, device):
     return lcm_sigmas(range(steps) if ts is None else ts, steps, sigma_min, sigma_max, rho, device=device)
 
 
+def logsnr_grid(steps, ts, sigma_min, sigma_max, rho, device):
+    """steps + 1 levels from sigma_max to sigma_min equally spaced in log-SNR (DPM-Solver++ with steps steps)."""
+    return logsnr_sigmas(steps, sigma_min, sigma_max, device=device)
+
+
 def no_options(settings):
     """A sampler that takes nothing beyond the shared signature."""
     return {}
@@ -400,6 +457,7 @@ SAMPLERS = {
     "lcm": Sampler(sample_lcm, lcm_grid, example_ts=lambda n: lcm_ts(2, n)),
     "meanflow": Sampler(sample_flow_map, flow_grid, flow_map_options),
     "meanflow_onestep": Sampler(sample_flow_map, flow_onestep_grid, flow_map_options),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, logsnr_grid),
 }
 # the samplers of every denoiser: not the alias "ancestral", nor the flow-map ones (they need a two-time network)
 SAMPLER_NAMES = tuple(name for name, s in SAMPLERS.items() if name != "ancestral" and s.options is not flow_map_options)

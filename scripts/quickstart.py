@@ -61,9 +61,10 @@ PLANS = quickstart_plans()
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=tuple(PLANS), default="ct", help="the method: ct consistency training, cd an EDM "
-                   "teacher then consistency distillation from it, ect, sct, scd, meanflow (two-stage plans give each "
-                   "stage half the time); the modes that declare a digits plan (LCM, LCF and UFOGen need class labels "
-                   "and a guided teacher, so they have none)")
+                   "teacher then consistency distillation from it, ect, sct, scd, meanflow, cmt (EDM, mid-training, "
+                   "ECT), tcm (EDM, ECT, truncated stage 2); the stages of a plan share the time equally; the modes "
+                   "that declare a digits plan (LCM, LCF and UFOGen need class labels and a guided teacher, so they "
+                   "have none)")
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of the whole run")
     p.add_argument("--out", default="quickstart_out", help="output directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -146,6 +147,14 @@ def ema_model(loop):
     model = copy.deepcopy(loop.model)
     model.load_state_dict(loop.mp_trainer.master_params_to_state_dict(loop.ema_params[0]))
     return model.eval()
+
+
+def sampling_denoiser(loop):
+    """The denoiser the stage's samplers run: the loop's, with the frozen companion network of modes that sample
+    with one (TCM: stage 1 below t', the stage's teacher)."""
+    if loop.mode.companion_network:
+        return loop.mode.attach_companion(loop.diffusion, loop.teacher_model)
+    return loop.diffusion
 
 
 def draw(diffusion, model, num, image_size, seed, **sampler):
@@ -316,7 +325,7 @@ def quickstart(opts):
     train_s = time.time() - start
     logger.configure(dir=opts.out, format_strs=[])
 
-    model, diffusion = ema_model(loop), loop.diffusion
+    model, diffusion = ema_model(loop), sampling_denoiser(loop)
     size = args.image_size
     one, two, ts = few_step_samples(loop, model, diffusion, size, opts, classifier)
     real, _ = digits_split("floor", size)

@@ -74,6 +74,9 @@ class TrainingMode:
     :param teacher_network: network flags in which the teacher differs from the student (an LCM student's guidance
         embedding, which its EDM teacher lacks).
     :param quickstart: the mode's QuickstartPlan on the digits, or None (not in scripts/quickstart.py).
+    :param companion_network: file prefix of a frozen network that sampling needs beside the model, saved next to
+        each checkpoint as PREFIXNNNNNN.pt (TCM's stage-1 model), or None.
+    :param attach_companion: (the mode's denoiser, the companion network) -> the denoiser samplers run.
     """
 
     name: str
@@ -97,6 +100,8 @@ class TrainingMode:
     check_config: Callable = None
     teacher_network: dict = field(default_factory=dict)
     quickstart: QuickstartPlan = None
+    companion_network: str = None
+    attach_companion: Callable = None
 
     @property
     def has_step_schedule(self):
