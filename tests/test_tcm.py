@@ -8,6 +8,8 @@ import torch
 from scipy import stats
 
 from cm.image_util import companion_path
+from cm.random_util import get_generator
+from cm.sampling import karras_sample
 from cm.modes.ect import adaptive_distance, ect_losses, ect_r
 from cm.modes.tcm import TruncatedDenoiser, boundary_weights, truncated_log_student_t
 from cm.train_cli import main
@@ -71,6 +73,19 @@ def test_the_targets_come_from_stage_1_where_r_is_below_t_prime():
     assert stage2.value.grad is not None and stage1.value.grad is None
 
 
+def test_tcm_two_step_sampling_denoises_at_80_then_at_t_prime_with_stage_2():
+    stage1, stage2 = Constant(-1.0), Constant(1.0)
+    composed = TruncatedDenoiser(transition_t=1.0).with_stage1(stage1)
+    seen = []
+    x = karras_sample(composed, stage2, (2, 3, 4, 4), steps=2, sampler="tcm_twostep", clip_denoised=False,
+                      generator=get_generator("determ", 2, 0), callback=seen.append)
+    assert [info["sigma"] for info in seen] == [80.0, 1.0]
+    x_mid = seen[1]["x"]
+    expect = composed.denoise(stage2, x_mid, torch.ones(2))[1]
+    assert torch.equal(seen[1]["denoised"], expect) and torch.equal(x, expect.clamp(-1, 1))
+    assert not torch.equal(expect, TruncatedDenoiser(transition_t=1.0).denoise(stage1, x_mid, torch.ones(2))[1])
+
+
 def test_boundary_weights_give_the_rest_mean_plus_w_times_the_boundary_mean():
     boundary = torch.tensor([True, False, False, True, False, False, False, False])
     loss = torch.arange(1.0, 9.0)
@@ -128,7 +143,7 @@ def test_sampling_loads_the_pair_and_needs_both_files(tmp_path, stage1_path, cap
     ema = tmp_path / "run" / "ema_0.9_000002.pt"
     assert companion_path(str(ema), "stage1_model") == str(tmp_path / "run" / "stage1_model000002.pt")
     sample = load_script("image_sample")
-    flags = dict(TINY_MODEL, training_mode="tcm", model_path=ema, sampler="multistep", steps=40, ts="0,23,39",
+    flags = dict(TINY_MODEL, training_mode="tcm", model_path=ema, sampler="tcm_twostep",
                  num_samples=4, batch_size=4, log_dir=tmp_path / "samples")
     flags = [item for k, v in flags.items() for item in (f"--{k}", str(v))]
     path = sample.main(flags)

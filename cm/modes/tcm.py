@@ -13,8 +13,8 @@ where r < t':
 
 and a share of each batch (25%) sits at t = t' + 1e-8, whose loss enters with its own weight (0.1):
 total = mean(loss over the rest) + w_b mean(loss at the boundary). Sampling composes both networks (one step:
-f(x_T, 80); TCM's two steps: times 80, t' = 1.0, 0). A run directory holds the pair: the stage-2 files
-(modelNNNNNN.pt, ema_RATE_NNNNNN.pt) beside stage1_modelNNNNNN.pt, the frozen f_1 they need.
+f(x_T, 80); TCM's two steps: times 80, t' = 1.0, 0, --sampler tcm_twostep). A run directory holds the pair: the
+stage-2 files (modelNNNNNN.pt, ema_RATE_NNNNNN.pt) beside stage1_modelNNNNNN.pt, the frozen f_1 they need.
 """
 
 import copy
@@ -27,6 +27,7 @@ from scipy import special
 from ..flags import flag_rows
 from ..karras_diffusion import KarrasDenoiser
 from ..nn import append_dims
+from ..sampling import Sampler, register_sampler, stochastic_iterative_sampler
 from .base import QuickstartPlan, TrainingMode
 from .ect import create_ect_schedule, ect_losses
 
@@ -81,6 +82,23 @@ def tcm_denoiser(tcm_transition_t=1.0, **denoiser_config):
 def attach_stage1(denoiser, stage1_model):
     """The denoiser samplers run for a TCM pair: stage 2 above t', `stage1_model` below."""
     return denoiser.with_stage1(stage1_model)
+
+
+@torch.no_grad()
+def sample_tcm_twostep(denoiser, x, sigmas, generator=None, progress=False, callback=None, t_mid=1.0, t_min=0.002):
+    """TCM's two-step sampling (NVlabs/TCM, CIFAR-10: times 80, t' = 1.0, 0): denoise at sigmas[0], re-noise to t_mid,
+    denoise there (CM paper Alg. 1 at the levels sigma_max, t_mid)."""
+    levels = torch.tensor([float(sigmas[0]), t_mid, t_min], dtype=torch.float64)
+    return stochastic_iterative_sampler(denoiser, x, levels, generator, progress=progress, callback=callback,
+                                        t_min=t_min, t_max=float(sigmas[0]))
+
+
+def tcm_twostep_options(settings):
+    """The intermediate time is the denoiser's t' (TCM's default), the last level sigma_min."""
+    return dict(t_mid=settings["diffusion"].transition_t, t_min=settings["sigma_min"])
+
+
+register_sampler("tcm_twostep", Sampler(sample_tcm_twostep, options=tcm_twostep_options))
 
 
 # ----- the time distribution and the boundary share --------------------------------------------
