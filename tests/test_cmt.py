@@ -31,7 +31,7 @@ def gaussian_denoiser(s):
 
 
 def exact_ode_solution(x_T, s, sigma_T, sigma):
-    """The PF ODE of N(0, s^2 I) data moves x along its ray: x(sigma) = x_T sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2)."""
+    """The PF ODE of N(0, s^2 I) data moves x along its ray: x(sigma) = x_T sqrt((s^2 + sigma^2) / (s^2 + sigma_T^2))."""
     return x_T * math.sqrt(s**2 + sigma**2) / math.sqrt(s**2 + sigma_T**2)
 
 
@@ -86,7 +86,8 @@ def test_the_trajectory_ends_where_the_solvers_own_sampling_ends():
     x_T = get_generator("determ", 3, 5).randn(3, 3, 8, 8) * 80.0
     sampled = karras_sample(edm, teacher, (3, 3, 8, 8), steps=6, sampler="dpmpp_2m", x_T=x_T, clip_denoised=False,
                             clamp=False)
-    points, end = teacher_trajectory(make_denoiser(edm, teacher, clip_denoised=False), x_T, logsnr_sigmas(6, 0.002, 80.0))
+    teacher_denoiser = make_denoiser(edm, teacher, clip_denoised=False)
+    points, end = teacher_trajectory(teacher_denoiser, x_T, logsnr_sigmas(6, 0.002, 80.0))
     assert torch.equal(end, sampled)
     assert points.shape == (18, 3, 8, 8) and torch.equal(points[:3], x_T)
 
@@ -99,7 +100,8 @@ def test_the_student_regresses_every_point_of_the_solvers_path_onto_its_end():
 
     visited = []  # the solver's own states, as karras_sample walks them from the same start
     end = karras_sample(edm, teacher, (2, 3, 8, 8), steps=4, sampler="dpmpp_2m", x_T=x_start[:2] + 80.0 * noise,
-                        clip_denoised=False, clamp=False, callback=lambda info: visited.append((info["x"], info["sigma"])))
+                        clip_denoised=False, clamp=False,
+                        callback=lambda info: visited.append((info["x"], info["sigma"])))
     sigma = torch.tensor([s for _, s in visited]).repeat_interleave(2).float()
     assert torch.equal(terms["sigma"], sigma)
     online = cm_denoiser.denoise(student, torch.cat([x for x, _ in visited]), sigma)[1]

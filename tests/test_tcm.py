@@ -66,7 +66,8 @@ def test_the_targets_come_from_stage_1_where_r_is_below_t_prime():
     terms = ect_losses(composed, stage2, x, num_scales, t=t, noise=noise)
     online = plain.denoise(stage2, x + t.view(-1, 1, 1, 1) * noise, t)[1]
     x_r = x + r.view(-1, 1, 1, 1) * noise
-    target = torch.where((r < 1.0).view(-1, 1, 1, 1), plain.denoise(stage1, x_r, r)[1], plain.denoise(stage2, x_r, r)[1])
+    below = (r < 1.0).view(-1, 1, 1, 1)
+    target = torch.where(below, plain.denoise(stage1, x_r, r)[1], plain.denoise(stage2, x_r, r)[1])
     expect = adaptive_distance(online, target) / (t - r)
     assert torch.allclose(terms["loss"], expect, rtol=1e-5)
     terms["loss"].sum().backward()
