@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
+from cm.config import resolve_training_config
 from cm.karras_diffusion import KarrasDenoiser
 from cm.modes.cmt import cmt_losses, teacher_trajectory
 from cm.random_util import get_generator
 from cm.sampling import dpmpp_2m_states, karras_sample, logsnr_sigmas, make_denoiser, sample_dpmpp_2m
 from cm.train_cli import main
 
-from helpers import read_progress, state_equal, tiny_argv, tiny_model_and_diffusion
+from helpers import load_script, read_progress, state_equal, tiny_argv, tiny_model_and_diffusion
 
 
 # ----- the solver ------------------------------------------------------------------------------------------------
@@ -152,3 +153,17 @@ def test_a_stochastic_teacher_is_refused_in_one_line(tmp_path, teacher_path, cap
     with pytest.raises(SystemExit):
         main("cmt", cmt_argv(tmp_path, teacher_path, 1, teacher_stochastic=True))
     assert "leave --teacher_stochastic false" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("plan", ["cmt", "tcm"])
+def test_the_quickstart_stages_resolve_each_from_the_previous_stages_model(plan, tmp_path):
+    quickstart = load_script("quickstart")
+    opts = quickstart.parse_args(["--mode", plan, "--out", str(tmp_path)])
+    stages = quickstart.PLANS[plan]
+    assert [mode for _, _, mode in stages] == (["edm", "cmt", "consistency_tuning"] if plan == "cmt"
+                                               else ["edm", "consistency_tuning", "tcm"])
+    for k, (name, preset, mode) in enumerate(stages):
+        extra = ["--teacher_model_path", str(tmp_path / "previous.pt")] if k else []
+        config = resolve_training_config(quickstart.training_args(preset, mode, str(tmp_path / name), opts, extra))
+        assert config["training_mode"] == mode and config["data"]["data_dir"] == "digits_train"
+        assert config["student_init"] == ("teacher" if k else "random")
