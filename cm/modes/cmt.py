@@ -111,6 +111,7 @@ MODES = (
         loss_groups=("cmt",),
         teacher="required",  # the EDM checkpoint: it solves the ODE and initialises the student
         teacher_in_loss=True,
+        teacher_ode_steps=False,  # its solver is DPM-Solver++(2M) (--cmt_solver_steps), not --teacher_solver
         boundary_condition=True,  # the scalings of the consistency model ECT then tunes
         schedule_groups=("cmt_schedule",),
         make_schedule=create_cmt_schedule,

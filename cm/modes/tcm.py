@@ -209,6 +209,7 @@ MODES = (
         loss_groups=("ect", "ect_schedule", "tcm"),
         teacher="required",  # the stage-1 consistency model: it initialises the student and gives the targets below t'
         teacher_in_loss=True,
+        teacher_ode_steps=False,  # stage 1 is evaluated, not stepped
         uses_distance=False,
         boundary_condition=True,
         denoiser_groups=("denoiser", "tcm_denoiser"),
