@@ -113,3 +113,20 @@ def resumes_bit_exactly(mode, tmp_path, **flags):
     assert names == sorted(n for n in os.listdir(restarted) if n.endswith("000002.pt") and not n.startswith("state"))
     load = lambda d, n: torch.load(d / n, map_location="cpu", weights_only=False)  # noqa: E731
     return all(nested_equal(load(straight, n), load(restarted, n)) for n in names), names
+
+
+# ----- JVP checks -------------------------------------------------------------------------
+
+
+def point():
+    """Inputs x [2, 3, 8, 8] and TrigFlow times t [2] with random tangents, in float64."""
+    g = torch.Generator().manual_seed(2)
+    x, dx = torch.randn(2, 2, 3, 8, 8, dtype=torch.float64, generator=g)
+    t, dt = torch.tensor([0.3, 1.2], dtype=torch.float64), torch.randn(2, dtype=torch.float64, generator=g)
+    return x, t, dx, dt
+
+
+def replay(state, fn, *args):
+    """fn(*args) with the CPU RNG (dropout masks) at `state`."""
+    torch.set_rng_state(state)
+    return fn(*args)

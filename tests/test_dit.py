@@ -11,7 +11,7 @@ from cm.nn import network_jvp
 from cm.script_util import create_model
 from cm.train_cli import main
 
-from helpers import tiny_argv
+from helpers import point, replay, tiny_argv
 
 TINY_DIT = dict(model_type="dit", dit_size="2x32x2/2")  # 2 blocks, 32 wide, 2 heads, patch 2
 
@@ -181,18 +181,6 @@ def test_bad_inputs_give_one_clear_error():
 
 
 # ----- JVP (sCM) -----
-
-
-def point():
-    g = torch.Generator().manual_seed(2)
-    x, dx = torch.randn(2, 2, 3, 8, 8, dtype=torch.float64, generator=g)
-    t, dt = torch.tensor([0.3, 1.2], dtype=torch.float64), torch.randn(2, dtype=torch.float64, generator=g)
-    return x, t, dx, dt
-
-
-def replay(state, fn, *args):
-    torch.set_rng_state(state)
-    return fn(*args)
 
 
 def float64(model):

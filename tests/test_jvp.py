@@ -13,6 +13,8 @@ from cm.ncsnpp import NCSNpp
 from cm.nn import math_attention, network_jvp, scaled_dot_product_attention
 from cm.unet import UNetModel
 
+from helpers import point, replay
+
 
 def unet(**overrides):
     kw = dict(
@@ -54,20 +56,6 @@ def float64(model):
     model = copy.deepcopy(model).double()
     model.dtype = torch.float64
     return model
-
-
-def point():
-    """Inputs x [2, 3, 8, 8] and TrigFlow times t [2] with random tangents, in float64."""
-    g = torch.Generator().manual_seed(2)
-    x, dx = torch.randn(2, 2, 3, 8, 8, dtype=torch.float64, generator=g)
-    t, dt = torch.tensor([0.3, 1.2], dtype=torch.float64), torch.randn(2, dtype=torch.float64, generator=g)
-    return x, t, dx, dt
-
-
-def replay(state, fn, *args):
-    """fn(*args) with the CPU RNG (dropout masks) at `state`."""
-    torch.set_rng_state(state)
-    return fn(*args)
 
 
 def central_difference(model, x, t, dx, dt, state, h=1e-5):

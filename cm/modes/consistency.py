@@ -149,27 +149,25 @@ def bind_progdist_loss(diffusion, context):
 
 FLAGS = ()  # the reference's flags (cm.flags: denoiser, schedule, teacher groups) configure these modes
 
+# what CD and CT share: the loss, a target network, the boundary-condition scalings, the mu(k) / N(k) schedule
+CONSISTENCY_ENTRY = dict(bind_loss=bind_consistency_loss, target=True, boundary_condition=True,
+                         make_schedule=consistency_schedule)
+
 MODES = (
     TrainingMode(
         name="consistency_distillation",
         description="consistency distillation from an EDM teacher (CM paper Alg. 2)",
-        bind_loss=bind_consistency_loss,
         teacher="required",
         teacher_in_loss=True,
-        target=True,
-        boundary_condition=True,
-        make_schedule=consistency_schedule,
+        **CONSISTENCY_ENTRY,
         quickstart=QuickstartPlan("cd", (("EDM", "digits_edm.yaml", "edm"),
                                          ("CD", "digits_cd.yaml", "consistency_distillation"))),
     ),
     TrainingMode(
         name="consistency_training",
         description="consistency training from data alone (CM paper Alg. 3)",
-        bind_loss=bind_consistency_loss,
         teacher="optional",
-        target=True,
-        boundary_condition=True,
-        make_schedule=consistency_schedule,
+        **CONSISTENCY_ENTRY,
         flag_defaults=dict(target_ema_mode="adaptive", scale_mode="progressive", start_ema=0.95, start_scales=2,
                            end_scales=200, total_training_steps=800000),
         quickstart=QuickstartPlan("ct", (("CT", "digits_ct.yaml", "consistency_training"),)),
