@@ -434,12 +434,15 @@ class Sampler:
     :param options: karras_sample's settings (a dict of its arguments) -> the sampler's own keyword arguments.
     :param example_ts: for samplers whose levels `ts` (grid indices) select: N -> example indices on an N-point
         grid (None: the sampler takes no ts).
+    :param any_denoiser: it runs on every denoiser (False: it needs the model's own network, e.g. a flow map's two
+        time inputs).
     """
 
     fn: Callable
     grid: Callable = karras_grid
     options: Callable = no_options
     example_ts: Callable = None
+    any_denoiser: bool = True
 
 
 SAMPLERS = {
@@ -455,12 +458,12 @@ SAMPLERS = {
     "trigflow_onestep": Sampler(sample_trigflow_onestep),
     "trigflow_twostep": Sampler(sample_trigflow_twostep, options=trigflow_twostep_options),
     "lcm": Sampler(sample_lcm, lcm_grid, example_ts=lambda n: lcm_ts(2, n)),
-    "meanflow": Sampler(sample_flow_map, flow_grid, flow_map_options),
-    "meanflow_onestep": Sampler(sample_flow_map, flow_onestep_grid, flow_map_options),
+    "meanflow": Sampler(sample_flow_map, flow_grid, flow_map_options, any_denoiser=False),
+    "meanflow_onestep": Sampler(sample_flow_map, flow_onestep_grid, flow_map_options, any_denoiser=False),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, logsnr_grid),
 }
-# the samplers of every denoiser: not the alias "ancestral", nor the flow-map ones (they need a two-time network)
-SAMPLER_NAMES = tuple(name for name, s in SAMPLERS.items() if name != "ancestral" and s.options is not flow_map_options)
+# the samplers of every denoiser, less the alias "ancestral"
+SAMPLER_NAMES = tuple(name for name, s in SAMPLERS.items() if name != "ancestral" and s.any_denoiser)
 
 
 def register_sampler(name, sampler):
