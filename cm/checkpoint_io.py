@@ -26,6 +26,7 @@ import zipfile
 import blobfile as bf
 import torch
 
+from .distributed_checkpoint import sharded_dir_name, sharded_steps
 from .errors import CheckpointError, first_line
 from .safe_load import check_torch_load_is_safe
 
@@ -338,6 +339,18 @@ def find_resume_checkpoint(log_dir, ema_rates=(), extra_names=()):
         if all(name in present for name in checkpoint_files(step, ema_rates, extra_names, fmt)):
             return bf.join(log_dir, network_file("model", step, fmt))
     return None
+
+
+def resume_point(log_dir, ema_rates=(), extra_names=()):
+    """(step, path) of the newest complete checkpoint in log_dir, else None: the modelNNNNNN file of a checkpoint of
+    single files, or the shardedNNNNNN folder of a distributed one (cm.distributed_checkpoint; at equal steps the
+    folder, which holds the optimizer too)."""
+    found = find_resume_checkpoint(log_dir, ema_rates, extra_names)
+    file_step = parse_resume_step_from_filename(found) if found else -1
+    sharded = sharded_steps(log_dir)
+    if sharded and sharded[0] >= file_step:
+        return sharded[0], bf.join(log_dir, sharded_dir_name(sharded[0]))
+    return (file_step, found) if found else None
 
 
 def find_ema_checkpoint(main_checkpoint, step, rate):

@@ -297,7 +297,11 @@ def sync_params(params):
 
 
 def ddp_sync(module, sync):
-    """Context for one micro-batch: gradients all-reduce only when `sync` (the last micro-batch)."""
+    """Context for one micro-batch: gradients all-reduce (DDP) or reduce-scatter (FSDP) only when `sync` (the last
+    micro-batch)."""
+    if hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 module
+        module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not hasattr(module, "no_sync"):
         return contextlib.nullcontext()
     return module.no_sync()

@@ -186,6 +186,14 @@ SHARED_FLAGS = {
             ("max_minutes", 0.0, "checkpoint and stop after this many minutes of training (0: no limit)", None),
             ("checkpoint_format", "pt", "file format of the model, EMA and target checkpoints: pt (the reference's "
              "modelNNNNNN.pt names) or safetensors; resume, sampling and teacher paths read both", ("pt", "safetensors")),
+            ("parallel", "ddp", "ddp: every rank holds whole networks (the reference's); fsdp: networks, optimizer and "
+             "EMAs sharded over the ranks (FSDP2) with distributed checkpoints shardedNNNNNN/ that resume at any "
+             "number of ranks", ("ddp", "fsdp")),
+            ("full_checkpoint_interval", 0, "with --parallel fsdp: steps between the single files (modelNNNNNN.pt, "
+             "ema_RATE_NNNNNN.pt, ...) gathered for sampling and export (0: at every checkpoint; always at the end)",
+             None),
+            ("async_checkpoint", False, "with --parallel fsdp: write each checkpoint in the background while training "
+             "goes on (one at a time; the run waits for the last)", None),
             affects_result=False,
         ),
         *flag_rows(

@@ -4,8 +4,10 @@ reference's master-parameter helpers, and the half-precision body helpers re-exp
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
+from .sharding import is_sharded, local
 from .half_precision import (  # noqa: F401  (the reference's location of the network-side helpers)
     HalfPrecisionBody,
     convert_module_to_f16,
@@ -125,6 +127,18 @@ def bf16_is_native(device):
     return False
 
 
+def global_grad_norm(grads, device):
+    """The L2 norm of all gradients; of sharded ones (fsdp), over every rank's shards (one all-reduce), so each
+    rank takes the same skip decision."""
+    if grads and any(is_sharded(g) for g in grads):
+        norms = torch._foreach_norm([local(g) for g in grads])
+        squares = torch.stack(norms).float().square().sum()
+        dist.all_reduce(squares)
+        return squares.sqrt()
+    norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=device)]
+    return torch.linalg.vector_norm(torch.stack(norms).float())
+
+
 class MixedPrecisionTrainer:
     """Backward and optimizer steps for fp32, fp16 (dynamic loss scaling) or bf16 training.
 
@@ -186,8 +200,7 @@ class MixedPrecisionTrainer:
         device tensor, read only when used as a bool; self.found_inf holds 1.0 (float) when it was skipped."""
         grads = [p.grad for p in self.master_params if p.grad is not None]
         scale = torch.exp2(self.lg_loss_scale)
-        norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=scale.device)]
-        grad_norm = torch.linalg.vector_norm(torch.stack(norms).float())
+        grad_norm = global_grad_norm(grads, scale.device)
         if self.use_fp16:
             grad_norm = grad_norm / scale
         found_inf = (~torch.isfinite(grad_norm)).float()

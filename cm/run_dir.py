@@ -31,8 +31,7 @@ from . import dist_util, logger
 from .checkpoint_io import (
     checkpoint_files,
     checkpoint_steps,
-    find_resume_checkpoint,
-    parse_resume_step_from_filename,
+    resume_point,
     write_atomic,
 )
 from .config import config_to_json
@@ -184,11 +183,11 @@ def check_log_dir(log_dir, config):
     if error is not None:
         raise error
     steps = checkpoint_steps(log_dir)
-    if not steps:
-        return
     ema_rates, extra = expected_files(config)
-    found = find_resume_checkpoint(log_dir, ema_rates, extra)
-    if found is None:
+    point = resume_point(log_dir, ema_rates, extra)
+    if not steps and point is None:
+        return
+    if point is None:
         present = set(bf.listdir(log_dir))
         step, fmt = steps[0]
         missing = [n for n in checkpoint_files(step, ema_rates, extra, fmt) if n not in present]
@@ -200,7 +199,7 @@ def check_log_dir(log_dir, config):
             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}){settings}; pass a new --log_dir so they "
             "are not overwritten"
         )
-    step = parse_resume_step_from_filename(found)
+    step = point[0]
     state_path = bf.join(log_dir, f"state{step:06d}.pt")
     stored = dist_util.load_state_dict(state_path, map_location="cpu").get("config") if bf.exists(state_path) else None
     if not isinstance(stored, dict) or "training_mode" not in stored or "network" not in stored:

@@ -18,9 +18,17 @@ import time
 
 import blobfile as bf
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from . import distributed_checkpoint as sharded_checkpoint
 from .checkpoint_io import (  # noqa: F401  (find_ema_checkpoint, parse_resume_step_from_filename: the reference's)
     CHECKPOINT_FORMATS,
     atomic_save,
@@ -32,15 +40,17 @@ from .checkpoint_io import (  # noqa: F401  (find_ema_checkpoint, parse_resume_s
     parse_resume_step_from_filename,
     remove_files,
     remove_stale_temporaries,
+    resume_point,
 )
 from .checkpoint_io import find_resume_checkpoint as find_checkpoint_in
-from .errors import CheckpointError, CheckpointWriteError
+from .errors import CheckpointError, CheckpointWriteError, first_line as first_line_of
 from .flags import OPTIMIZERS
 from .guidance import drop_labels, null_label
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401  (the reference's location)
 from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
+from .sharding import PARALLEL, drop_gathered, gather_full, shard_like, shard_network
 from .stop_request import StopRequest
 from .modes.base import LossContext
 from .modes.consistency import named_schedule
@@ -149,6 +159,12 @@ class TrainLoop:
     :param progress: tqdm progress bar on rank 0.
     :param class_dropout_prob: classifier-free guidance: each label becomes the model's null label with this
         probability (cm.guidance; the model needs null_class).
+    :param parallel: "ddp" (every rank holds whole networks; the reference's) or "fsdp": the networks are sharded
+        over the ranks (cm.sharding) and checkpoints are distributed (shardedNNNNNN/, cm.distributed_checkpoint),
+        with the reference's single files gathered every full_checkpoint_interval steps.
+    :param full_checkpoint_interval: with fsdp, steps between the gathered single files (modelNNNNNN.pt,
+        ema_RATE_NNNNNN.pt, ...; 0: at every checkpoint; they are always written at the end of the run).
+    :param async_checkpoint: with fsdp, write distributed checkpoints in the background while training goes on.
     """
 
     @property
@@ -187,7 +203,14 @@ class TrainLoop:
         time_budget=0.0,
         progress=True,
         class_dropout_prob=0.0,
+        parallel="ddp",
+        full_checkpoint_interval=0,
+        async_checkpoint=False,
     ):
+        if parallel not in PARALLEL:
+            raise ValueError(f"unknown parallel {parallel!r}; allowed: {', '.join(PARALLEL)}")
+        if async_checkpoint and parallel != "fsdp":
+            raise ValueError("--async_checkpoint writes distributed checkpoints: use it with --parallel fsdp")
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -216,6 +239,10 @@ class TrainLoop:
         self.budget = TimeBudget(time_budget) if time_budget else None
         self.progress = progress
         self.class_dropout_prob = class_dropout_prob
+        self.parallel = parallel
+        self.sharded = parallel == "fsdp" and dist_util.get_world_size() > 1
+        self.full_checkpoint_interval = full_checkpoint_interval
+        self.checkpointer = sharded_checkpoint.Checkpointer(async_checkpoint) if parallel == "fsdp" else None
         self.null_label = null_label(model) if class_dropout_prob > 0 else None
         self.device = dist_util.dev()
         self.global_batch = batch_size * dist_util.get_world_size()
@@ -224,12 +251,14 @@ class TrainLoop:
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)
 
+        dist_util.sync_params(self.model.parameters())
+        dist_util.sync_params(self.model.buffers())
+        if self.sharded:
+            self._shard_networks(torch.bfloat16 if use_bf16 and not self._needs_fp32_weights() else None)
         self.mp_trainer = MixedPrecisionTrainer(
             model=model, use_fp16=use_fp16, use_bf16=use_bf16, fp16_scale_growth=fp16_scale_growth
         )
         self.opt = make_optimizer(optimizer, self.mp_trainer.master_params, lr, weight_decay)
-        dist_util.sync_params(self.model.parameters())
-        dist_util.sync_params(self.model.buffers())
         self.ema_params = [[p.detach().clone() for p in self.mp_trainer.master_params] for _ in self.ema_rate]
         self.skip_run = torch.zeros((), device=self.device)
         self.schedule_values = {}  # the named values of the mode's schedule at this step (CMTrainLoop)
@@ -237,7 +266,7 @@ class TrainLoop:
         self._resume()
         self._anneal_lr()  # the learning rate of the first step (warm-up, or where a resumed run was)
 
-        if dist_util.get_world_size() > 1:
+        if dist_util.get_world_size() > 1 and not self.sharded:
             self.ddp_model = DDP(
                 self.model,
                 device_ids=[self.device] if self.device.type == "cuda" else None,
@@ -248,9 +277,49 @@ class TrainLoop:
         else:
             self.ddp_model = self.model
 
+    # ----- sharding (--parallel fsdp) -------------------------------------------------------------
+    def _shard_networks(self, param_dtype):
+        """Shard the model and the networks of _networks_to_shard() in place (cm.sharding)."""
+        for network in [self.model, *self._networks_to_shard()]:
+            shard_network(network, param_dtype)
+        logger.log(f"fsdp: networks sharded over {dist_util.get_world_size()} ranks"
+                   + (" (bfloat16 weights in the forward pass)" if param_dtype is not None else ""))
+
+    def _networks_to_shard(self):
+        """Hook: the networks besides the model that fsdp shards (CMTrainLoop: target and teacher)."""
+        return []
+
+    def _needs_fp32_weights(self):
+        """Hook: whether the loss takes a JVP, which keeps float32 weights under fsdp (CMTrainLoop)."""
+        return False
+
+    def _load_network(self, module, state_dict, path):
+        """Load a whole-tensor state dict read from a file into `module`, sharded or not."""
+        if self.sharded:
+            own = module.state_dict()
+            state_dict = {k: shard_like(v, own[k]) if k in own else v for k, v in state_dict.items()}
+        load_fitting_state_dict(module, state_dict, path)
+
+    def _load_optimizer_file(self, state_dict):
+        """An optimizer state saved from whole parameters (optNNNNNN.pt), split as this run's parameters are."""
+        if self.sharded:
+            params = self.mp_trainer.master_params
+            state_dict = {**state_dict, "state": {
+                index: {k: shard_like(v, params[index]) if torch.is_tensor(v) and v.shape == params[index].shape
+                        else v for k, v in values.items()}
+                for index, values in state_dict["state"].items()}}
+        self.opt.load_state_dict(state_dict)
+
     # ----- resume ------------------------------------------------------------------------------
     def _resume(self):
-        found = find_resume_checkpoint(get_blob_logdir(), self.ema_rate, self.extra_checkpoint_names)
+        point = resume_point(get_blob_logdir(), self.ema_rate, self.extra_checkpoint_names)
+        if point is not None and bf.basename(point[1]).startswith("sharded"):
+            self._resume_sharded(*point)
+            return
+        if point is None and self.resume_checkpoint and bf.isdir(self.resume_checkpoint):
+            self._resume_sharded(sharded_checkpoint.step_of(self.resume_checkpoint), self.resume_checkpoint)
+            return
+        found = point[1] if point else None
         path = found or self.resume_checkpoint
         if not path:
             logger.log("starting from step 0")
@@ -259,15 +328,18 @@ class TrainLoop:
         directory = bf.dirname(path)
         logger.log(f"resuming from {path} (step {self.step})")
         try:
-            load_fitting_state_dict(self.model, dist_util.load_state_dict(path, map_location=self.device), path)
+            self._load_network(self.model, dist_util.load_state_dict(path, map_location=self.device), path)
             for rate, params in zip(self.ema_rate, self.ema_params):
                 ema_path = find_ema_checkpoint(path, self.step, rate)
                 source = dist_util.load_state_dict(ema_path, map_location=self.device) if ema_path else None
-                values = self.mp_trainer.state_dict_to_master_params(source) if source else self.mp_trainer.master_params
-                update_ema(params, [v.to(self.device) for v in values], rate=0.0)
+                if source is None:
+                    update_ema(params, self.mp_trainer.master_params, rate=0.0)
+                    continue
+                values = self.mp_trainer.state_dict_to_master_params(source)
+                update_ema(params, [shard_like(v.to(self.device), p) for v, p in zip(values, params)], rate=0.0)
             opt_path = bf.join(directory, f"opt{self.step:06d}.pt")
             if bf.exists(opt_path):
-                self.opt.load_state_dict(dist_util.load_state_dict(opt_path, map_location=self.device))
+                self._load_optimizer_file(dist_util.load_state_dict(opt_path, map_location=self.device))
             self._load_extra_checkpoints(directory, self.step, checkpoint_format_of(path))
             state_path = bf.join(directory, f"state{self.step:06d}.pt")
             if bf.exists(state_path):
@@ -281,6 +353,34 @@ class TrainLoop:
                 f"{e}; to resume from the checkpoint before it, move the files of step {self.step} out of {directory}"
             ) from None
         self.last_saved_step = self.step
+
+    def _resume_sharded(self, step, path):
+        """Resume from the distributed checkpoint of `step` (the folder `path` and stateNNNNNN.pt beside it), at any
+        number of ranks, sharded or not."""
+        directory = bf.dirname(path)
+        logger.log(f"resuming from {path} (step {step})")
+        state = self._sharded_state()
+        sharded_checkpoint.load(state, path)
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.opt, state["optimizer"])
+        for name, module in self._extra_checkpoints():
+            if isinstance(module, torch.nn.Module):
+                set_model_state_dict(module, state[name])
+            else:
+                module.load_state_dict(state[name])
+        self.step = step
+        self._load_state(dist_util.load_state_dict(bf.join(directory, f"state{step:06d}.pt"), map_location="cpu"))
+        self.last_saved_step = step
+
+    def _sharded_state(self):
+        """What a distributed checkpoint holds: model, optimizer, EMAs and the extra networks (their tensors are the
+        live ones, sharded under fsdp: loading fills them in place)."""
+        state = {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model, self.opt)}
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            state[f"ema_{rate}"] = dict(zip(self.mp_trainer.param_names, params))
+        for name, module in self._extra_checkpoints():
+            state[name] = get_model_state_dict(module) if isinstance(module, torch.nn.Module) else module.state_dict()
+        return state
 
     def _load_state(self, state):
         self.mp_trainer.lg_loss_scale = state["lg_loss_scale"].to(self.device)
@@ -340,6 +440,8 @@ class TrainLoop:
             self.dump_logs(bar)
         if self.last_saved_step != self.step:
             self.save()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()  # the run ends once its last checkpoint is on disk
         if hasattr(self.data, "log_summary"):
             self.data.log_summary()  # unreadable images skipped over the run
         if bar is not None:
@@ -502,7 +604,8 @@ class TrainLoop:
 
     # ----- checkpoints --------------------------------------------------------------------------
     def save(self):
-        """Write the reference's files plus stateNNNNNN.pt atomically (rank 0), the model file last.
+        """Write the reference's files plus stateNNNNNN.pt atomically (rank 0), the model file last; with fsdp, a
+        distributed checkpoint instead (_save_distributed).
 
         The other ranks wait for the write outside any collective, for up to CM_SAVE_TIMEOUT seconds
         (dist_util.run_on_rank0), so a write slower than CM_DIST_TIMEOUT is not taken for a lost rank. A failed
@@ -511,18 +614,71 @@ class TrainLoop:
         """
         step = self.step
         rngs = dist_util.all_gather_object(DeviceRNG(self.device).get_state())
-        dist_util.run_on_rank0(lambda: self._write_checkpoint(step, rngs), f"to write the checkpoint of step {step}")
+        if self.checkpointer is not None:
+            self._save_distributed(step, rngs)
+        else:
+            contents = self._checkpoint_contents(step, rngs)
+            dist_util.run_on_rank0(lambda: self._write_checkpoint(step, contents),
+                                   f"to write the checkpoint of step {step}")
         self.last_saved_step = step
 
-    def _write_checkpoint(self, step, rngs):
-        """Rank 0's part of save(): every file of `step`, the model file last, each fsynced with its folder before
-        the next; on failure none of them stays. The run's lock on the log dir (cm.run_dir) makes any temporary
-        file found here a killed process's, so it is removed."""
+    def _save_distributed(self, step, rngs):
+        """fsdp: stateNNNNNN.pt (rank 0), then every rank's shards into shardedNNNNNN/, whose metadata, written
+        last, completes the step; then, when due, the reference's single files gathered on rank 0."""
+        state = self._run_state(step, rngs)
+        state_file = [(f"state{step:06d}.pt", lambda: state)]
+        dist_util.run_on_rank0(lambda: self._write_checkpoint(step, state_file, "run state"),
+                               f"to write the run state of step {step}")
+        folder = bf.join(get_blob_logdir(), sharded_checkpoint.sharded_dir_name(step))
+        try:
+            self.checkpointer.save(self._sharded_state(), folder)
+        except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure into one exception
+            raise CheckpointWriteError(
+                f"could not write the distributed checkpoint {folder} ({first_line_of(e)}); the last complete "
+                f"checkpoint (step {self.last_saved_step}) is intact; free space and rerun the same command to resume"
+            ) from None
+        if self._full_files_due(step):
+            contents = self._gathered_contents(step)
+            dist_util.run_on_rank0(lambda: self._write_checkpoint(step, contents, "single files"),
+                                   f"to write the single files of step {step}")
+
+    def _full_files_due(self, step):
+        """Whether the gathered single files are written at `step` (fsdp): every full_checkpoint_interval steps
+        (0: every checkpoint) and at the end of the run."""
+        interval = self.full_checkpoint_interval
+        return interval <= 0 or step % interval == 0 or self.done()
+
+    def _full_network_state(self, module, params=None):
+        """A whole-tensor state dict of `module` on rank 0 (empty elsewhere), its parameters replaced by `params`
+        (an EMA, in master_params order) when given. A collective under fsdp: every rank calls it."""
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if params is not None:
+            for name, value in zip(self.mp_trainer.param_names, params):
+                whole = gather_full(value)
+                if dist_util.get_rank() == 0:
+                    full[name] = whole
+        return full
+
+    def _gathered_contents(self, step):
+        """(file name, maker) of the reference's single files of `step` (EMAs, extra networks, the model last),
+        gathered from the shards now (every rank takes part)."""
+        names = [n for n in checkpoint_files(step, self.ema_rate, self.extra_checkpoint_names, self.checkpoint_format)
+                 if not n.startswith(("opt", "state"))]
+        states = [self._full_network_state(self.model, params) for params in self.ema_params]
+        states += [self._full_network_state(module) if isinstance(module, torch.nn.Module) else module.state_dict()
+                   for _, module in self._extra_checkpoints()]
+        states.append(self._full_network_state(self.model))
+        return [(name, lambda sd=sd: sd) for name, sd in zip(names, states)]
+
+    def _write_checkpoint(self, step, contents, what="checkpoint"):
+        """Rank 0's part of save(): the files of `contents` ((name, maker) pairs, the model file last), each
+        fsynced with its folder before the next; on failure none of them stays. The run's lock on the log dir
+        (cm.run_dir) makes any temporary file found here a killed process's, so it is removed."""
         directory = get_blob_logdir()
         remove_stale_temporaries(directory)
         written = []
         try:
-            for name, make in self._checkpoint_contents(step, rngs):
+            for name, make in contents:
                 path = bf.join(directory, name)
                 written.append(path)
                 atomic_save(make(), path)
@@ -536,25 +692,26 @@ class TrainLoop:
                 f"its files were removed, the last checkpoint ({before}) is intact; free space in {directory} "
                 "and rerun the same command to resume"
             ) from None
-        logger.log(f"saved checkpoint for step {step} in {directory}")
+        logger.log(f"saved {what} for step {step} in {directory}")
+
+    def _run_state(self, step, rngs):
+        """stateNNNNNN.pt: what a resumed run needs besides the networks and the optimizer."""
+        return {
+            "step": step,
+            "rng": rngs,
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else {},
+            "lg_loss_scale": self.mp_trainer.lg_loss_scale.detach().cpu(),
+            "seed": int(self.seed),
+            "config": dict(self.run_config),
+            "plan": self.plan_state(),
+        }
 
     def _checkpoint_contents(self, step, rngs):
         """(file name, function returning the object to save) for each file of a checkpoint, the model last."""
-        def state():
-            return {
-                "step": step,
-                "rng": rngs,
-                "data": self.data.state_dict() if hasattr(self.data, "state_dict") else {},
-                "lg_loss_scale": self.mp_trainer.lg_loss_scale.detach().cpu(),
-                "seed": int(self.seed),
-                "config": dict(self.run_config),
-                "plan": self.plan_state(),
-            }
-
         as_state_dict = self.mp_trainer.master_params_to_state_dict
         names = checkpoint_files(step, self.ema_rate, self.extra_checkpoint_names, self.checkpoint_format)
         makers = [lambda p=params: as_state_dict(p) for params in self.ema_params]
-        makers += [self.opt.state_dict, state]
+        makers += [self.opt.state_dict, lambda: self._run_state(step, rngs)]
         makers += [module.state_dict for _, module in self._extra_checkpoints()]
         makers.append(lambda: as_state_dict(self.mp_trainer.master_params))
         return list(zip(names, makers))
@@ -625,12 +782,19 @@ class CMTrainLoop(TrainLoop):
             self.target_model.train()
         if self.teacher_model is not None:
             self.teacher_model.requires_grad_(False)
+        if self.target_model is not None:
+            dist_util.sync_params(self.target_model.parameters())  # before fsdp splits it
         super().__init__(total_training_steps=total_training_steps, **kwargs)
         if self.target_model is not None:
-            dist_util.sync_params(self.target_model.parameters())
             named = dict(self.target_model.named_parameters())
             self.target_params = [named[n] for n in self.mp_trainer.param_names]
         self._update_schedule()
+
+    def _networks_to_shard(self):
+        return [n for n in (self.target_model, self.teacher_model) if n is not None]
+
+    def _needs_fp32_weights(self):
+        return self.mode.takes_jvp
 
     def _bind_loss(self):
         """The mode's loss, bound once to this loop's networks."""
@@ -641,7 +805,9 @@ class CMTrainLoop(TrainLoop):
     def _load_extra_checkpoints(self, directory, step, fmt="pt"):
         for name, module in self._extra_checkpoints():
             path = bf.join(directory, network_file(name, step, fmt if name.endswith("_model") else "pt"))
-            if bf.exists(path):
+            if bf.exists(path) and isinstance(module, torch.nn.Module):
+                self._load_network(module, dist_util.load_state_dict(path, map_location=self.device), path)
+            elif bf.exists(path):
                 module.load_state_dict(dist_util.load_state_dict(path, map_location=self.device))
             elif name == "target_model":
                 logger.log(f"{path} not found: the target network starts as a copy of the model")
@@ -680,6 +846,7 @@ class CMTrainLoop(TrainLoop):
             return
         rate = skip_aware_rate(self.schedule_values["target_ema"], found_inf)
         update_ema(self.target_params, self.mp_trainer.master_params, rate=rate)
+        drop_gathered(self.target_model)
 
     def reset_training_for_progdist(self):
         """At a change of N (progressive distillation): the student becomes the teacher; optimizer and EMAs restart."""
@@ -688,6 +855,7 @@ class CMTrainLoop(TrainLoop):
             return
         logger.log(f"{self.mode.name}: step {self.step}, N = {n}; the student becomes the teacher")
         update_ema(self.teacher_model.parameters(), self.model.parameters(), rate=0.0)
+        drop_gathered(self.teacher_model)
         self.opt = make_optimizer(self.optimizer_name, self.mp_trainer.master_params, self.lr, self.weight_decay)
         self._anneal_lr()
         for params in self.ema_params:

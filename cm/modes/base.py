@@ -77,6 +77,7 @@ class TrainingMode:
     :param companion_network: file prefix of a frozen network that sampling needs beside the model, saved next to
         each checkpoint as PREFIXNNNNNN.pt (TCM's stage-1 model), or None.
     :param attach_companion: (the mode's denoiser, the companion network) -> the denoiser samplers run.
+    :param takes_jvp: the loss takes a forward-mode JVP through the network (kept in float32 weights under fsdp).
     """
 
     name: str
@@ -102,6 +103,7 @@ class TrainingMode:
     quickstart: QuickstartPlan = None
     companion_network: str = None
     attach_companion: Callable = None
+    takes_jvp: bool = False
 
     @property
     def has_step_schedule(self):

@@ -206,6 +206,7 @@ MODES = (
         make_denoiser=FlowMapDenoiser,
         samplers=("meanflow_onestep", "meanflow"),
         check_config=check_meanflow_config,
+        takes_jvp=True,
         flag_defaults=dict(second_time_embed=True, optimizer="adam", lr=6e-4, ema_rate="0.9999",
                            total_training_steps=800000),
         quickstart=QuickstartPlan("meanflow", (("MeanFlow", "digits_meanflow.yaml", "meanflow"),)),

@@ -251,6 +251,7 @@ SCM_ENTRY = dict(  # what sct and scd share: the loss, TrigFlow's denoiser and s
     make_denoiser=TrigFlowDenoiser,
     samplers=("trigflow_onestep", "trigflow_twostep"),
     check_config=check_scm_config,
+    takes_jvp=True,
 )
 
 MODES = (
