@@ -34,6 +34,7 @@ from .checkpoint_io import (  # noqa: F401  (find_ema_checkpoint, parse_resume_s
     remove_stale_temporaries,
 )
 from .checkpoint_io import find_resume_checkpoint as find_checkpoint_in
+from .checkpoint_choice import check_every_rank_can_read, chosen_on_rank0, resume_files
 from .errors import CheckpointError, CheckpointWriteError
 from .flags import OPTIMIZERS
 from .guidance import drop_labels, null_label
@@ -41,7 +42,8 @@ from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F4
 from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
-from .stop_request import StopRequest
+from .retention import check_keep, prune_checkpoint_files
+from .stop_request import NO_STOP, PREEMPTED, StopRequest, preempt_signal_number, requeue_slurm_job, stop_message
 from .modes.base import LossContext
 from .modes.consistency import named_schedule
 from .modes.edm import bind_edm_loss
@@ -149,6 +151,11 @@ class TrainLoop:
     :param progress: tqdm progress bar on rank 0.
     :param class_dropout_prob: classifier-free guidance: each label becomes the model's null label with this
         probability (cm.guidance; the model needs null_class).
+    :param preempt_signal: "USR1" | "USR2" | "none": the pre-emption warning signal, which checkpoints and stops
+        like SIGTERM (cm.stop_request).
+    :param requeue: after a pre-emption warning's checkpoint, rank 0 runs scontrol requeue $SLURM_JOB_ID.
+    :param keep_checkpoints: keep the newest K >= 2 complete checkpoints, deleting older ones (0: keep all;
+        cm.retention).
     """
 
     @property
@@ -187,6 +194,9 @@ class TrainLoop:
         time_budget=0.0,
         progress=True,
         class_dropout_prob=0.0,
+        preempt_signal="USR1",
+        requeue=False,
+        keep_checkpoints=0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -216,6 +226,9 @@ class TrainLoop:
         self.budget = TimeBudget(time_budget) if time_budget else None
         self.progress = progress
         self.class_dropout_prob = class_dropout_prob
+        self.preempt_signal, self.requeue = preempt_signal_number(preempt_signal), requeue
+        check_keep(keep_checkpoints)
+        self.keep_checkpoints = keep_checkpoints
         self.null_label = null_label(model) if class_dropout_prob > 0 else None
         self.device = dist_util.dev()
         self.global_batch = batch_size * dist_util.get_world_size()
@@ -235,6 +248,7 @@ class TrainLoop:
         self.schedule_values = {}  # the named values of the mode's schedule at this step (CMTrainLoop)
         self.loss_fn = self._bind_loss()
         self._resume()
+        self.resumed_step = self.step if self.last_saved_step >= 0 else None  # never deleted by keep_checkpoints
         self._anneal_lr()  # the learning rate of the first step (warm-up, or where a resumed run was)
 
         if dist_util.get_world_size() > 1:
@@ -250,7 +264,9 @@ class TrainLoop:
 
     # ----- resume ------------------------------------------------------------------------------
     def _resume(self):
-        found = find_resume_checkpoint(get_blob_logdir(), self.ema_rate, self.extra_checkpoint_names)
+        # rank 0 chooses for every rank (cm.checkpoint_choice), and every rank must read the chosen files
+        found = chosen_on_rank0(lambda: find_resume_checkpoint(get_blob_logdir(), self.ema_rate,
+                                                               self.extra_checkpoint_names))
         path = found or self.resume_checkpoint
         if not path:
             logger.log("starting from step 0")
@@ -258,6 +274,8 @@ class TrainLoop:
         self.step = parse_resume_step_from_filename(path)
         directory = bf.dirname(path)
         logger.log(f"resuming from {path} (step {self.step})")
+        names = checkpoint_files(self.step, self.ema_rate, self.extra_checkpoint_names, checkpoint_format_of(path))
+        check_every_rank_can_read(*resume_files(path, found, names))
         try:
             load_fitting_state_dict(self.model, dist_util.load_state_dict(path, map_location=self.device), path)
             for rate, params in zip(self.ema_rate, self.ema_params):
@@ -305,9 +323,10 @@ class TrainLoop:
         return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
 
     def run_loop(self):
-        """Train until total_training_steps (or lr_anneal_steps), or until SIGINT / SIGTERM, --max_minutes or the
-        time budget says stop; checkpoint at the end. With several ranks every rank stops after the same step
-        (cm.stop_request: a signal to any rank during step k stops all after step k + 1)."""
+        """Train until total_training_steps (or lr_anneal_steps), or until SIGINT / SIGTERM, the pre-emption warning
+        signal, --max_minutes or the time budget says stop; checkpoint at the end. With several ranks every rank
+        stops after the same step (cm.stop_request: a signal to any rank during step k stops all after step k + 1);
+        after a pre-emption warning with requeue, rank 0 requeues the SLURM job."""
         bar = None
         if self.progress and dist_util.get_rank() == 0:
             from tqdm.auto import tqdm
@@ -317,7 +336,8 @@ class TrainLoop:
         deadline = time.time() + self.time_limit if self.time_limit else float("inf")
         if self.budget is not None:
             self.budget.start(self.step, run_length(self.total_training_steps, self.lr_anneal_steps))
-        with StopRequest(self.device) as stop:
+        should_stop = NO_STOP
+        with StopRequest(self.device, self.preempt_signal) as stop:
             while not self.done():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
@@ -326,13 +346,11 @@ class TrainLoop:
                 if self.budget is not None:
                     self._follow_budget(bar)
                 out_of_time = time.time() > deadline or self._overran_budget()
-                should_stop = stop.agreed(stop.requested or out_of_time)
+                should_stop = stop.agreed(stop.wish(out_of_time))
                 if self.step % self.log_interval == 0:
                     self.dump_logs(bar)
                 if should_stop:
-                    reason = "stop requested" if stop.requested else "time limit reached" if out_of_time else (
-                        "another rank stopped")
-                    logger.log(f"{reason}: checkpointing step {self.step}")
+                    logger.log(stop_message(should_stop, stop.received, out_of_time, self.preempt_signal, self.step))
                     break
                 if self.save_interval > 0 and self.step % self.save_interval == 0:
                     self.save()
@@ -340,6 +358,8 @@ class TrainLoop:
             self.dump_logs(bar)
         if self.last_saved_step != self.step:
             self.save()
+        if should_stop == PREEMPTED and self.requeue and dist_util.get_rank() == 0:
+            logger.log(requeue_slurm_job())
         if hasattr(self.data, "log_summary"):
             self.data.log_summary()  # unreadable images skipped over the run
         if bar is not None:
@@ -513,6 +533,13 @@ class TrainLoop:
         rngs = dist_util.all_gather_object(DeviceRNG(self.device).get_state())
         dist_util.run_on_rank0(lambda: self._write_checkpoint(step, rngs), f"to write the checkpoint of step {step}")
         self.last_saved_step = step
+        if self.keep_checkpoints and dist_util.get_rank() == 0:  # cm.retention
+            prune_checkpoint_files(get_blob_logdir(), self.keep_checkpoints, self._checkpoint_file_names,
+                                   protected=[self.resumed_step] if self.resumed_step is not None else ())
+
+    def _checkpoint_file_names(self, step, fmt):
+        """The file names of a complete checkpoint of this loop at `step` in format `fmt`."""
+        return checkpoint_files(step, self.ema_rate, self.extra_checkpoint_names, fmt)
 
     def _write_checkpoint(self, step, rngs):
         """Rank 0's part of save(): every file of `step`, the model file last, each fsynced with its folder before
