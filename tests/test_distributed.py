@@ -131,6 +131,23 @@ def test_a_rank_that_cannot_reach_the_rendezvous_stops_in_one_line_within_the_ti
                               f"{os.environ['MASTER_PORT']} within 1 s (Connection refused)"), message
 
 
+def test_rank_0_whose_other_node_never_comes_stops_in_one_line_within_the_time_out(monkeypatch):
+    from cm import dist_util
+    from cm.errors import SetupError
+
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port()), CM_DIST_TIMEOUT="1", CM_DEVICE="cpu").items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(SetupError) as caught:
+        dist_util.setup_dist()
+    assert time.monotonic() - start < 10.0
+    message = str(caught.value)
+    assert "\n" not in message and not dist_util.is_distributed()
+    assert message.startswith(f"rank 0 could not join the process group at 127.0.0.1:{os.environ['MASTER_PORT']} "
+                              "within 1 s"), message
+
+
 def test_the_rendezvous_probe_returns_once_rank_0_listens():
     from cm import dist_util
 
