@@ -6,7 +6,8 @@
 * single process: no process group at all; every helper here still works.
 
 Backend: nccl on CUDA (one GPU per local rank), gloo on CPU. Start-up and collectives time out after
-CM_DIST_TIMEOUT seconds (default 600) instead of hanging. Work that rank 0 does alone (a checkpoint write, through
+CM_DIST_TIMEOUT seconds (default 600) instead of hanging; the ranks other than 0 first wait for the rendezvous
+address to answer (`wait_for_rendezvous`), so a wrong address or a first node that never started is one line. Work that rank 0 does alone (a checkpoint write, through
 `run_on_rank0`) is awaited outside any collective, for up to CM_SAVE_TIMEOUT seconds (default 3600), so a slow
 write is not taken for a lost rank. Failures end every rank within seconds: rank 0
 shares the outcome of what it does alone (`share_outcome`, e.g. locking the log dir), and a failing rank
