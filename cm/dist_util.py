@@ -6,7 +6,8 @@
 * single process: no process group at all; every helper here still works.
 
 Backend: nccl on CUDA (one GPU per local rank), gloo on CPU. Start-up and collectives time out after
-CM_DIST_TIMEOUT seconds (default 600) instead of hanging. Work that rank 0 does alone (a checkpoint write, through
+CM_DIST_TIMEOUT seconds (default 600) instead of hanging; the ranks other than 0 first wait for the rendezvous
+address to answer (`wait_for_rendezvous`), so a wrong address or a first node that never started is one line. Work that rank 0 does alone (a checkpoint write, through
 `run_on_rank0`) is awaited outside any collective, for up to CM_SAVE_TIMEOUT seconds (default 3600), so a slow
 write is not taken for a lost rank. Failures end every rank within seconds: rank 0
 shares the outcome of what it does alone (`share_outcome`, e.g. locking the log dir), and a failing rank
@@ -107,6 +108,8 @@ def setup_dist(backend=None):
         torch.cuda.set_device(_LOCAL_RANK % torch.cuda.device_count())
     backend = backend or ("nccl" if use_cuda else "gloo")
     address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if int(os.environ.get("RANK", "0")) != 0:
+        wait_for_rendezvous(os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), _timeout().total_seconds())
     try:
         dist.init_process_group(backend=backend, init_method="env://", timeout=_timeout())
     except Exception as e:  # noqa: BLE001 - turn any rendezvous failure into one sentence
@@ -116,6 +119,31 @@ def setup_dist(backend=None):
             "every node can reach, or raise CM_DIST_TIMEOUT"
         ) from None
     _register_teardown()
+
+
+RENDEZVOUS_POLL_SECONDS = 0.5
+
+
+def wait_for_rendezvous(host, port, seconds, rank=None):
+    """Return once something listens at host:port (rank 0's rendezvous store), trying for up to `seconds`; else a
+    SetupError in one line. Probing with a plain socket first keeps torch's own retry messages (C++ stack traces
+    on stderr) out of a failure that only means the address is wrong or the first node is not up."""
+    rank = os.environ.get("RANK") if rank is None else rank
+    deadline, reason = time.monotonic() + seconds, "no address given"
+    while host and port:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, seconds))):
+                return
+        except (OSError, ValueError) as e:
+            reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(RENDEZVOUS_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+    raise SetupError(
+        f"rank {rank} could not reach the rendezvous at {host}:{port} within {seconds:.0f} s ({reason}); start rank 0 "
+        "(the first node) and give every node its address (CM_MASTER_ADDR, or torchrun's --rdzv_endpoint / "
+        "--master_addr), or raise CM_DIST_TIMEOUT"
+    )
 
 
 def _register_teardown():

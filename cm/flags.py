@@ -29,6 +29,7 @@ from .nn import JVP_METHODS
 from .random_util import GENERATORS
 from .sampling import SAMPLERS
 from .schedules import SCALE_MODES, TARGET_EMA_MODES
+from .stop_request import PREEMPT_SIGNALS
 from .unet import ATTENTION_TYPES
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -194,6 +195,13 @@ SHARED_FLAGS = {
              None),
             ("async_checkpoint", False, "with --parallel fsdp: write each checkpoint in the background while training "
              "goes on (one at a time; the run waits for the last)", None),
+            ("keep_checkpoints", 0, "keep only the newest K complete checkpoints (K >= 2), deleting older steps' files "
+             "after each save (0: keep all)", None),
+            ("preempt_signal", "USR1", "the pre-emption warning signal (SLURM: #SBATCH --signal=USR1@120): like "
+             "SIGTERM, every rank checkpoints the same step and the run exits 0; none: only SIGINT / SIGTERM",
+             PREEMPT_SIGNALS),
+            ("requeue", False, "after a pre-emption warning's checkpoint, requeue the SLURM job (scontrol requeue "
+             "$SLURM_JOB_ID on rank 0) so that it resumes when it runs again", None),
             affects_result=False,
         ),
         *flag_rows(

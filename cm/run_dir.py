@@ -34,6 +34,7 @@ from .checkpoint_io import (
     resume_point,
     write_atomic,
 )
+from .checkpoint_choice import chosen_on_rank0
 from .config import config_to_json
 from .errors import OneLineError
 from .train_util import parse_ema_rates
@@ -182,9 +183,9 @@ def check_log_dir(log_dir, config):
     dist_util.share_outcome(error, f"to lock the log dir {log_dir}")
     if error is not None:
         raise error
-    steps = checkpoint_steps(log_dir)
     ema_rates, extra = expected_files(config)
-    point = resume_point(log_dir, ema_rates, extra)
+    # rank 0's view of the folder decides for every rank (cm.checkpoint_choice)
+    steps, point = chosen_on_rank0(lambda: (checkpoint_steps(log_dir), resume_point(log_dir, ema_rates, extra)))
     if not steps and point is None:
         return
     if point is None:
@@ -201,7 +202,8 @@ def check_log_dir(log_dir, config):
         )
     step = point[0]
     state_path = bf.join(log_dir, f"state{step:06d}.pt")
-    stored = dist_util.load_state_dict(state_path, map_location="cpu").get("config") if bf.exists(state_path) else None
+    has_state = chosen_on_rank0(lambda: bf.exists(state_path))
+    stored = dist_util.load_state_dict(state_path, map_location="cpu").get("config") if has_state else None
     if not isinstance(stored, dict) or "training_mode" not in stored or "network" not in stored:
         logger.log(f"note: {state_path} records no resolved configuration to compare with this run's")
         return

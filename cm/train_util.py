@@ -43,6 +43,7 @@ from .checkpoint_io import (  # noqa: F401  (find_ema_checkpoint, parse_resume_s
     resume_point,
 )
 from .checkpoint_io import find_resume_checkpoint as find_checkpoint_in
+from .checkpoint_choice import check_every_rank_can_read, chosen_on_rank0, resume_files
 from .errors import CheckpointError, CheckpointWriteError, first_line as first_line_of
 from .flags import OPTIMIZERS
 from .guidance import drop_labels, null_label
@@ -50,8 +51,9 @@ from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F4
 from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
+from .retention import check_keep, prune_checkpoint_files
 from .sharding import PARALLEL, drop_gathered, gather_full, shard_like, shard_network
-from .stop_request import StopRequest
+from .stop_request import NO_STOP, PREEMPTED, StopRequest, preempt_signal_number, requeue_slurm_job, stop_message
 from .modes.base import LossContext
 from .modes.consistency import named_schedule
 from .modes.edm import bind_edm_loss
@@ -165,6 +167,11 @@ class TrainLoop:
     :param full_checkpoint_interval: with fsdp, steps between the gathered single files (modelNNNNNN.pt,
         ema_RATE_NNNNNN.pt, ...; 0: at every checkpoint; they are always written at the end of the run).
     :param async_checkpoint: with fsdp, write distributed checkpoints in the background while training goes on.
+    :param preempt_signal: "USR1" | "USR2" | "none": the pre-emption warning signal, which checkpoints and stops
+        like SIGTERM (cm.stop_request).
+    :param requeue: after a pre-emption warning's checkpoint, rank 0 runs scontrol requeue $SLURM_JOB_ID.
+    :param keep_checkpoints: keep the newest K >= 2 complete checkpoints, deleting older ones (0: keep all;
+        cm.retention).
     """
 
     @property
@@ -206,6 +213,9 @@ class TrainLoop:
         parallel="ddp",
         full_checkpoint_interval=0,
         async_checkpoint=False,
+        preempt_signal="USR1",
+        requeue=False,
+        keep_checkpoints=0,
     ):
         if parallel not in PARALLEL:
             raise ValueError(f"unknown parallel {parallel!r}; allowed: {', '.join(PARALLEL)}")
@@ -243,6 +253,9 @@ class TrainLoop:
         self.sharded = parallel == "fsdp" and dist_util.get_world_size() > 1
         self.full_checkpoint_interval = full_checkpoint_interval
         self.checkpointer = sharded_checkpoint.Checkpointer(async_checkpoint) if parallel == "fsdp" else None
+        self.preempt_signal, self.requeue = preempt_signal_number(preempt_signal), requeue
+        check_keep(keep_checkpoints)
+        self.keep_checkpoints = keep_checkpoints
         self.null_label = null_label(model) if class_dropout_prob > 0 else None
         self.device = dist_util.dev()
         self.global_batch = batch_size * dist_util.get_world_size()
@@ -264,6 +277,7 @@ class TrainLoop:
         self.schedule_values = {}  # the named values of the mode's schedule at this step (CMTrainLoop)
         self.loss_fn = self._bind_loss()
         self._resume()
+        self.resumed_step = self.step if self.last_saved_step >= 0 else None  # never deleted by keep_checkpoints
         self._anneal_lr()  # the learning rate of the first step (warm-up, or where a resumed run was)
 
         if dist_util.get_world_size() > 1 and not self.sharded:
@@ -312,7 +326,8 @@ class TrainLoop:
 
     # ----- resume ------------------------------------------------------------------------------
     def _resume(self):
-        point = resume_point(get_blob_logdir(), self.ema_rate, self.extra_checkpoint_names)
+        # rank 0 chooses for every rank (cm.checkpoint_choice), and every rank must read the chosen files
+        point = chosen_on_rank0(lambda: resume_point(get_blob_logdir(), self.ema_rate, self.extra_checkpoint_names))
         if point is not None and bf.basename(point[1]).startswith("sharded"):
             self._resume_sharded(*point)
             return
@@ -327,6 +342,8 @@ class TrainLoop:
         self.step = parse_resume_step_from_filename(path)
         directory = bf.dirname(path)
         logger.log(f"resuming from {path} (step {self.step})")
+        names = checkpoint_files(self.step, self.ema_rate, self.extra_checkpoint_names, checkpoint_format_of(path))
+        check_every_rank_can_read(*resume_files(path, found, names))
         try:
             self._load_network(self.model, dist_util.load_state_dict(path, map_location=self.device), path)
             for rate, params in zip(self.ema_rate, self.ema_params):
@@ -359,6 +376,8 @@ class TrainLoop:
         number of ranks, sharded or not."""
         directory = bf.dirname(path)
         logger.log(f"resuming from {path} (step {step})")
+        state_path = bf.join(directory, f"state{step:06d}.pt")
+        check_every_rank_can_read([bf.join(path, sharded_checkpoint.METADATA), state_path])
         state = self._sharded_state()
         sharded_checkpoint.load(state, path)
         set_model_state_dict(self.model, state["model"])
@@ -369,7 +388,7 @@ class TrainLoop:
             else:
                 module.load_state_dict(state[name])
         self.step = step
-        self._load_state(dist_util.load_state_dict(bf.join(directory, f"state{step:06d}.pt"), map_location="cpu"))
+        self._load_state(dist_util.load_state_dict(state_path, map_location="cpu"))
         self.last_saved_step = step
 
     def _sharded_state(self):
@@ -405,9 +424,10 @@ class TrainLoop:
         return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
 
     def run_loop(self):
-        """Train until total_training_steps (or lr_anneal_steps), or until SIGINT / SIGTERM, --max_minutes or the
-        time budget says stop; checkpoint at the end. With several ranks every rank stops after the same step
-        (cm.stop_request: a signal to any rank during step k stops all after step k + 1)."""
+        """Train until total_training_steps (or lr_anneal_steps), or until SIGINT / SIGTERM, the pre-emption warning
+        signal, --max_minutes or the time budget says stop; checkpoint at the end. With several ranks every rank
+        stops after the same step (cm.stop_request: a signal to any rank during step k stops all after step k + 1);
+        after a pre-emption warning with requeue, rank 0 requeues the SLURM job."""
         bar = None
         if self.progress and dist_util.get_rank() == 0:
             from tqdm.auto import tqdm
@@ -417,7 +437,8 @@ class TrainLoop:
         deadline = time.time() + self.time_limit if self.time_limit else float("inf")
         if self.budget is not None:
             self.budget.start(self.step, run_length(self.total_training_steps, self.lr_anneal_steps))
-        with StopRequest(self.device) as stop:
+        should_stop = NO_STOP
+        with StopRequest(self.device, self.preempt_signal) as stop:
             while not self.done():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
@@ -426,13 +447,11 @@ class TrainLoop:
                 if self.budget is not None:
                     self._follow_budget(bar)
                 out_of_time = time.time() > deadline or self._overran_budget()
-                should_stop = stop.agreed(stop.requested or out_of_time)
+                should_stop = stop.agreed(stop.wish(out_of_time))
                 if self.step % self.log_interval == 0:
                     self.dump_logs(bar)
                 if should_stop:
-                    reason = "stop requested" if stop.requested else "time limit reached" if out_of_time else (
-                        "another rank stopped")
-                    logger.log(f"{reason}: checkpointing step {self.step}")
+                    logger.log(stop_message(should_stop, stop.received, out_of_time, self.preempt_signal, self.step))
                     break
                 if self.save_interval > 0 and self.step % self.save_interval == 0:
                     self.save()
@@ -442,6 +461,8 @@ class TrainLoop:
             self.save()
         if self.checkpointer is not None:
             self.checkpointer.wait()  # the run ends once its last checkpoint is on disk
+        if should_stop == PREEMPTED and self.requeue and dist_util.get_rank() == 0:
+            logger.log(requeue_slurm_job())
         if hasattr(self.data, "log_summary"):
             self.data.log_summary()  # unreadable images skipped over the run
         if bar is not None:
@@ -621,6 +642,14 @@ class TrainLoop:
             dist_util.run_on_rank0(lambda: self._write_checkpoint(step, contents),
                                    f"to write the checkpoint of step {step}")
         self.last_saved_step = step
+        if self.keep_checkpoints and dist_util.get_rank() == 0:  # cm.retention
+            prune_checkpoint_files(get_blob_logdir(), self.keep_checkpoints, self._checkpoint_file_names,
+                                   protected=[self.resumed_step] if self.resumed_step is not None else (),
+                                   sharded=self.checkpointer is not None)
+
+    def _checkpoint_file_names(self, step, fmt):
+        """The file names of a complete checkpoint of this loop at `step` in format `fmt`."""
+        return checkpoint_files(step, self.ema_rate, self.extra_checkpoint_names, fmt)
 
     def _save_distributed(self, step, rngs):
         """fsdp: stateNNNNNN.pt (rank 0), then every rank's shards into shardedNNNNNN/, whose metadata, written

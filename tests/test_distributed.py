@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -52,11 +53,110 @@ def test_mpiexec_two_ranks_match_one_process(tmp_path, single):
     check_ranks_agree_with_single(tmp_path, single)
 
 
-def test_torchrun_two_ranks_match_one_process(tmp_path, single):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, str(tmp_path)]
-    result = run(cmd)
+@pytest.fixture(scope="module")
+def torchrun_pair(tmp_path_factory):
+    """The output folder of a 2-process torchrun launch of the worker (and the launch's result)."""
+    out = tmp_path_factory.mktemp("torchrun_pair")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, str(out)]
+    return out, run(cmd)
+
+
+def test_torchrun_two_ranks_match_one_process(torchrun_pair, single):
+    tmp_path, result = torchrun_pair
     assert result.returncode == 0, result.stderr[-2000:]
     check_ranks_agree_with_single(tmp_path, single)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_two_torchrun_launchers_train_as_a_two_process_run(tmp_path, torchrun_pair):
+    """Two launchers on this host stand for two nodes (one process each) meeting at a c10d rendezvous, as
+    `torchrun --nnodes 2 --node_rank i --rdzv_backend c10d --rdzv_endpoint HOST:PORT` on each node; the run ends
+    with status 0 on both and writes the same checkpoint as the one-launcher 2-process run, bit for bit."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CM_DIST_TIMEOUT="60", CUDA_VISIBLE_DEVICES="")
+    launchers = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                          "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                          "--rdzv_id", "cm-two-nodes", "--rdzv_conf", "join_timeout=120", WORKER, str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for node in range(2)
+    ]
+    outputs = [launcher.communicate(timeout=240)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    pair_dir = torchrun_pair[0]
+    for name in ("model000003.pt", "ema_0.9_000003.pt", "opt000003.pt"):
+        ours = torch.load(tmp_path / "log" / name, weights_only=True)
+        theirs = torch.load(pair_dir / "log" / name, weights_only=True)
+        assert_same(ours, theirs, name)
+
+
+def assert_same(a, b, where):
+    """a and b equal, tensors bit for bit, through nested dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_a_rank_that_cannot_reach_the_rendezvous_stops_in_one_line_within_the_time_out(monkeypatch):
+    """A second node given a wrong endpoint (nothing listens there) stops after CM_DIST_TIMEOUT with one line,
+    before torch's own connection attempts (which print C++ stack traces while they retry)."""
+    from cm import dist_util
+    from cm.errors import SetupError
+
+    monkeypatch.setattr(dist_util.dist, "init_process_group", lambda *a, **k: pytest.fail("rendezvous attempted"))
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port()), CM_DIST_TIMEOUT="1", CM_DEVICE="cpu").items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(SetupError) as caught:
+        dist_util.setup_dist()
+    assert 1.0 <= time.monotonic() - start < 5.0
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"rank 1 could not reach the rendezvous at {os.environ['MASTER_ADDR']}:"
+                              f"{os.environ['MASTER_PORT']} within 1 s (Connection refused)"), message
+
+
+def test_rank_0_whose_other_node_never_comes_stops_in_one_line_within_the_time_out(monkeypatch):
+    from cm import dist_util
+    from cm.errors import SetupError
+
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port()), CM_DIST_TIMEOUT="1", CM_DEVICE="cpu").items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(SetupError) as caught:
+        dist_util.setup_dist()
+    assert time.monotonic() - start < 10.0
+    message = str(caught.value)
+    assert "\n" not in message and not dist_util.is_distributed()
+    assert message.startswith(f"rank 0 could not join the process group at 127.0.0.1:{os.environ['MASTER_PORT']} "
+                              "within 1 s"), message
+
+
+def test_the_rendezvous_probe_returns_once_rank_0_listens():
+    from cm import dist_util
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        start = time.monotonic()
+        dist_util.wait_for_rendezvous("127.0.0.1", server.getsockname()[1], seconds=30, rank=1)
+        assert time.monotonic() - start < 5.0
 
 
 def test_a_dead_rank_makes_the_launch_fail_instead_of_hanging(tmp_path):

@@ -3,6 +3,7 @@ a stop request (SIGTERM to one rank, or --max_minutes running out on one rank fi
 step soon after, with a checkpoint of that step."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,10 +14,11 @@ WORKER = os.path.join(HERE, "stop_worker.py")
 LONG_RUN = 3000  # stop_worker.LONG_RUN
 
 
-def launch(out_dir, mode, dist_timeout):
+def launch(out_dir, mode, dist_timeout, **extra_env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
            str(out_dir), mode]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CM_DIST_TIMEOUT=str(dist_timeout))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CM_DIST_TIMEOUT=str(dist_timeout),
+               **extra_env)
     env.pop("CM_DEBUG", None)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     return result.returncode, result.stdout + result.stderr
@@ -45,3 +47,55 @@ def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, mode):
     log = (tmp_path / "log" / "log.txt").read_text()
     assert f"another rank stopped: checkpointing step {steps[0]}" in log, log[-2000:]  # rank 0's log
     assert f"model{steps[0]:06d}.pt" in os.listdir(tmp_path / "log")
+
+
+def fake_scontrol(directory):
+    """A stand-in `scontrol` on PATH that records its arguments in directory/scontrol_args."""
+    path = directory / "bin" / "scontrol"
+    path.parent.mkdir()
+    path.write_text(f'#!/bin/sh\necho "$@" > {directory / "scontrol_args"}\n')
+    path.chmod(0o755)
+    return f"{path.parent}{os.pathsep}{os.environ['PATH']}"
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """A 2-rank run whose rank 1 got SIGUSR1 during step 3, under a SLURM job id with --requeue true."""
+    out = tmp_path_factory.mktemp("preempted")
+    code, output = launch(out, "sigusr1", dist_timeout=60, SLURM_JOB_ID="4242", PATH=fake_scontrol(out))
+    if code == 0:
+        shutil.copytree(out / "log", out / "log_at_step4")  # for the test of an unreadable file
+    return out, code, output
+
+
+def test_the_preemption_warning_on_one_rank_checkpoints_every_rank_at_one_step_and_requeues(preempted):
+    out, code, output = preempted
+    assert code == 0, output[-3000:]
+    assert final_steps(out) == [4, 4]  # the warning came during step 3; every rank stops after the next one
+    log = (out / "log" / "log.txt").read_text()
+    assert "another rank got the pre-emption warning (SIGUSR1): checkpointing step 4" in log, log[-2000:]
+    assert "requeued SLURM job 4242" in log, log[-2000:]
+    assert (out / "scontrol_args").read_text().split() == ["requeue", "4242"]
+    assert {"model000002.pt", "model000004.pt", "opt000004.pt", "state000004.pt"} <= set(os.listdir(out / "log"))
+
+
+def test_every_rank_resumes_rank_0s_choice_when_rank_1_sees_another_listing(preempted):
+    """Rank 1's listing lacks model000004.pt (it alone would resume from step 2): both resume from step 4."""
+    out, code, _ = preempted
+    assert code == 0
+    code, output = launch(out, "other_view", dist_timeout=60)
+    assert code == 0, output[-3000:]
+    assert [(out / f"rank{r}_resumed").read_text() for r in range(2)] == ["4", "4"]
+    assert final_steps(out) == [6, 6]
+
+
+def test_a_rank_that_cannot_read_the_chosen_checkpoint_stops_every_rank_in_one_line(tmp_path, preempted):
+    """Rank 1 cannot read opt000004.pt of the checkpoint rank 0 chose: every rank stops with the same line."""
+    assert preempted[1] == 0
+    shutil.copytree(preempted[0] / "log_at_step4", tmp_path / "log")
+    code, output = launch(tmp_path, "unreadable", dist_timeout=60)
+    assert code != 0
+    wanted = f"rank 1 cannot read {tmp_path / 'log' / 'opt000004.pt'} (Permission denied)"
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert errors and all(wanted in line for line in errors), output[-3000:]
+    assert not (tmp_path / "rank0_step").exists()
