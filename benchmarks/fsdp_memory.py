@@ -12,6 +12,7 @@ under ddp a parameter-sized bucket) and the LPIPS network are not in it.
 
 import argparse
 import os
+import queue
 import socket
 import sys
 
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm.config import resolve_training_config  # noqa: E402
 from cm.networks import create_model  # noqa: E402
+from cm.script_util import parse_args_with_config  # noqa: E402
 from cm.sharding import shard_network, sharded_bytes  # noqa: E402
 from cm.train_cli import create_argparser  # noqa: E402
 from cm.train_util import parse_ema_rates  # noqa: E402
@@ -35,7 +37,7 @@ GIB = 2**30
 
 def held_networks(config_path):
     """(label, network flags, EMA count, target?, teacher network flags or None) of a preset."""
-    args = create_argparser().parse_args(["--config", config_path, "--teacher_model_path", "teacher.pt"])
+    args = parse_args_with_config(create_argparser(), ["--config", config_path, "--teacher_model_path", "teacher.pt"])
     config = resolve_training_config(args, 1)
     mode = get_training_mode(config["training_mode"])
     teacher = config["teacher"]["network"] if config.get("teacher") and config["teacher"].get("in_loss") else None
@@ -99,7 +101,14 @@ def main(argv=None):
     procs = [ctx.Process(target=worker, args=(r, args.ranks, port, args.configs, out)) for r in range(args.ranks)]
     for p in procs:
         p.start()
-    table = out.get()
+    table = None
+    while table is None:
+        try:
+            table = out.get(timeout=5)
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                raise SystemExit(f"a worker process failed (exit code {failed[0]}); see its message above")
     for p in procs:
         p.join()
     print(markdown(table, args.ranks))

@@ -89,7 +89,7 @@ def prune_checkpoint_files(directory, keep, file_names, protected=(), sharded=Fa
     """
     if keep <= 0 or not bf.exists(directory):
         return []
-    names = bf.listdir(directory)
+    names = list(bf.listdir(directory))
     by_step = files_by_step(names, prefixes_of(file_names))
     folders = {int(n[7:]): n for n in names if n.startswith("sharded") and n[7:].isdigit()} if sharded else {}
     complete = sharded_steps(directory) if sharded else complete_steps(by_step, file_names)

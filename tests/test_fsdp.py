@@ -119,3 +119,17 @@ def test_single_process_fsdp_resumes_bit_exactly(tmp_path):
     assert same and "target_model000002.pt" in names
     straight, restarted = (dcp_io.read_full(str(tmp_path / run / "sharded000002")) for run in ("straight", "restarted"))
     assert nested_equal(straight, restarted)
+
+
+def test_keep_checkpoints_prunes_distributed_checkpoints(tmp_path):
+    """--keep_checkpoints with distributed checkpoints: older folders go with their run state and single files."""
+    from cm.train_cli import main
+
+    from helpers import tiny_argv
+
+    main("consistency_training", tiny_argv(log_dir=tmp_path, total_training_steps=4, save_interval=1,
+                                           loss_norm="l2", parallel="fsdp", keep_checkpoints=2))
+    names = sorted(os.listdir(tmp_path))
+    assert dcp_io.sharded_steps(str(tmp_path)) == [4, 3]
+    assert not [n for n in names if n.startswith("sharded") and n not in ("sharded000003", "sharded000004")]
+    assert not [n for n in names if n.endswith(("000001.pt", "000002.pt"))]
