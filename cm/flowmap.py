@@ -54,7 +54,7 @@ def flow_time_to_sigma(t):
 
 
 def velocity_from_denoiser(denoiser):
-    """EDM denoiser D(x, sigma) -> the velocity of the linear path, v(z_t, t) = (z_t - D(z_t / (1 - t), t / (1 - t))) / t.
+    """EDM denoiser D(x, sigma) -> the linear path's velocity v(z_t, t) = (z_t - D(z_t / (1 - t), t / (1 - t))) / t.
 
     z_t = (1 - t) x + t e is the EDM point x + sigma e scaled by 1 - t, at sigma = t / (1 - t); D is E[x | z_t], so
     E[e | z_t] = (z_t - (1 - t) D) / t and v = E[e - x | z_t] = (z_t - D) / t (the conversion of an EDM teacher to a
@@ -137,7 +137,8 @@ def sample_flow_map(denoiser, x, sigmas, generator=None, progress=False, callbac
     :param noise_level: the scale of x, so that e = x / noise_level.
     """
     if flow_map is None:
-        raise ValueError("sample_flow_map needs the network's flow_map (a checkpoint of --training_mode meanflow or ayf)")
+        raise ValueError("sample_flow_map needs the network's flow_map (a checkpoint of --training_mode meanflow "
+                         "or ayf)")
     times = sigma_to_flow_time(sigmas.to(torch.float64)).tolist()
     z = x / noise_level
     indices = range(len(times) - 1)

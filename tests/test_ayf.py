@@ -14,6 +14,7 @@ from cm.flowmap import FlowMapDenoiser
 from cm.karras_diffusion import KarrasDenoiser
 from cm.modes.ayf import autoguided, ayf_losses, edm_teacher_velocity, emd_tangent, sample_times
 from cm.modes.scm import scm_schedule
+from cm.nn import finite_difference_jvp
 from cm.sampling import karras_sample
 from cm.train_cli import create_argparser, main
 from cm.train_util import CMTrainLoop
@@ -148,6 +149,18 @@ def test_the_jvp_pass_replays_the_online_dropout_and_only_the_online_pass_has_gr
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_the_finite_difference_jvp_gives_the_same_tangent():
+    """--jvp finite_difference: dF/dt from two forwards (step relative to t) agrees with forward-mode AD."""
+    torch.manual_seed(0)
+    model = Linear2Time().double()
+    x, e = torch.randn(2, 16, 2, dtype=torch.float64)
+    t = 0.2 + 0.7 * torch.rand(16, dtype=torch.float64)
+    common = dict(s=t * torch.rand(16, dtype=torch.float64), t=t, noise=e, tangent_norm_c=None)
+    exact = ayf_losses(FlowMapDenoiser(), model, x, teacher_field, **common)
+    differences = ayf_losses(FlowMapDenoiser(), model, x, teacher_field, jvp_fn=finite_difference_jvp, **common)
+    torch.testing.assert_close(differences["tangent_norm"], exact["tangent_norm"], rtol=1e-4, atol=1e-5)
+
+
 def test_times_are_ordered_below_one_for_both_samplers():
     torch.manual_seed(0)
     for sampler in ("pair", "gap"):
@@ -220,7 +233,8 @@ def test_image_sample_draws_an_ayf_checkpoint_with_the_flow_map_samplers(tmp_pat
     main("ayf", tiny_argv(log_dir=tmp_path / "run", total_training_steps=1, teacher_model_path=teacher_path))
     image_sample = load_script("image_sample")
     flags = [f"--{k}={v}" for k, v in TINY_MODEL.items()]
-    flags += ["--second_time_embed=true", "--training_mode=ayf", "--model_path", str(tmp_path / "run" / "model000001.pt")]
+    checkpoint = str(tmp_path / "run" / "model000001.pt")
+    flags += ["--second_time_embed=true", "--training_mode=ayf", "--model_path", checkpoint]
     images = {}
     for sampler, steps in (("meanflow", 2), ("meanflow_onestep", 1)):
         path = image_sample.main(flags + ["--sampler", sampler, "--steps", str(steps), "--num_samples", "3",

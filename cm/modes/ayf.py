@@ -17,10 +17,11 @@ one JVP along (v_phi, 0, 1) of (z, s, t) through the student (float32, no gradie
     g = v_phi - sg(F) - w(k) (t - s) dF/dt                    (w(k) = min(1, k / H): the tangent warm-up, sCM's),
     loss = ||F_theta - sg(F_theta + g / (||g|| + c))||^2       (tangent normalisation, c = 0.1),
 
-whose gradient -2 g / (||g|| + c) . dF_theta/dtheta is the AYF-EMD gradient E[w(t, s) sign(t - s) f_theta^T
-df_theta-/dt] (AYF's EMD objective) with w(t, s) = 1 / |t - s|, as NVlabs/FastGen's "opt_grad" loss takes it. At s = t (or
-w(k) = 0) it is the flow-matching gradient towards the teacher, v_phi - F, normalised per sample; at s = 0 it is the
-continuous-time consistency (sCD) gradient. (t, s): two logit-normal draws, t the larger ("pair"), or a logit-normal
+whose gradient -2 g / (||g|| + c) . dF_theta/dtheta is the AYF-EMD gradient, that of E[w(t, s) sign(t - s) f_theta^T
+df_theta-/dt] (the tangent g = df/dt under stop-gradient, d f_theta = -(t - s) d F_theta), with the weighting
+w(t, s) = 2 / (|t - s| (||g|| + c)); NVlabs/FastGen's "opt_grad" flow-map loss takes it the same way. At s = t (or
+w(k) = 0) it is the flow-matching gradient towards the teacher, v_phi - F, normalised per sample; at s = 0, continuous-
+time consistency distillation on this path. (t, s): two logit-normal draws, t the larger ("pair"), or a logit-normal
 gap t - s above a uniform s ("gap"), both with AYF's location -0.8 and scale 1.0.
 
 Autoguidance (AYF, after Karras et al. 2024): with a weaker EDM checkpoint of the same data, the teacher's velocity
