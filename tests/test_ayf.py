@@ -19,7 +19,7 @@ from cm.sampling import karras_sample
 from cm.train_cli import create_argparser, main
 from cm.train_util import CMTrainLoop
 
-from helpers import TINY_MODEL, load_script, resumes_bit_exactly, tiny_argv
+from helpers import TINY_MODEL, load_script, read_progress, resumes_bit_exactly, tiny_argv
 from test_meanflow import Linear2Time, composition_error, sliced_wasserstein
 from test_toy2d import CENTERS, STD, WEIGHTS, Mixture
 
@@ -195,6 +195,7 @@ def test_configuration_checks():
     config = resolve_training_config(create_argparser("ayf").parse_args(tiny_argv(teacher_model_path="t.pt")))
     assert config["network"]["second_time_embed"] and not config["teacher"]["network"]["second_time_embed"]
     assert config["student_init"] == "random" and config["schedule"]["tangent_warmup_steps"] == 10000
+    assert config["teacher"]["solver"] is None and config["teacher"]["denoiser"]["distillation"] is False
     assert config["loss"]["ayf_time_mean"] == -0.8 and config["loss"]["ayf_tangent_norm_c"] == 0.1
     for flags, message in ((dict(second_time_embed="false"), "--second_time_embed true"),
                            (dict(init_from_teacher="true"), "--init_from_teacher false"),
@@ -214,12 +215,19 @@ def test_resume_mid_run_is_bit_exact(tmp_path, teacher_path):
     assert same and "model000002.pt" in names and "opt000002.pt" in names
 
 
-def test_autoguided_run_loads_the_weak_teacher_and_a_missing_one_stops_with_one_line(tmp_path, teacher_path, capsys):
-    weak = str(tmp_path / "weak.pt")
-    torch.save(torch.load(teacher_path, weights_only=True), weak)
-    loop = main("ayf", tiny_argv(log_dir=tmp_path / "run", total_training_steps=1, teacher_model_path=teacher_path,
-                                 weak_teacher_model_path=weak, ayf_guidance_w=2.0))
-    assert loop.step == 1
+def test_autoguidance_runs_the_weak_teacher_and_a_missing_one_stops_with_one_line(tmp_path, teacher_path, capsys):
+    """One step, same seed: the teacher guided by itself (w = 2) gives the unguided loss; guided by its step-1
+    checkpoint, another loss."""
+    def first_loss(name, **flags):
+        main("ayf", tiny_argv(log_dir=tmp_path / name, total_training_steps=1, teacher_model_path=teacher_path,
+                              **flags))
+        return float(read_progress(tmp_path / name)[0]["loss"])
+
+    plain = first_loss("plain")
+    by_itself = first_loss("itself", weak_teacher_model_path=teacher_path, ayf_guidance_w=2.0)
+    by_weaker = first_loss("weaker", weak_teacher_model_path=teacher_path.replace("000002", "000001"),
+                           ayf_guidance_w=2.0)
+    assert by_itself == pytest.approx(plain, rel=1e-4) and by_weaker != pytest.approx(plain, rel=1e-2)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         main("ayf", tiny_argv(log_dir=tmp_path / "missing", total_training_steps=1, teacher_model_path=teacher_path,

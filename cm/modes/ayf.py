@@ -139,16 +139,18 @@ def ayf_losses(denoiser, model, x_start, teacher, s=None, t=None, noise=None, mo
 # ----- the weak teacher, the check and the binder ------------------------------------------------------------------
 
 
-def load_weak_teacher(path, network_config, device):
-    """The autoguidance's weak EDM network: the teacher's architecture, frozen, in eval mode, on `device`."""
-    weak = create_model(**network_config)
+def load_weak_teacher(path, network_config, device, stochastic=False):
+    """The autoguidance's weak EDM network: the teacher's architecture, frozen, on `device`, in eval mode (train mode,
+    its dropout active, with a stochastic teacher: --teacher_stochastic)."""
+    with torch.random.fork_rng(devices=[]):  # its random initialisation leaves the run's draws as they were
+        weak = create_model(**network_config)
     try:
         state_dict = dist_util.load_state_dict(path, map_location="cpu")
     except FileNotFoundError:
         raise FileNotFoundError(f"weak teacher checkpoint {path} does not exist; pass --weak_teacher_model_path "
                                 "an EDM checkpoint of the same data (a weaker one than the teacher)") from None
     load_fitting_state_dict(weak, state_dict, path, "weak teacher checkpoint")
-    return weak.to(device).eval().requires_grad_(False)
+    return weak.to(device).train(stochastic).requires_grad_(False)
 
 
 def check_ayf_config(config):
@@ -174,7 +176,9 @@ def bind_ayf_loss(diffusion, context):
     teacher = edm_teacher_velocity(context.teacher_model, context.teacher_diffusion)
     if options["weak_teacher_model_path"]:
         device = next(context.teacher_model.parameters()).device
-        weak = load_weak_teacher(options["weak_teacher_model_path"], context.config["teacher"]["network"], device)
+        teacher_config = context.config["teacher"]
+        weak = load_weak_teacher(options["weak_teacher_model_path"], teacher_config["network"], device,
+                                 teacher_config["stochastic"])
         teacher = autoguided(teacher, edm_teacher_velocity(weak, context.teacher_diffusion), options["ayf_guidance_w"])
     c = options["ayf_tangent_norm_c"]
     settings = dict(tangent_norm_c=c if c >= 0 else None, time_mean=options["ayf_time_mean"],
