@@ -229,6 +229,7 @@ MODES = (
         make_denoiser=FlowMapDenoiser,
         samplers=("meanflow_onestep", "meanflow"),
         check_config=check_ayf_config,
+        takes_jvp=True,
         flag_defaults=dict(second_time_embed=True, init_from_teacher="false", optimizer="adam", lr=1e-4,
                            ema_rate="0.9999", total_training_steps=400000),
     ),
