@@ -1,5 +1,5 @@
-"""Cost of an sCM or MeanFlow training step (one forward, one JVP, one backward) against a plain consistency-training
-step.
+"""Cost of an sCM, MeanFlow or AYF training step (one forward, one JVP, one backward; AYF also a teacher forward)
+against a plain consistency-training step.
 
     python benchmarks/bench_scm.py                      # the digits presets on the CPU, fp32 and bf16
     python benchmarks/bench_scm.py --precision fp32 --repeats 20
@@ -7,10 +7,10 @@ step.
 
 Each step is a whole CMTrainLoop.run_step built from the presets through the command line (CT: digits_ct.yaml;
 sCT: digits_sct.yaml; sCD: digits_scd.yaml with an untrained EDM teacher of the same network; MeanFlow:
-digits_meanflow.yaml, the same network with its second time embedding); the cases are timed
-in turn (benchmarks/timing.py) so load on a shared machine hits all alike. Also times the pieces of the sCT step on
-one batch: the online forward, the JVP pass (value and tangent), the backward. Prints seconds per step and ratios to
-the CT step; asserts nothing.
+digits_meanflow.yaml, the same network with its second time embedding; AYF: digits_ayf.yaml, that network
+distilling from the sCD teacher); the cases are timed in turn (benchmarks/timing.py) so load on a shared machine hits
+all alike. Also times the pieces of the sCT step on one batch: the online forward, the JVP pass (value and tangent),
+the backward. Prints seconds per step and ratios to the CT step; asserts nothing.
 """
 
 import argparse
@@ -26,7 +26,8 @@ from timing import interleaved_seconds, time_call  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = (("CT", "digits_ct.yaml", "consistency_training"), ("sCT", "digits_sct.yaml", "sct"),
-         ("sCD", "digits_scd.yaml", "scd"), ("MeanFlow", "digits_meanflow.yaml", "meanflow"))
+         ("sCD", "digits_scd.yaml", "scd"), ("MeanFlow", "digits_meanflow.yaml", "meanflow"),
+         ("AYF", "digits_ayf.yaml", "ayf"))
 IMAGENET64 = ["--image_size", "64", "--num_channels", "192", "--num_res_blocks", "3", "--channel_mult", "1,2,3,4",
               "--attention_resolutions", "32,16,8", "--num_head_channels", "64", "--resblock_updown", "true",
               "--class_cond", "true", "--batch_size", "32"]
@@ -66,7 +67,7 @@ def build(config, mode, args, teacher):
     argv = ["--config", os.path.join(ROOT, "configs", config), "--log_dir", tempfile.mkdtemp(), "--device", args.device,
             "--use_bf16", str(args.bf16).lower(), "--log_interval", "1000000", "--save_interval", "-1",
             "--total_training_steps", "1000000", "--lr_anneal_steps", "0", *args.extra]
-    if mode == "scd":
+    if mode in ("scd", "ayf"):
         argv += ["--teacher_model_path", teacher]
     loop = build_loop(parse_args_with_config(create_argparser(mode), argv))
     loop.progress = False

@@ -16,6 +16,10 @@ In EDM coordinates x_edm = x + sigma e, the point z_t is x_edm / (1 + sigma) at 
 `FlowMapDenoiser.denoise` gives, with KarrasDenoiser's signature, the one-jump estimate of the data
 x_0 = z_t - t u(z_t, 0, t), so EDM samplers, ternary search and editing run flow-map checkpoints; `sample_flow_map`
 walks a grid of times with the flow map itself, starting at t = 1 (sigma = inf) exactly.
+
+Align Your Flow's flow map f(z_t, t, s) = z_t + (s - t) F(z_t, t, s) (Sabour et al. 2025) is this one with s = r and
+F = u, so the samplers run its checkpoints too (cm.modes.ayf); `velocity_from_denoiser` turns an EDM teacher into the
+velocity v(z_t, t) of this path.
 """
 
 import torch
@@ -47,6 +51,23 @@ def flow_time_to_sigma(t):
     """EDM noise level of a flow time: sigma = t / (1 - t) (inf at t = 1)."""
     t = torch.as_tensor(t)
     return t / (1 - t)
+
+
+def velocity_from_denoiser(denoiser):
+    """EDM denoiser D(x, sigma) -> the linear path's velocity v(z_t, t) = (z_t - D(z_t / (1 - t), t / (1 - t))) / t.
+
+    z_t = (1 - t) x + t e is the EDM point x + sigma e scaled by 1 - t, at sigma = t / (1 - t); D is E[x | z_t], so
+    E[e | z_t] = (z_t - (1 - t) D) / t and v = E[e - x | z_t] = (z_t - D) / t (the conversion of an EDM teacher to a
+    flow teacher, as Align Your Flow distils EDM2 networks). t in (0, 1) [B]; model_kwargs (labels) pass through.
+    """
+
+    def velocity(z, t, **model_kwargs):
+        t = torch.as_tensor(t, device=z.device, dtype=z.dtype)
+        sigma = flow_time_to_sigma(t)
+        denoised = denoiser(z / per_sample_time(1 - t, z), sigma, **model_kwargs).to(z.dtype)
+        return (z - denoised) / per_sample_time(t, z)
+
+    return velocity
 
 
 class FlowMapDenoiser:
@@ -116,7 +137,8 @@ def sample_flow_map(denoiser, x, sigmas, generator=None, progress=False, callbac
     :param noise_level: the scale of x, so that e = x / noise_level.
     """
     if flow_map is None:
-        raise ValueError("sample_flow_map needs the network's flow_map (a checkpoint of --training_mode meanflow)")
+        raise ValueError("sample_flow_map needs the network's flow_map (a checkpoint of --training_mode meanflow "
+                         "or ayf)")
     times = sigma_to_flow_time(sigmas.to(torch.float64)).tolist()
     z = x / noise_level
     indices = range(len(times) - 1)
@@ -138,7 +160,7 @@ def flow_map_options(settings):
     """The network's flow map and the noise scale, from karras_sample's settings (a flow-map denoiser's)."""
     diffusion, model = settings["diffusion"], settings["model"]
     if not hasattr(diffusion, "flow_map"):
-        raise ValueError("the meanflow samplers need a flow-map checkpoint (--training_mode meanflow)")
+        raise ValueError("the meanflow samplers need a flow-map checkpoint (--training_mode meanflow or ayf)")
     if settings["guidance_scale"] != 1:
         raise ValueError("the meanflow samplers take no --guidance_scale (guidance is trained into the flow map)")
     model_kwargs = settings["model_kwargs"] or {}

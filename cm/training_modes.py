@@ -15,10 +15,10 @@ from dataclasses import replace
 
 from . import flags as shared
 from .karras_diffusion import KarrasDenoiser
-from .modes import cmt, consistency, ect, edm, lcm, meanflow, scm, tcm, ufogen
+from .modes import ayf, cmt, consistency, ect, edm, lcm, meanflow, scm, tcm, ufogen
 from .modes.base import LossContext, QuickstartPlan, TrainingMode  # noqa: F401  (the types of its entries)
 
-METHODS = (edm, consistency, ect, scm, lcm, ufogen, meanflow, cmt, tcm)
+METHODS = (edm, consistency, ect, scm, lcm, ufogen, meanflow, cmt, tcm, ayf)
 
 TRAINING_MODES = {}
 FLAGS = dict(shared.SHARED_FLAGS)  # the shared flags, then each method's own

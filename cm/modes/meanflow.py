@@ -64,9 +64,10 @@ def guided_velocity(denoiser, model, z, t, v, y, null, w=1.0, k=0.0, t_min=0.0, 
     return torch.where(per_sample_time(inside, v).bool(), guided, v)
 
 
-def average_velocity_jvp(denoiser, model, z, r, t, v, model_kwargs=None):
+def average_velocity_jvp(denoiser, model, z, r, t, v, model_kwargs=None, jvp_fn=network_jvp):
     """(u(z, r, t), du/dt = v d_z u + d_t u): one JVP along the tangent (v, 0, 1) of (z, r, t) (MeanFlow Eq. 8), in
-    float32 outside autocast (a reduced-precision tangent of a 1000 t time input loses its digits)."""
+    float32 outside autocast (a reduced-precision tangent of a 1000 t time input loses its digits); `jvp_fn` is how
+    it is taken (--jvp: cm.nn.network_jvp, or cm.nn.finite_difference_jvp, whose step follows t, the last primal)."""
     model_kwargs = model_kwargs or {}
 
     def u(z_, r_, t_):
@@ -74,7 +75,7 @@ def average_velocity_jvp(denoiser, model, z, r, t, v, model_kwargs=None):
 
     with torch.autocast(z.device.type, enabled=False):
         primals = (z.float(), r.float(), t.float())
-        return network_jvp(u, primals, (v.float(), torch.zeros_like(primals[1]), torch.ones_like(primals[2])))
+        return jvp_fn(u, primals, (v.float(), torch.zeros_like(primals[1]), torch.ones_like(primals[2])))
 
 
 def meanflow_target(v, du_dt, r, t):
