@@ -23,10 +23,10 @@ class) trains u(. | null).
 
 import torch
 
-from ..flags import flag_rows
+from ..flags import SHARED_FLAGS, flag_rows
 from ..guidance import null_label
 from ..flowmap import FlowMapDenoiser, flow_interpolate, flow_time_to_sigma, per_sample_time
-from ..nn import network_jvp
+from ..nn import JVP_METHODS, network_jvp
 from ..random_util import DeviceRNG
 from .base import QuickstartPlan, TrainingMode, consistency_pair, unweighted, unwrap_ddp
 
@@ -91,7 +91,8 @@ def adaptive_weighted(squared_error, p=1.0, eps=1e-3):
 
 
 def meanflow_losses(denoiser, model, x_start, r=None, t=None, noise=None, model_kwargs=None, p=1.0, eps=1e-3,
-                    time_mean=-0.4, time_std=1.0, ratio=0.25, rng=None, jvp_model=None, guidance=None):
+                    time_mean=-0.4, time_std=1.0, ratio=0.25, rng=None, jvp_model=None, guidance=None,
+                    jvp_fn=network_jvp):
     """The MeanFlow loss per sample: w ||u_theta(z_t, r, t) - sg(v - (t - r) du/dt)||^2 (Eq. 9-10).
 
     :param denoiser: a cm.flowmap.FlowMapDenoiser (u = F(z, c(t), second_time=c(t - r))).
@@ -104,6 +105,7 @@ def meanflow_losses(denoiser, model, x_start, r=None, t=None, noise=None, model_
     :param jvp_model: the network of the no-gradient JVP pass (default: `model` unwrapped from DDP).
     :param guidance: None, or {"w", "k", "t_min", "t_max"} of the guided velocity (`guided_velocity`; needs labels y
         and a network with a null class).
+    :param jvp_fn: how du/dt is taken (--jvp): cm.nn.network_jvp or cm.nn.finite_difference_jvp.
     :return: {"loss", "mse" (unweighted squared error), "sigma" (EDM level of t), "t", "r"}, per sample.
     """
     model_kwargs = model_kwargs or {}
@@ -120,7 +122,7 @@ def meanflow_losses(denoiser, model, x_start, r=None, t=None, noise=None, model_
     u, (_, du_dt) = consistency_pair(
         rng or DeviceRNG(x_start.device),
         online=lambda: denoiser.average_velocity(model, z, r, t, **model_kwargs),
-        target=lambda: average_velocity_jvp(denoiser, jvp_model, z, r, t, v, model_kwargs),
+        target=lambda: average_velocity_jvp(denoiser, jvp_model, z, r, t, v, model_kwargs, jvp_fn),
     )
     u_target = meanflow_target(v.float(), du_dt, r.float(), t.float()).detach()
     squared = (u.float() - u_target).pow(2).flatten(1).sum(dim=1)
@@ -163,7 +165,8 @@ def bind_meanflow_loss(diffusion, context):
     options = context.options
     settings = dict(p=options["meanflow_adaptive_p"], eps=options["meanflow_eps"],
                     time_mean=options["meanflow_time_mean"], time_std=options["meanflow_time_std"],
-                    ratio=options["meanflow_ratio"], guidance=guidance_options(options))
+                    ratio=options["meanflow_ratio"], guidance=guidance_options(options),
+                    jvp_fn=JVP_METHODS[context.config.get("run", {}).get("jvp", SHARED_FLAGS["jvp"].default)])
 
     def loss(model, x_start, model_kwargs, schedule):
         return unweighted(meanflow_losses(diffusion, model, x_start, model_kwargs=model_kwargs, **settings))
