@@ -37,7 +37,10 @@ GIB = 2**30
 
 def held_networks(config_path):
     """(label, network flags, EMA count, target?, teacher network flags or None) of a preset."""
-    args = parse_args_with_config(create_argparser(), ["--config", config_path, "--teacher_model_path", "teacher.pt"])
+    argv = ["--config", config_path]
+    if get_training_mode(parse_args_with_config(create_argparser(), argv).training_mode).teacher != "none":
+        argv += ["--teacher_model_path", "teacher.pt"]  # a name only: nothing is loaded
+    args = parse_args_with_config(create_argparser(), argv)
     config = resolve_training_config(args, 1)
     mode = get_training_mode(config["training_mode"])
     teacher = config["teacher"]["network"] if config.get("teacher") and config["teacher"].get("in_loss") else None

@@ -31,8 +31,15 @@ MODE_FLAGS = {
     "sct": dict(logvar_channels=16, tangent_warmup_steps=2, time_conditioning="trigflow"),
     "ct": dict(loss_norm="l2"),
     "edm": dict(),
+    "ect": dict(loss_norm="l2"),
+    "meanflow": dict(),
+    "progdist": dict(scale_mode="progdist", start_scales=4, distill_steps_per_iter=1),
+    "ayf": dict(),
+    "tcm": dict(loss_norm="l2"),
+    "cmt": dict(loss_norm="l2"),
 }
-TRAINING_MODE = {"cd": "consistency_distillation", "ct": "consistency_training"}
+TRAINING_MODE = {"cd": "consistency_distillation", "ct": "consistency_training", "ect": "consistency_tuning"}
+NEEDS_TEACHER = ("scd", "cd", "progdist", "ayf", "tcm", "cmt")
 
 
 def train(out, mode, parallel, steps, option, teacher):
@@ -41,7 +48,7 @@ def train(out, mode, parallel, steps, option, teacher):
         done = max((int(n[5:11]) for n in os.listdir(log_dir) if n.startswith("state")), default=0)
         steps = done + int(steps[1:])
     flags = dict(COMMON, **MODE_FLAGS[mode], log_dir=log_dir, total_training_steps=int(steps), parallel=parallel)
-    if mode in ("scd", "cd"):
+    if mode in NEEDS_TEACHER:
         flags["teacher_model_path"] = teacher
     if option == "bf16":
         flags["use_bf16"] = "true"
