@@ -8,6 +8,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from . import attention_jvp
@@ -71,13 +72,19 @@ def scale_module(module, scale):
 
 
 @torch.no_grad()
+def _local(tensor):
+    """This rank's shard of a DTensor (FSDP; its local tensor shares the storage), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def update_ema(target_params, source_params, rate=0.99):
-    """EMA in place: target <- rate * target + (1 - rate) * source, one fused call for all tensors.
+    """EMA in place: target <- rate * target + (1 - rate) * source, one fused call for all tensors. Sharded tensors
+    (FSDP) are updated shard by shard, each rank its own, with no communication: both sides must be sharded alike.
 
     `rate` may be a 0-d device tensor (e.g. 1 for a skipped step), which keeps the update free of host syncs.
     """
-    targets = [t.detach() for t in target_params]
-    sources = [s.detach() for s in source_params]
+    targets = [_local(t.detach()) for t in target_params]
+    sources = [_local(s.detach()) for s in source_params]
     if len(targets) != len(sources):
         raise ValueError(f"EMA needs matching parameter lists, got {len(targets)} and {len(sources)}")
     if not targets:

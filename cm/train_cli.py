@@ -104,6 +104,9 @@ def build_training(config):
     """Logging, seeds, data, networks, teacher, target and the loop, from a resolved configuration."""
     mode = get_training_mode(config["training_mode"])
     run_config = config["run"]
+    if run_config["compile"] and config["loop"]["parallel"] == "fsdp":
+        raise ValueError("--compile is not supported with --parallel fsdp yet (compiled blocks are not checked under "
+                         "sharding): drop one of them")
     log_dir = logger.configure(dir=run_config["log_dir"] or None)
     check_log_dir(log_dir, config)  # another run's checkpoints, or this run's with other settings, stop here
     rank = dist_util.get_rank()

@@ -394,6 +394,8 @@ class TrainLoop:
     def _sharded_state(self):
         """What a distributed checkpoint holds: model, optimizer, EMAs and the extra networks (their tensors are the
         live ones, sharded under fsdp: loading fills them in place)."""
+        for _, module in self._extra_checkpoints():
+            drop_gathered(module)  # a network that ran without backward holds its gathered weights
         state = {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model, self.opt)}
         for rate, params in zip(self.ema_rate, self.ema_params):
             state[f"ema_{rate}"] = dict(zip(self.mp_trainer.param_names, params))
@@ -883,8 +885,8 @@ class CMTrainLoop(TrainLoop):
         if self.step == 0 or n == self.schedule_fn(self.step - 1)["num_scales"]:
             return
         logger.log(f"{self.mode.name}: step {self.step}, N = {n}; the student becomes the teacher")
+        drop_gathered(self.teacher_model)  # its registered parameters are the shards again
         update_ema(self.teacher_model.parameters(), self.model.parameters(), rate=0.0)
-        drop_gathered(self.teacher_model)
         self.opt = make_optimizer(self.optimizer_name, self.mp_trainer.master_params, self.lr, self.weight_decay)
         self._anneal_lr()
         for params in self.ema_params:

@@ -33,13 +33,13 @@ MODE_FLAGS = {
     "edm": dict(),
     "ect": dict(loss_norm="l2"),
     "meanflow": dict(),
-    "progdist": dict(scale_mode="progdist", start_scales=4, distill_steps_per_iter=1),
-    "ayf": dict(),
+    "progdist": dict(scale_mode="progdist", start_scales=4, distill_steps_per_iter=1, loss_norm="l2"),
+    "ayf": dict(loss_norm="l2"),
     "tcm": dict(loss_norm="l2"),
     "cmt": dict(loss_norm="l2"),
 }
 TRAINING_MODE = {"cd": "consistency_distillation", "ct": "consistency_training", "ect": "consistency_tuning"}
-NEEDS_TEACHER = ("scd", "cd", "progdist", "ayf", "tcm", "cmt")
+NEEDS_TEACHER = ("scd", "cd", "ect", "progdist", "ayf", "tcm", "cmt")
 
 
 def train(out, mode, parallel, steps, option, teacher):

@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 from scipy import special
+from torch.distributed.fsdp import FSDPModule
 
 from ..flags import flag_rows
 from ..karras_diffusion import KarrasDenoiser
@@ -62,13 +63,16 @@ class TruncatedDenoiser(KarrasDenoiser):
     def denoise(self, model, x_t, sigmas, **model_kwargs):
         """(network output, D) of stage 2 where sigma >= t', of the frozen stage 1 elsewhere."""
         stage2 = (sigmas >= self.transition_t) if self.stage1_model is not None else None
-        if stage2 is None or bool(stage2.all()):
+        if stage2 is None:
             return super().denoise(model, x_t, sigmas, **model_kwargs)
-        if bool(stage2.any()):
-            above = super().denoise(model, x_t, sigmas, **model_kwargs)
+        # sharded networks (--parallel fsdp) gather their weights in every call, so every rank calls both
+        sharded = isinstance(model, FSDPModule) or isinstance(self.stage1_model, FSDPModule)
+        if not sharded and bool(stage2.all()):
+            return super().denoise(model, x_t, sigmas, **model_kwargs)
+        above = super().denoise(model, x_t, sigmas, **model_kwargs) if sharded or bool(stage2.any()) else None
         with torch.no_grad():
             below = super().denoise(self.stage1_model, x_t, sigmas, **model_kwargs)
-        if not bool(stage2.any()):
+        if above is None:
             return below
         keep = append_dims(stage2, x_t.ndim)
         return tuple(torch.where(keep, a, b.to(a.dtype)) for a, b in zip(above, below))
