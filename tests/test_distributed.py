@@ -111,6 +111,14 @@ def assert_same(a, b, where):
         assert a == b, where
 
 
+def launched_as(monkeypatch, rank):
+    """The environment of rank `rank` of 2 launched by torchrun, with a rendezvous port nobody listens on and a
+    one-second time-out."""
+    for name, value in dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port()), CM_DIST_TIMEOUT="1", CM_DEVICE="cpu").items():
+        monkeypatch.setenv(name, value)
+
+
 def test_a_rank_that_cannot_reach_the_rendezvous_stops_in_one_line_within_the_time_out(monkeypatch):
     """A second node given a wrong endpoint (nothing listens there) stops after CM_DIST_TIMEOUT with one line,
     before torch's own connection attempts (which print C++ stack traces while they retry)."""
@@ -118,9 +126,7 @@ def test_a_rank_that_cannot_reach_the_rendezvous_stops_in_one_line_within_the_ti
     from cm.errors import SetupError
 
     monkeypatch.setattr(dist_util.dist, "init_process_group", lambda *a, **k: pytest.fail("rendezvous attempted"))
-    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(free_port()), CM_DIST_TIMEOUT="1", CM_DEVICE="cpu").items():
-        monkeypatch.setenv(name, value)
+    launched_as(monkeypatch, rank=1)
     start = time.monotonic()
     with pytest.raises(SetupError) as caught:
         dist_util.setup_dist()
@@ -135,9 +141,7 @@ def test_rank_0_whose_other_node_never_comes_stops_in_one_line_within_the_time_o
     from cm import dist_util
     from cm.errors import SetupError
 
-    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(free_port()), CM_DIST_TIMEOUT="1", CM_DEVICE="cpu").items():
-        monkeypatch.setenv(name, value)
+    launched_as(monkeypatch, rank=0)
     start = time.monotonic()
     with pytest.raises(SetupError) as caught:
         dist_util.setup_dist()

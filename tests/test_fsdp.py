@@ -133,3 +133,32 @@ def test_keep_checkpoints_prunes_distributed_checkpoints(tmp_path):
     assert dcp_io.sharded_steps(str(tmp_path)) == [4, 3]
     assert not [n for n in names if n.startswith("sharded") and n not in ("sharded000003", "sharded000004")]
     assert not [n for n in names if n.endswith(("000001.pt", "000002.pt"))]
+
+
+def copy_until(run, step, to):
+    """A copy of the log dir `run` as it was at `step` (later checkpoints left out)."""
+    import shutil
+
+    def later(name):
+        digits = name[-9:-3] if name.endswith(".pt") else name[-6:]
+        return digits.isdigit() and int(digits) > step
+
+    shutil.copytree(run, to, ignore=lambda _, names: [n for n in names if later(n) or n == "run.lock"])
+    return to
+
+
+def test_a_run_resumes_at_another_world_size_on_the_same_trajectory(two_rank_runs, tmp_path):
+    """The 2-rank runs saved at step 5 continue on 1 and on 4 ranks to step 10: the same parameters, EMAs and target
+    as the uninterrupted 2-rank runs (every random draw of a step comes from the seed, the step and the sample's
+    global index; the data position is global), under ddp and under fsdp alike."""
+    runs = {"cd-ddp": "cd:ddp:+5", "cd-fsdp-async": "cd:fsdp:+5:async"}
+    for ranks in (1, 4):
+        out = tmp_path / f"ranks{ranks}"
+        copy_until(two_rank_runs / "teacher", 2, out / "teacher")
+        for name in runs:
+            copy_until(two_rank_runs / name, 5, out / name)
+        launch(ranks, out, ",".join(runs.values()))
+        for name in runs:
+            for file in ("model000010.pt", "ema_0.9_000010.pt", "ema_0.99_000010.pt", "target_model000010.pt"):
+                difference = max_difference(load(out / name / file), load(two_rank_runs / name / file))
+                assert difference < 1e-6, (ranks, name, file, difference)

@@ -33,12 +33,12 @@ import torch
 from .. import dist_util
 from ..checkpoint_io import load_fitting_state_dict
 from ..flags import SHARED_FLAGS, flag_rows
-from ..flowmap import FlowMapDenoiser, flow_interpolate, flow_time_to_sigma, per_sample_time, velocity_from_denoiser
+from ..flowmap import flow_interpolate, flow_time_to_sigma, per_sample_time, velocity_from_denoiser
 from ..networks import create_model
 from ..nn import JVP_METHODS, network_jvp
 from ..random_util import DeviceRNG
 from .base import TrainingMode, consistency_pair, unweighted, unwrap_ddp
-from .meanflow import average_velocity_jvp, logit_normal
+from .meanflow import FLOW_MAP_ENTRY, average_velocity_jvp, logit_normal
 from .scm import normalize_tangent, scm_schedule
 
 TIME_SAMPLERS = ("pair", "gap")
@@ -222,14 +222,10 @@ MODES = (
         teacher_in_loss=True,
         teacher_ode_steps=False,  # the tangent reads the teacher's velocity; no solver steps
         teacher_network=dict(second_time_embed=False),  # the EDM teacher is a one-time network
-        uses_distance=False,
         schedule_groups=("scm_schedule",),  # the tangent warm-up w(k) = min(1, k / H), --tangent_warmup_steps
         make_schedule=scm_schedule,
-        denoiser_groups=(),
-        make_denoiser=FlowMapDenoiser,
-        samplers=("meanflow_onestep", "meanflow"),
         check_config=check_ayf_config,
-        takes_jvp=True,
+        **FLOW_MAP_ENTRY,
         flag_defaults=dict(second_time_embed=True, init_from_teacher="false", optimizer="adam", lr=1e-4,
                            ema_rate="0.9999", total_training_steps=400000),
     ),

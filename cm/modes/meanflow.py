@@ -196,6 +196,10 @@ FLAGS = (
     ),
 )
 
+# what every flow-map mode's entry shares (MeanFlow here, AYF in cm.modes.ayf)
+FLOW_MAP_ENTRY = dict(uses_distance=False, denoiser_groups=(), make_denoiser=FlowMapDenoiser,
+                      samplers=("meanflow_onestep", "meanflow"), takes_jvp=True)
+
 MODES = (
     TrainingMode(
         name="meanflow",
@@ -203,14 +207,10 @@ MODES = (
         "a few jumps (cm.modes.meanflow)",
         bind_loss=bind_meanflow_loss,
         loss_groups=("meanflow",),
-        uses_distance=False,
         schedule_groups=(),
         make_schedule=meanflow_schedule,
-        denoiser_groups=(),
-        make_denoiser=FlowMapDenoiser,
-        samplers=("meanflow_onestep", "meanflow"),
         check_config=check_meanflow_config,
-        takes_jvp=True,
+        **FLOW_MAP_ENTRY,
         flag_defaults=dict(second_time_embed=True, optimizer="adam", lr=6e-4, ema_rate="0.9999",
                            total_training_steps=800000),
         quickstart=QuickstartPlan("meanflow", (("MeanFlow", "digits_meanflow.yaml", "meanflow"),)),
