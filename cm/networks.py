@@ -91,7 +91,8 @@ def create_model(
         raise ValueError(f"unknown model_type {model_type!r}; allowed: {', '.join(MODEL_TYPES)}")
     if model_type == "dit":  # the UNets' width, level and attention flags do not apply
         if adaptive_double_norm:
-            raise ValueError("--adaptive_double_norm acts on the ADM UNet's scale-shift blocks; DiT uses adaLN-Zero")
+            raise ValueError("--adaptive_double_norm acts on the ADM UNet's scale-shift blocks; DiT uses adaLN-Zero: "
+                             "pass --adaptive_double_norm false (sct_train.py turns it on by default)")
         network = create_dit_model(
             dit_size, image_size, in_channels, 2 * in_channels if learn_sigma else in_channels, dropout=dropout,
             num_classes=num_classes if class_cond else None, null_class=null_class, guidance_embed=guidance_embed,
