@@ -183,6 +183,7 @@ class SampleIndexedDraws(TorchFunctionMode):
         if split is _PASS or kwargs.get("generator") is not None:
             return func(*args, **kwargs)
         ordinal, self.draws = self.draws, self.draws + 1
+        kwargs = {k: v for k, v in kwargs.items() if k != "generator"}  # an explicit generator=None
         parts = split(args, dict(kwargs)) if split is not None else None
         if parts is not None and parts[0] and parts[0][0] == self.rows:
             shape, device, draw, finish = parts
