@@ -22,7 +22,7 @@ def resize_argv(log_dir, steps):
     """Flags of the runs: fp32, dropout 0, RAdam (whose first steps are momentum SGD, so round-off in gradients that
     are zero in exact arithmetic stays round-off instead of becoming Adam updates of order lr)."""
     return tiny_argv(log_dir=log_dir, total_training_steps=steps, batch_size=-1, global_batch_size=GLOBAL_BATCH,
-                     optimizer="radam", loss_norm="l2", ema_rate=0.5, dropout=0.0)
+                     optimizer="radam", lr=0.02, loss_norm="l2", ema_rate=0.5, dropout=0.0)
 
 
 def main(argv=None):
