@@ -4,8 +4,8 @@
     python benchmarks/bench_sample_rng.py --microbatch 8   # the same global batch in 4 micro-batches
 
 Builds the preset's loop twice in one process (per-rank streams, sample-indexed draws) and times their steps in
-turn on the same batches, so machine load hits both alike. Prints seconds per step, the ratio, and how many
-operations and draws the mode saw in one step. It asserts nothing.
+turn on the same batches, so machine load hits both alike. Prints the median and best milliseconds per step, their
+ratios, and how many operations the mode saw in one step. It asserts nothing.
 """
 
 import argparse
@@ -21,7 +21,7 @@ from cm import logger, sample_rng  # noqa: E402
 from cm.sample_rng import SampleIndexedDraws  # noqa: E402
 from cm.script_util import parse_args_with_config  # noqa: E402
 from cm.train_cli import build_loop, create_argparser  # noqa: E402
-from timing import interleaved_seconds  # noqa: E402
+from timing import time_call  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +34,12 @@ def build(indexed, args):
     loop = build_loop(parse_args_with_config(create_argparser("consistency_training"), argv))
     logger.configure(dir=tempfile.mkdtemp(), format_strs=[])
     return loop
+
+
+def summary(seconds):
+    """(median, minimum) of a list of step times."""
+    ordered = sorted(seconds)
+    return ordered[len(ordered) // 2], ordered[0]
 
 
 class CountingDraws(SampleIndexedDraws):
@@ -54,18 +60,22 @@ def main():
     args = parser.parse_args()
     loops = {"per-rank streams": build(False, args), "sample-indexed": build(True, args)}
     batches = [next(loops["per-rank streams"].data) for _ in range(4)]
-    seconds = interleaved_seconds(
-        {name: (lambda r, loop=loop: loop.run_step(*batches[r % len(batches)])) for name, loop in loops.items()},
-        args.repeats, args.device, warmup=2)
-    base, indexed = seconds["per-rank streams"] / args.repeats, seconds["sample-indexed"] / args.repeats
+    times = {name: [] for name in loops}
+    for r in range(-2, args.repeats):  # two untimed rounds, then the two loops in turn
+        for name, loop in loops.items():
+            seconds = time_call(lambda: loop.run_step(*batches[r % len(batches)]), args.device)
+            if r >= 0:
+                times[name].append(seconds)
+    (base_median, base_min), (median, best) = (summary(times[name]) for name in loops)
     loop = loops["sample-indexed"]
     sample_rng.SampleIndexedDraws = CountingDraws  # what SampleRNG.micro_batch enters
     loop.run_step(*batches[0])
     sample_rng.SampleIndexedDraws = SampleIndexedDraws
     print(f"digits CT step, batch {loop.batch_size}, microbatch {loop.microbatch}, {args.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"per-rank streams {base * 1e3:.1f} ms/step, sample-indexed {indexed * 1e3:.1f} ms/step, "
-          f"ratio {indexed / base:.3f}; the mode saw {CountingDraws.seen} operations per step")
+    print(f"per-rank streams {base_median * 1e3:.1f} ms/step (best {base_min * 1e3:.1f}), sample-indexed "
+          f"{median * 1e3:.1f} ms/step (best {best * 1e3:.1f}); ratio of medians {median / base_median:.3f}, of bests "
+          f"{best / base_min:.3f}; the mode saw {CountingDraws.seen} operations per step")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from .errors import OneLineError
 from .train_util import parse_ema_rates
 from .training_modes import FLAGS, get_training_mode
 
+# what runs stored before a setting existed did (their per-rank RNG streams), compared as their value at resume
+BEFORE_IT_EXISTED = {"run.sample_indexed_rng": False}
 LAYOUT_RECORD = "layout_changes"  # run.layout_changes: one line per resume on another number of ranks
 # decided values that follow from flags which do not change what a run computes
 OPERATIONAL_KEYS = frozenset({"loop.time_limit", f"run.{LAYOUT_RECORD}"})
@@ -152,7 +154,7 @@ def affects_result(key):
 
 def config_differences(stored, current):
     """["key: stored -> current", ...] for the settings that change what a run computes and differ."""
-    old, new = flatten_config(stored), flatten_config(current)
+    old, new = {**BEFORE_IT_EXISTED, **flatten_config(stored)}, flatten_config(current)
     keys = sorted(k for k in old.keys() | new.keys() if affects_result(k) and old.get(k) != new.get(k))
     return [f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys]
 

@@ -209,3 +209,14 @@ def test_a_run_saved_on_two_ranks_continues_identically_on_one_and_on_four(tmp_p
         assert config["run"]["layout_changes"] == [f"step 2: 2 rank(s) x 4 -> {ranks} rank(s) x {G // ranks}, global "
                                                    "batch 8 kept (the sample-indexed draws continue the same trajectory)"]
         assert "this run has" in (tmp_path / run / "log.txt").read_text()
+
+
+def test_a_run_stored_before_sample_indexed_draws_resumes_only_with_its_per_rank_streams(tmp_path):
+    resize_main(["4", f"{tmp_path}:1"])
+    state_path = tmp_path / "state000001.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["config"]["run"]["sample_indexed_rng"]  # as stored before the flag existed
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match=r"other settings: run.sample_indexed_rng: False -> True; pass"):
+        check_log_dir(str(tmp_path), resolved(tmp_path, 1))
+    check_log_dir(str(tmp_path), resolved(tmp_path, 1, sample_indexed_rng="false"))
