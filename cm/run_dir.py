@@ -154,7 +154,8 @@ def affects_result(key):
 
 def config_differences(stored, current):
     """["key: stored -> current", ...] for the settings that change what a run computes and differ."""
-    old, new = {**BEFORE_IT_EXISTED, **flatten_config(stored)}, flatten_config(current)
+    new = flatten_config(current)
+    old = {**{k: v for k, v in BEFORE_IT_EXISTED.items() if k in new}, **flatten_config(stored)}
     keys = sorted(k for k in old.keys() | new.keys() if affects_result(k) and old.get(k) != new.get(k))
     return [f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys]
 
