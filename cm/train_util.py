@@ -174,7 +174,8 @@ class TrainLoop:
     :param keep_checkpoints: keep the newest K >= 2 complete checkpoints, deleting older ones (0: keep all;
         cm.retention).
     :param sample_indexed_rng: draw the loss's randomness by (seed, step, global sample) (cm.sample_rng), so the run
-        continues the same way on another number of ranks; False: each rank's own RNG stream.
+        continues the same way on another number of ranks (the training scripts' default, --sample_indexed_rng);
+        False: each rank's own RNG stream.
     """
 
     @property
@@ -219,7 +220,7 @@ class TrainLoop:
         preempt_signal="USR1",
         requeue=False,
         keep_checkpoints=0,
-        sample_indexed_rng=True,
+        sample_indexed_rng=False,
     ):
         if parallel not in PARALLEL:
             raise ValueError(f"unknown parallel {parallel!r}; allowed: {', '.join(PARALLEL)}")
