@@ -188,8 +188,8 @@ def layout_change(stored, current, differences, step):
     rest = [d for d in differences if d not in resized]
     how = ("the sample-indexed draws continue the same trajectory" if current["run"].get("sample_indexed_rng")
            else "RNG streams restart")
-    line = f"step {step}: {describe_layout(stored)} -> {describe_layout(current)}, global batch {global_batch(current)} kept"
-    return f"{line} ({how})", rest
+    layouts = f"{describe_layout(stored)} -> {describe_layout(current)}"
+    return f"step {step}: {layouts}, global batch {global_batch(current)} kept ({how})", rest
 
 
 def describe_layout(config):

@@ -503,7 +503,8 @@ class TrainLoop:
                 micro = micro.contiguous(memory_format=torch.channels_last)
             micro_cond = {k: v[i : i + self.microbatch].to(self.device, non_blocking=True) for k, v in cond.items()}
             last = i + self.microbatch >= n
-            with self.sample_rng.micro_batch(self.step, i, micro.shape[0]), dist_util.ddp_sync(self.ddp_model, sync=last):
+            draws = self.sample_rng.micro_batch(self.step, i, micro.shape[0])  # cm.sample_rng: by global sample
+            with draws, dist_util.ddp_sync(self.ddp_model, sync=last):
                 micro_cond = self._drop_labels(micro_cond)
                 with self.mp_trainer.autocast():
                     losses, weights = self.compute_losses(micro, micro_cond)

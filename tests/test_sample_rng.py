@@ -206,8 +206,9 @@ def test_a_run_saved_on_two_ranks_continues_identically_on_one_and_on_four(tmp_p
         config = json.loads((tmp_path / run / "config.json").read_text())
         ranks = {"one": 1, "four": 4}[run]
         assert config["run"]["world_size"] == ranks
-        assert config["run"]["layout_changes"] == [f"step 2: 2 rank(s) x 4 -> {ranks} rank(s) x {G // ranks}, global "
-                                                   "batch 8 kept (the sample-indexed draws continue the same trajectory)"]
+        assert config["run"]["layout_changes"] == [
+            f"step 2: 2 rank(s) x 4 -> {ranks} rank(s) x {G // ranks}, global batch 8 kept (the sample-indexed draws "
+            "continue the same trajectory)"]
         assert "this run has" in (tmp_path / run / "log.txt").read_text()
 
 
