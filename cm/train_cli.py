@@ -144,7 +144,6 @@ def build_training(config):
         data=data,
         run_config=config,
         seed=run_config["seed"],
-        sample_indexed_rng=run_config["sample_indexed_rng"],
         **config["optimizer"],
         **config["loop"],
     )

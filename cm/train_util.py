@@ -174,8 +174,8 @@ class TrainLoop:
     :param keep_checkpoints: keep the newest K >= 2 complete checkpoints, deleting older ones (0: keep all;
         cm.retention).
     :param sample_indexed_rng: draw the loss's randomness by (seed, step, global sample) (cm.sample_rng), so the run
-        continues the same way on another number of ranks (the training scripts' default, --sample_indexed_rng);
-        False: each rank's own RNG stream.
+        continues the same way on another number of ranks; False: each rank's own RNG stream; None: as run_config's
+        run.sample_indexed_rng says (the training scripts: --sample_indexed_rng, default true), else False.
     """
 
     @property
@@ -220,7 +220,7 @@ class TrainLoop:
         preempt_signal="USR1",
         requeue=False,
         keep_checkpoints=0,
-        sample_indexed_rng=False,
+        sample_indexed_rng=None,
     ):
         if parallel not in PARALLEL:
             raise ValueError(f"unknown parallel {parallel!r}; allowed: {', '.join(PARALLEL)}")
@@ -264,6 +264,8 @@ class TrainLoop:
         self.null_label = null_label(model) if class_dropout_prob > 0 else None
         self.device = dist_util.dev()
         self.global_batch = batch_size * dist_util.get_world_size()
+        if sample_indexed_rng is None:
+            sample_indexed_rng = bool(self.run_config.get("run", {}).get("sample_indexed_rng", False))
         self.sample_rng = SampleRNG(sample_indexed_rng, seed, self.global_batch, dist_util.get_rank() * batch_size)
         self.step = 0
         self.last_saved_step = -1
