@@ -221,6 +221,9 @@ SHARED_FLAGS = {
             ("batch_size", -1, "images per step (training; -1: global_batch_size / ranks) or per forward pass "
              "(sampling) on each rank", None),
             ("seed", 0, "random seed (same seed and flags give the same run)", None),
+            ("sample_indexed_rng", True, "training: draw the loss's noise, noise levels and label dropout from (seed, "
+             "step, global sample index) (cm.sample_rng), so a run resumed on another number of ranks with the same "
+             "global batch continues the same trajectory; false: each rank's own RNG stream", None),
             ("jvp", "exact", "how the JVP modes take the network's time derivative: exact (forward-mode AD, the Triton "
              "attention kernel on CUDA) or finite_difference (two forwards with the same dropout masks, cm.nn)",
              tuple(JVP_METHODS)),

@@ -1,9 +1,12 @@
 """Training data: image folders (via blobfile), .npz arrays, or the embedded scikit-learn digits.
 
 `load_data` returns an endless, resumable iterator of (images in [-1, 1] NCHW float32, {"y": labels}).
-Each epoch is a seeded permutation of the whole set, of which rank r takes every world_size-th
-element, so ranks see disjoint data. Flips and crops are drawn from (seed, epoch, position), so the
-stream depends only on the seed and its position: `state_dict()` / `load_state_dict()` resume it exactly.
+Each epoch is a seeded permutation of the whole set, cut into global batches of G = batch_size * world_size
+images; rank r takes rows [r * batch_size, (r + 1) * batch_size) of each, so ranks see disjoint data and the
+global batches do not depend on the number of ranks. Crops are seeded by the image's place in the epoch's order,
+flips are drawn for the whole global batch from (seed, epoch, batch), so the stream depends only on the seed and
+its position, counted in global samples: `state_dict()` / `load_state_dict()` resume it exactly, also on another
+number of ranks with the same G (and at the same sample with another G).
 """
 
 import math
@@ -500,45 +503,57 @@ class DataStream:
     ranks that count is one all-reduce per batch, so every rank must draw its batches in step (as training does).
     """
 
-    def __init__(self, source, batch_size, class_cond, shuffle, random_flip, seed, num_workers=None):
+    def __init__(self, source, batch_size, class_cond, shuffle, random_flip, seed, num_workers=None, rank=None,
+                 world_size=None):
+        """rank, world_size: this stream's place among the ranks (default: the process group's)."""
         self.source = source
         self.batch_size = batch_size
         self.class_cond = class_cond
         self.shuffle = shuffle
         self.random_flip = random_flip
         self.seed = seed
-        self.rank = dist_util.get_rank()
-        self.world_size = dist_util.get_world_size()
+        self.rank = dist_util.get_rank() if rank is None else rank
+        self.world_size = dist_util.get_world_size() if world_size is None else world_size
+        self.global_batch = batch_size * self.world_size
         if num_workers is None:
             num_workers = 0 if isinstance(source, ArraySource) or (os.cpu_count() or 1) < 2 else 2
         self.num_workers = num_workers
-        self.per_epoch = len(source) // self.world_size // batch_size
+        self.per_epoch = len(source) // self.global_batch  # global batches of an epoch (the rest is dropped)
         if self.per_epoch == 0:
             raise ValueError(
                 f"{len(source)} images are too few for batch_size {batch_size} on {self.world_size} rank(s)"
             )
         self.epoch = 0
-        self.position = 0
+        self.sample = 0  # global samples of this epoch served before the next batch
         self.skipped_in_epoch = 0
         self.skipped_total = 0
         self.bad_files = set()  # distinct unreadable files met by any rank
         self._iterator = None
 
-    def _epoch_plan(self, epoch):
-        """(indices, crop seeds) of each batch of this rank in `epoch`."""
+    @property
+    def position(self):
+        """Global batches of this epoch served so far."""
+        return self.sample // self.global_batch
+
+    def _epoch_order(self, epoch):
+        """(order of the images, crop seed of each place in that order) of `epoch`."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.source), generator=g) if self.shuffle else torch.arange(len(self.source))
-        mine = order[self.rank :: self.world_size][: self.per_epoch * self.batch_size]
-        seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=g)[self.rank :: self.world_size]
-        return [
-            (mine[k * self.batch_size : (k + 1) * self.batch_size], seeds[k * self.batch_size : (k + 1) * self.batch_size])
-            for k in range(self.per_epoch)
-        ]
+        seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=g)
+        return order, seeds
+
+    def _epoch_plan(self, epoch, start=0):
+        """(global start, (this rank's indices, crop seeds)) of each global batch of `epoch` from sample `start`:
+        global batch [p, p + G) of the order, of which this rank takes rows [rank * B, (rank + 1) * B)."""
+        order, seeds = self._epoch_order(epoch)
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return [(p, (order[p : p + self.global_batch][rows], seeds[p : p + self.global_batch][rows]))
+                for p in range(start, len(order) - self.global_batch + 1, self.global_batch)]
 
     def _batches(self):
         while True:
-            plan = self._epoch_plan(self.epoch)
-            rest = plan[self.position :]
+            plan = self._epoch_plan(self.epoch, self.sample)
+            starts, rest = [p for p, _ in plan], [batch for _, batch in plan]
             if self.num_workers and isinstance(self.source, FileSource):
                 loader = torch.utils.data.DataLoader(
                     _BatchPlan(self.source, rest), batch_size=None, num_workers=self.num_workers, persistent_workers=False
@@ -546,11 +561,10 @@ class DataStream:
                 batches = _worker_batches(loader, rest, self.source.files)
             else:
                 batches = (self.source.batch(*p) for p in rest)
-            for images, skipped in batches:
+            for (images, skipped), start, (indices, _) in zip(batches, starts, rest):
                 self._count_skipped(skipped)
-                position = self.position
-                self.position += 1  # state_dict() taken after this batch resumes after it
-                yield self._finish(images, plan[position][0], position)
+                self.sample = start + self.global_batch  # state_dict() taken after this batch resumes after it
+                yield self._finish(images, indices, start)
             self._end_epoch()
 
     def _count_skipped(self, skipped):
@@ -585,7 +599,7 @@ class DataStream:
                 f"({len(self.bad_files)} distinct files so far)"
             )
         self.epoch += 1
-        self.position = 0
+        self.sample = 0
         self.skipped_in_epoch = 0
 
     def log_summary(self):
@@ -593,13 +607,14 @@ class DataStream:
         if isinstance(self.source, FileSource):
             logger.log(f"data: skipped {self.skipped_total} unreadable images in all ({len(self.bad_files)} distinct files)")
 
-    def _finish(self, images, indices, position):
-        """uint8 NCHW (or float in [-1, 1]) -> float32 [-1, 1], seeded flips, labels."""
+    def _finish(self, images, indices, start):
+        """uint8 NCHW (or float in [-1, 1]) -> float32 [-1, 1], flips drawn for the global batch at `start`, labels."""
         x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
         x = x.contiguous()  # NCHW; the trainer picks the memory format
         if self.random_flip:
-            g = torch.Generator().manual_seed((self.seed * 7919 + self.epoch) * 100_003 + position)
-            flip = torch.rand(len(x), generator=g) < 0.5
+            batch = start // self.global_batch
+            g = torch.Generator().manual_seed((self.seed * 7919 + self.epoch) * 100_003 + batch)
+            flip = torch.rand(self.global_batch, generator=g)[self.rank * len(x) : (self.rank + 1) * len(x)] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         cond = {}
         if self.class_cond:
@@ -615,10 +630,13 @@ class DataStream:
         return next(self._iterator)
 
     def state_dict(self):
-        """Position of the next batch and the unreadable-image counts of all ranks (identical on every rank)."""
+        """Position of the next batch (in global samples, and in global batches of this G) and the unreadable-image
+        counts of all ranks (identical on every rank)."""
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "sample": self.sample,
+            "global_batch": self.global_batch,
             "seed": self.seed,
             "skipped_in_epoch": self.skipped_in_epoch,
             "skipped_total": self.skipped_total,
@@ -626,7 +644,10 @@ class DataStream:
         }
 
     def load_state_dict(self, state):
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Continue at the saved sample, whatever the number of ranks and global batch that saved it (a state
+        without "sample", from before it was recorded, counts in batches of this stream's G)."""
+        self.epoch = int(state["epoch"])
+        self.sample = int(state["sample"]) if "sample" in state else int(state["position"]) * self.global_batch
         self.skipped_in_epoch = int(state.get("skipped_in_epoch", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
         self.bad_files = set(state.get("bad_files", ()))

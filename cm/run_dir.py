@@ -5,6 +5,8 @@
   in the newest one is compared with the run's; settings that change what the run computes must agree,
   unless --allow_config_change is given (then the differences are logged and the new values used). A larger
   --total_training_steps alone is a longer run when the steps already trained keep their schedule values.
+  Another number of ranks (and so another batch or micro-batch per rank) with the same global batch is the same
+  run: the log and the configuration's run.layout_changes record it in one line.
 * Checkpoint files, but no complete set of this run's files (e.g. another --ema_rate): another run's. The run
   stops with one line rather than start at step 0 and overwrite them; the line names every setting of the
   stored config.json that differs (`key: old -> new`).
@@ -40,8 +42,14 @@ from .errors import OneLineError
 from .train_util import parse_ema_rates
 from .training_modes import FLAGS, get_training_mode
 
+# what runs stored before a setting existed did (their per-rank RNG streams), compared as their value at resume
+BEFORE_IT_EXISTED = {"run.sample_indexed_rng": False}
+LAYOUT_RECORD = "layout_changes"  # run.layout_changes: one line per resume on another number of ranks
 # decided values that follow from flags which do not change what a run computes
-OPERATIONAL_KEYS = frozenset({"loop.time_limit"})
+OPERATIONAL_KEYS = frozenset({"loop.time_limit", f"run.{LAYOUT_RECORD}"})
+# how the global batch is split over ranks and micro-batches: free to change while the global batch stays
+LAYOUT_KEYS = frozenset({"run.world_size", "run.batch_size", "run.global_batch_size", "loop.batch_size",
+                         "loop.microbatch", "data.batch_size"})
 # settings a resume may change to run longer, when the steps already trained keep their schedule values
 RUN_LENGTH_KEYS = frozenset({"loop.total_training_steps", "schedule.total_steps"})
 SCHEDULE_CHECKS = 2000  # steps at which an old and a new schedule are compared
@@ -146,7 +154,8 @@ def affects_result(key):
 
 def config_differences(stored, current):
     """["key: stored -> current", ...] for the settings that change what a run computes and differ."""
-    old, new = flatten_config(stored), flatten_config(current)
+    new = flatten_config(current)
+    old = {**{k: v for k, v in BEFORE_IT_EXISTED.items() if k in new}, **flatten_config(stored)}
     keys = sorted(k for k in old.keys() | new.keys() if affects_result(k) and old.get(k) != new.get(k))
     return [f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys]
 
@@ -163,6 +172,31 @@ def extends_the_run(stored, current, step):
         return False
     checked = range(step) if step <= SCHEDULE_CHECKS else np.linspace(0, step - 1, SCHEDULE_CHECKS).astype(int)
     return all(old(int(k)) == new(int(k)) for k in checked)
+
+
+def global_batch(config):
+    """Samples per step over all ranks of a resolved configuration."""
+    return config.get("loop", {}).get("batch_size", 0) * config.get("run", {}).get("world_size", 1)
+
+
+def layout_change(stored, current, differences, step):
+    """(the one line recording a change of ranks that keeps the global batch, the differences left), or (None,
+    differences) when the layout is unchanged or the global batch differs."""
+    resized = [d for d in differences if d.split(":")[0] in LAYOUT_KEYS]
+    if not resized or global_batch(stored) != global_batch(current):
+        return None, differences
+    rest = [d for d in differences if d not in resized]
+    how = ("the sample-indexed draws continue the same trajectory" if current["run"].get("sample_indexed_rng")
+           else "RNG streams restart")
+    layouts = f"{describe_layout(stored)} -> {describe_layout(current)}"
+    return f"step {step}: {layouts}, global batch {global_batch(current)} kept ({how})", rest
+
+
+def describe_layout(config):
+    """'2 rank(s) x 4' (in micro-batches of 2): how a configuration splits its global batch."""
+    batch, micro = config["loop"]["batch_size"], config["loop"].get("microbatch", -1)
+    split = f" in micro-batches of {micro}" if 0 < micro < batch else ""
+    return f"{config['run']['world_size']} rank(s) x {batch}{split}"
 
 
 def expected_files(config):
@@ -207,7 +241,13 @@ def check_log_dir(log_dir, config):
     if not isinstance(stored, dict) or "training_mode" not in stored or "network" not in stored:
         logger.log(f"note: {state_path} records no resolved configuration to compare with this run's")
         return
-    differences = config_differences(stored, config)
+    history = list((stored.get("run") or {}).get(LAYOUT_RECORD) or [])
+    change, differences = layout_change(stored, config, config_differences(stored, config), step)
+    if change is not None:
+        history.append(change)
+        logger.log(f"continuing the run in {log_dir} on another number of ranks: {change}")
+    if history:
+        config["run"][LAYOUT_RECORD] = history
     if not differences:
         return
     if all(d.split(":")[0] in RUN_LENGTH_KEYS for d in differences) and extends_the_run(stored, config, step):

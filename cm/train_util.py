@@ -52,6 +52,7 @@ from .nn import update_ema
 from .random_util import DeviceRNG
 from .resample import LogNormalSampler
 from .retention import check_keep, prune_checkpoint_files
+from .sample_rng import SampleRNG
 from .sharding import PARALLEL, drop_gathered, gather_full, shard_like, shard_network
 from .stop_request import NO_STOP, PREEMPTED, StopRequest, preempt_signal_number, requeue_slurm_job, stop_message
 from .modes.base import LossContext
@@ -172,6 +173,9 @@ class TrainLoop:
     :param requeue: after a pre-emption warning's checkpoint, rank 0 runs scontrol requeue $SLURM_JOB_ID.
     :param keep_checkpoints: keep the newest K >= 2 complete checkpoints, deleting older ones (0: keep all;
         cm.retention).
+    :param sample_indexed_rng: draw the loss's randomness by (seed, step, global sample) (cm.sample_rng), so the run
+        continues the same way on another number of ranks; False: each rank's own RNG stream; None: as run_config's
+        run.sample_indexed_rng says (the training scripts: --sample_indexed_rng, default true), else False.
     """
 
     @property
@@ -216,6 +220,7 @@ class TrainLoop:
         preempt_signal="USR1",
         requeue=False,
         keep_checkpoints=0,
+        sample_indexed_rng=None,
     ):
         if parallel not in PARALLEL:
             raise ValueError(f"unknown parallel {parallel!r}; allowed: {', '.join(PARALLEL)}")
@@ -259,6 +264,9 @@ class TrainLoop:
         self.null_label = null_label(model) if class_dropout_prob > 0 else None
         self.device = dist_util.dev()
         self.global_batch = batch_size * dist_util.get_world_size()
+        if sample_indexed_rng is None:
+            sample_indexed_rng = bool(self.run_config.get("run", {}).get("sample_indexed_rng", False))
+        self.sample_rng = SampleRNG(sample_indexed_rng, seed, self.global_batch, dist_util.get_rank() * batch_size)
         self.step = 0
         self.last_saved_step = -1
         if self.device.type == "cpu":
@@ -409,6 +417,8 @@ class TrainLoop:
         rank, world = dist_util.get_rank(), dist_util.get_world_size()
         if len(rngs) == world:
             DeviceRNG(self.device).set_state(rngs[rank])
+        elif self.sample_rng.enabled:
+            logger.log(f"checkpoint was written by {len(rngs)} ranks, this run has {world}: {SampleRNG.RESIZE_NOTE}")
         else:
             logger.log(f"checkpoint was written by {len(rngs)} ranks, this run has {world}: RNG streams restart")
             torch.manual_seed(int(state.get("seed", self.seed)) + 1000 * self.step + rank)
@@ -494,9 +504,10 @@ class TrainLoop:
             if self.channels_last:
                 micro = micro.contiguous(memory_format=torch.channels_last)
             micro_cond = {k: v[i : i + self.microbatch].to(self.device, non_blocking=True) for k, v in cond.items()}
-            micro_cond = self._drop_labels(micro_cond)
             last = i + self.microbatch >= n
-            with dist_util.ddp_sync(self.ddp_model, sync=last):
+            draws = self.sample_rng.micro_batch(self.step, i, micro.shape[0])  # cm.sample_rng: by global sample
+            with draws, dist_util.ddp_sync(self.ddp_model, sync=last):
+                micro_cond = self._drop_labels(micro_cond)
                 with self.mp_trainer.autocast():
                     losses, weights = self.compute_losses(micro, micro_cond)
                 weighted = losses["loss"].float() * weights

@@ -219,8 +219,10 @@ def test_autoguidance_runs_the_weak_teacher_and_a_missing_one_stops_with_one_lin
     """One step, same seed: the teacher guided by itself (w = 2) gives the unguided loss; guided by its step-1
     checkpoint, another loss."""
     def first_loss(name, **flags):
+        # the per-rank draws of seed 0, on which the weaker guide moves the one-step loss by 1.7% (on other draws of
+        # this batch of 4, by 0.03-0.25%)
         main("ayf", tiny_argv(log_dir=tmp_path / name, total_training_steps=1, teacher_model_path=teacher_path,
-                              **flags))
+                              sample_indexed_rng="false", **flags))
         return float(read_progress(tmp_path / name)[0]["loss"])
 
     plain = first_loss("plain")

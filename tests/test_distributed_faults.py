@@ -62,7 +62,8 @@ def test_a_rank_that_dies_or_fails_stops_the_others_within_seconds(tmp_path, lau
 
 def test_unreadable_images_are_counted_over_all_ranks_and_the_union_is_saved(tmp_path):
     """Each of 2 ranks meets one of 2 unreadable files: the limit applies to both together, and the state that
-    rank 0 saves names both (sorted folder: a_0..a_3, b_bad, c_0, c_1, d_bad; rank r reads index r, r + 2, ...)."""
+    rank 0 saves names both (sorted folder: a_0..a_3, b_bad, c_0, c_1, d_bad; of global batch k, indices 4k..4k+3,
+    rank r reads 4k + 2r and 4k + 2r + 1)."""
     import json
 
     import numpy as np
