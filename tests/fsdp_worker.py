@@ -5,7 +5,7 @@ started once for several runs.
 
 PLAN names the runs, comma separated, each MODE:PARALLEL:STEPS[:OPTION] (e.g. "scd:ddp:4,scd:fsdp:4"); each
 trains in OUT/MODE-PARALLEL[-OPTION] (resuming what is there) after an EDM teacher in OUT/teacher. A run with
-STEPS "+N" continues its log dir N steps past its last checkpoint. OPTION: bf16 (bfloat16) or async
+STEPS "+N" continues its log dir N steps past its last checkpoint. FSDP_TEST_TEACHER names another teacher file. OPTION: bf16 (bfloat16) or async
 (--async_checkpoint).
 """
 
@@ -23,7 +23,7 @@ from helpers import tiny_argv  # noqa: E402
 
 SMALL = dict(channel_mult="1,1")
 # every network of the run has an attention block and an output layer of 3 channels, split unevenly over the ranks
-COMMON = dict(ema_rate="0.9,0.99", save_interval=5, dropout=0.0, lr=float(os.environ.get("FSDP_TEST_LR", "2e-5")),
+COMMON = dict(ema_rate="0.9,0.99", save_interval=5, batch_size=-1, global_batch_size=8, dropout=0.0, lr=float(os.environ.get("FSDP_TEST_LR", "2e-5")),
               optimizer=os.environ.get("FSDP_TEST_OPTIMIZER", "adam"))
 MODE_FLAGS = {
     "scd": dict(logvar_channels=16, tangent_warmup_steps=2, time_conditioning="edm", init_from_teacher="true"),
@@ -59,7 +59,7 @@ def train(out, mode, parallel, steps, option, teacher):
 
 def run(out, plan):
     teacher_dir = os.path.join(out, "teacher")
-    teacher = os.path.join(teacher_dir, "model000002.pt")
+    teacher = os.environ.get("FSDP_TEST_TEACHER") or os.path.join(teacher_dir, "model000002.pt")
     if not os.path.exists(teacher):
         main("edm", tiny_argv(**SMALL, log_dir=teacher_dir, total_training_steps=2))
     for item in plan.split(","):
