@@ -385,7 +385,9 @@ class TrainLoop:
         directory = bf.dirname(path)
         logger.log(f"resuming from {path} (step {step})")
         state_path = bf.join(directory, f"state{step:06d}.pt")
-        check_every_rank_can_read([bf.join(path, sharded_checkpoint.METADATA), state_path])
+        objects = [bf.join(directory, f"{name}{step:06d}.pt") for name, module in self._extra_checkpoints()
+                   if not isinstance(module, torch.nn.Module)]
+        check_every_rank_can_read([bf.join(path, sharded_checkpoint.METADATA), state_path, *objects])
         state = self._sharded_state()
         sharded_checkpoint.load(state, path)
         set_model_state_dict(self.model, state["model"])
@@ -394,21 +396,24 @@ class TrainLoop:
             if isinstance(module, torch.nn.Module):
                 set_model_state_dict(module, state[name])
             else:
-                module.load_state_dict(state[name])
+                module.load_state_dict(dist_util.load_state_dict(bf.join(directory, f"{name}{step:06d}.pt"),
+                                                                 map_location=self.device))
         self.step = step
         self._load_state(dist_util.load_state_dict(state_path, map_location="cpu"))
         self.last_saved_step = step
 
     def _sharded_state(self):
         """What a distributed checkpoint holds: model, optimizer, EMAs and the extra networks (their tensors are the
-        live ones, sharded under fsdp: loading fills them in place)."""
+        live ones, sharded under fsdp: loading fills them in place). Other state a loss owns (UFOGen's
+        discriminator optimizer), the same on every rank, goes to its own file beside stateNNNNNN.pt."""
         for _, module in self._extra_checkpoints():
             drop_gathered(module)  # a network that ran without backward holds its gathered weights
         state = {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model, self.opt)}
         for rate, params in zip(self.ema_rate, self.ema_params):
             state[f"ema_{rate}"] = dict(zip(self.mp_trainer.param_names, params))
         for name, module in self._extra_checkpoints():
-            state[name] = get_model_state_dict(module) if isinstance(module, torch.nn.Module) else module.state_dict()
+            if isinstance(module, torch.nn.Module):
+                state[name] = get_model_state_dict(module)
         return state
 
     def _load_state(self, state):
@@ -665,11 +670,14 @@ class TrainLoop:
         return checkpoint_files(step, self.ema_rate, self.extra_checkpoint_names, fmt)
 
     def _save_distributed(self, step, rngs):
-        """fsdp: stateNNNNNN.pt (rank 0), then every rank's shards into shardedNNNNNN/, whose metadata, written
-        last, completes the step; then, when due, the reference's single files gathered on rank 0."""
+        """fsdp: stateNNNNNN.pt and the files of a loss's own state (rank 0), then every rank's shards into
+        shardedNNNNNN/, whose metadata, written last, completes the step; then, when due, the reference's single
+        files gathered on rank 0."""
         state = self._run_state(step, rngs)
-        state_file = [(f"state{step:06d}.pt", lambda: state)]
-        dist_util.run_on_rank0(lambda: self._write_checkpoint(step, state_file, "run state"),
+        state_files = [(f"{name}{step:06d}.pt", module.state_dict) for name, module in self._extra_checkpoints()
+                       if not isinstance(module, torch.nn.Module)]
+        state_files.append((f"state{step:06d}.pt", lambda: state))
+        dist_util.run_on_rank0(lambda: self._write_checkpoint(step, state_files, "run state"),
                                f"to write the run state of step {step}")
         folder = bf.join(get_blob_logdir(), sharded_checkpoint.sharded_dir_name(step))
         try:
@@ -703,14 +711,13 @@ class TrainLoop:
 
     def _gathered_contents(self, step):
         """(file name, maker) of the reference's single files of `step` (EMAs, extra networks, the model last),
-        gathered from the shards now (every rank takes part)."""
-        names = [n for n in checkpoint_files(step, self.ema_rate, self.extra_checkpoint_names, self.checkpoint_format)
-                 if not n.startswith(("opt", "state"))]
-        states = [self._full_network_state(self.model, params) for params in self.ema_params]
-        states += [self._full_network_state(module) if isinstance(module, torch.nn.Module) else module.state_dict()
-                   for _, module in self._extra_checkpoints()]
+        gathered from the shards now (every rank takes part). A loss's own non-network state has its file already."""
+        names = checkpoint_files(step, self.ema_rate, self.extra_checkpoint_names, self.checkpoint_format)
+        networks = [module for _, module in self._extra_checkpoints()]
+        states = [self._full_network_state(self.model, params) for params in self.ema_params] + [None, None]
+        states += [self._full_network_state(m) if isinstance(m, torch.nn.Module) else None for m in networks]
         states.append(self._full_network_state(self.model))
-        return [(name, lambda sd=sd: sd) for name, sd in zip(names, states)]
+        return [(name, lambda sd=sd: sd) for name, sd in zip(names, states) if sd is not None]
 
     def _write_checkpoint(self, step, contents, what="checkpoint"):
         """Rank 0's part of save(): the files of `contents` ((name, maker) pairs, the model file last), each

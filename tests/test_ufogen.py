@@ -109,3 +109,16 @@ def test_ufogen_needs_the_adm_unet():
     with pytest.raises(ValueError, match="model_type adm"):
         build_discriminator(dict(model_type="ncsnpp", image_size=8, num_channels=32, num_res_blocks=1))
     assert KarrasDenoiser().get_scalings(torch.tensor(1.0))[2] > 0
+
+
+def test_ufogen_resumes_from_a_distributed_checkpoint_bit_exactly(tmp_path, teacher_path):
+    """--parallel fsdp: the discriminator, which the loss owns, travels in shardedNNNNNN/, its optimizer in its own
+    file beside stateNNNNNN.pt (the same on every rank)."""
+    from cm.distributed_checkpoint import read_full
+
+    same, names = resumes_bit_exactly("ufogen", tmp_path, teacher_model_path=teacher_path, parallel="fsdp",
+                                      **UFOGEN_FLAGS)
+    assert same and {"discriminator000002.pt", "discriminator_opt000002.pt"} <= set(names)
+    assert "discriminator" in read_full(str(tmp_path / "restarted" / "sharded000002"))
+    opt = torch.load(tmp_path / "restarted" / "discriminator_opt000002.pt", weights_only=False)
+    assert opt["state"]  # the optimizer's moments, beside the run state
