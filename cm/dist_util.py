@@ -148,9 +148,10 @@ def wait_for_rendezvous(host, port, seconds, rank=None):
 
 def _register_teardown():
     """Tear the process group down at interpreter exit, once: atexit runs it while Python is fully alive and
-    before mpi4py finalises MPI (atexit is last-in first-out and mpi4py registered first). Without it, gloo's
-    worker threads and pending work outlive the interpreter, and a finished run could abort in C++ teardown
-    ("terminate called without an active exception", exit code 6 under mpiexec)."""
+    before mpi4py finalises MPI (atexit is last-in first-out and mpi4py registered first). Without it, a gloo
+    worker thread that releases a finished broadcast (whose tensors Python owns) after the interpreter began to
+    finalise must take the GIL there, which ends the thread inside a C++ destructor: the finished run aborts
+    ("terminate called without an active exception", exit code 6 under mpiexec; tests/exit_worker.py)."""
     global _TEARDOWN_REGISTERED
     if not _TEARDOWN_REGISTERED:
         atexit.register(teardown_dist)

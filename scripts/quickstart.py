@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="training steps per stage (0: fill the time budget)")
     p.add_argument("--num_samples", type=int, default=600, help="samples per metric")
+    p.add_argument("--search_samples", type=int, default=300,
+                   help="samples behind each digits-FID score of the two-step search")
     return p.parse_args(argv)
 
 
@@ -171,30 +173,30 @@ def default_two_step_ts(n):
     return (0, mid, n - 1)
 
 
-def best_two_step_ts(diffusion, model, n, image_size, seed, classifier):
-    """The paper's ternary search of the intermediate grid index, scored by digits-FID on 300 samples."""
+def best_two_step_ts(diffusion, model, n, image_size, seed, classifier, num=300):
+    """The paper's ternary search of the intermediate grid index, scored by digits-FID on `num` samples."""
     def score(mid):
-        x = draw(diffusion, model, 300, image_size, seed, sampler="multistep", steps=n, ts=(0, mid, n - 1))
+        x = draw(diffusion, model, num, image_size, seed, sampler="multistep", steps=n, ts=(0, mid, n - 1))
         return digits_metrics(x.cpu(), classifier)["digits_fid"]
 
     mid, _ = ternary_search(score, 1, n - 2)
     return (0, mid, n - 1)
 
 
-def best_t_mid(diffusion, model, image_size, seed, classifier):
+def best_t_mid(diffusion, model, image_size, seed, classifier, num=300):
     """sCM two-step sampling: the intermediate time t_mid among T_MIDS by the same search, scored the same way."""
     def score(i):
-        x = draw(diffusion, model, 300, image_size, seed, sampler="trigflow_twostep", steps=2, t_mid=T_MIDS[i])
+        x = draw(diffusion, model, num, image_size, seed, sampler="trigflow_twostep", steps=2, t_mid=T_MIDS[i])
         return digits_metrics(x.cpu(), classifier)["digits_fid"]
 
     best, _ = ternary_search(score, 0, len(T_MIDS) - 1)
     return T_MIDS[best]
 
 
-def best_flow_mid(diffusion, model, image_size, seed, classifier):
+def best_flow_mid(diffusion, model, image_size, seed, classifier, num=300):
     """Flow-map two-step sampling: the grid index i of the intermediate time 1 - i / FLOW_GRID, by the same search."""
     def score(mid):
-        x = draw(diffusion, model, 300, image_size, seed, sampler="meanflow", steps=FLOW_GRID, ts=(0, mid))
+        x = draw(diffusion, model, num, image_size, seed, sampler="meanflow", steps=FLOW_GRID, ts=(0, mid))
         return digits_metrics(x.cpu(), classifier)["digits_fid"]
 
     mid, _ = ternary_search(score, 1, FLOW_GRID - 1)
@@ -210,15 +212,15 @@ def few_step_samples(loop, model, diffusion, size, opts, classifier):
     if two_step == "multistep":
         n = loop.schedule_fn(loop.step - 1)["num_scales"]
         ts = {"default": default_two_step_ts(n),
-              "searched": best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier)}
+              "searched": best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier, opts.search_samples)}
         kwargs = {which: dict(steps=n, ts=t) for which, t in ts.items()}
     elif two_step == "meanflow":
-        mid = best_flow_mid(diffusion, model, size, opts.seed + 1, classifier)
+        mid = best_flow_mid(diffusion, model, size, opts.seed + 1, classifier, opts.search_samples)
         ts = {"default": (1.0, 0.5), "searched": (1.0, 1 - mid / FLOW_GRID)}
         kwargs = {"default": dict(steps=2), "searched": dict(steps=FLOW_GRID, ts=(0, mid))}
     else:
         start = round(math.atan(80.0 / diffusion.sigma_data), 4)  # karras_sample starts at sigma_max 80
-        t_mid = best_t_mid(diffusion, model, size, opts.seed + 1, classifier)
+        t_mid = best_t_mid(diffusion, model, size, opts.seed + 1, classifier, opts.search_samples)
         ts = {"default": (start, T_MID), "searched": (start, t_mid)}
         kwargs = {which: dict(steps=2, t_mid=t[1]) for which, t in ts.items()}
     one = draw(diffusion, model, opts.num_samples, size, opts.seed, sampler=one_step, steps=kwargs["default"]["steps"])

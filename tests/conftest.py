@@ -10,6 +10,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _shared_cache(tmp_path_factory):
+    """One cache folder for the whole run, never the user's ~/.cache: the digits classifier is trained once, and a
+    clean machine runs the same tests as a warm one."""
+    os.environ["CM_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "cm-cache")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

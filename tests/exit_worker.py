@@ -1,23 +1,32 @@
-"""Worker for the clean-exit test: under `mpiexec -n 2`, each rank forks ROUNDS children; the children of one
-round form a fresh 2-rank gloo world, train a tiny CT run to the end through scripts/cm_train.py's main and leave
-through the interpreter's ordinary shutdown, as a finished run does. Each child's exit status is collected. Then
-the two MPI ranks themselves train the same run over MPI's start-up and leave as cm_train.py does (process group
-torn down, then MPI finalised).
+"""Worker for the clean-exit test: tiny 2-rank programs that join the process group as training does
+(cm.dist_util.setup_dist), end with a broadcast that gloo's worker thread is still tearing down, and leave through
+the interpreter's ordinary shutdown, as a finished run does.
 
-Run as `mpiexec -n 2 python exit_worker.py OUT_DIR ROUNDS`; rank 0 writes OUT_DIR/statuses.json.
+The abort it guards against: gloo's worker thread drops the last reference to a finished broadcast, whose tensors
+belong to Python, so it must take the GIL to release them. When the main thread has meanwhile started the
+interpreter's finalisation, taking the GIL ends the worker thread (pthread_exit) inside a C++ destructor, and the
+process aborts: "terminate called without an active exception", exit code 6 under mpiexec. In a training run the
+window is the few microseconds after the last collective (a busy machine widens it); here the window is held open
+on purpose: the broadcast's handle is dropped at once, the main thread keeps the GIL (long switch interval) until
+the broadcast is done, then exits, and the shutdown runs Python code long enough for the worker to get the GIL.
+With cm.dist_util's teardown (a barrier, then destroy_process_group, at exit) the worker finishes before.
+
+Run as `mpiexec -n 2 python exit_worker.py OUT_DIR ROUNDS`: each MPI rank forks ROUNDS children, the children of
+one round form a fresh 2-rank world (torchrun-style variables); then the MPI ranks themselves run the program over
+MPI's start-up and leave as cm_train.py does (process group torn down, then MPI finalised). Rank 0 writes the
+children's exit statuses to OUT_DIR/statuses.json; every program that reached its end writes OUT_DIR/NAME.rankR.
 """
 
 import atexit
-import importlib
 import json
 import os
 import sys
+import time
 
 import mpi4py
 
 mpi4py.rc.finalize = False  # the forked children must not finalise their parent's MPI; the parent does at exit
 from mpi4py import MPI  # noqa: E402
-
 
 
 def finalize_mpi():
@@ -27,20 +36,40 @@ def finalize_mpi():
 
 atexit.register(finalize_mpi)  # registered before anything else, so it runs last, as mpi4py's own does
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from cm import dist_util  # noqa: E402
-from cm.train_cli import main  # noqa: E402
-
-from helpers import tiny_argv  # noqa: E402
 
 MPI_VARS = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMI_PORT", "PMI_ID", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+HOLD_SECONDS = 0.1  # the main thread keeps the GIL this long after starting the broadcast
+SHUTDOWN_SECONDS = 0.5  # Python code run during the interpreter's finalisation
 
 
-def tiny_run(log_dir):
-    argv = tiny_argv(training_mode="consistency_training", total_training_steps=3, save_interval=3, loss_norm="l2",
-                     num_res_blocks=1, log_dir=log_dir)
-    main(None, argv)
+class SlowShutdown:
+    """Released while the interpreter finalises (module globals are cleared): runs Python code for a while, so a
+    thread waiting for the GIL gets it during the finalisation, as it would during a long shutdown."""
+
+    def __del__(self):
+        end = time.perf_counter() + SHUTDOWN_SECONDS
+        while time.perf_counter() < end:
+            pass
+
+
+def finished_program(out_dir, name):
+    """Join the process group, sync parameters (a broadcast, as training starts), end with a broadcast whose
+    teardown the worker thread still owes, mark the end, and return to exit."""
+    global _shutdown
+    dist_util.setup_dist()
+    params = [torch.zeros(3)]
+    dist_util.sync_params(params)
+    dist.broadcast(params[0], 0, async_op=True)  # the handle is dropped: gloo's worker holds the last reference
+    sys.setswitchinterval(2 * HOLD_SECONDS)  # the worker waits this long for the GIL before asking for it
+    end = time.perf_counter() + HOLD_SECONDS
+    while time.perf_counter() < end:
+        pass
+    open(os.path.join(out_dir, f"{name}.rank{dist_util.get_rank()}"), "w").close()
+    _shutdown = SlowShutdown()
 
 
 def child(out_dir, round_index, port):
@@ -51,35 +80,12 @@ def child(out_dir, round_index, port):
     rank = MPI.COMM_WORLD.rank
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CM_DIST_TIMEOUT="60")
-    tiny_run(os.path.join(out_dir, f"round{round_index}"))
+    finished_program(out_dir, f"round{round_index}")
     sys.exit(0)
-
-
-def preload_modules(log_dir):
-    """Import, without running anything, the modules a run imports on the way (scipy, lpips, ...): a forked
-    child then starts at once. A one-process run in a forked child names them (the parent must not compute:
-    a child forked after an OpenMP parallel region can hang in its first collective)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        tiny_run(log_dir)
-        os.write(write_end, "\n".join(sorted(sys.modules)).encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as f:
-        names = f.read().split()
-    os.waitpid(pid, 0)
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a few private modules refuse a direct import; they are not needed
-            pass
 
 
 def run(out_dir, rounds):
     comm = MPI.COMM_WORLD
-    preload_modules(os.path.join(out_dir, f"warm-up{comm.rank}"))
     statuses = []
     for i in range(rounds):
         port = comm.bcast(dist_util._free_port() if comm.rank == 0 else None, root=0)
@@ -96,4 +102,4 @@ def run(out_dir, rounds):
 
 if __name__ == "__main__":
     run(sys.argv[1], int(sys.argv[2]))
-    tiny_run(os.path.join(sys.argv[1], "mpi"))
+    finished_program(sys.argv[1], "mpi")

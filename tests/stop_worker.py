@@ -1,6 +1,6 @@
 """Worker for the tests of stopping and slow checkpoint writes with two ranks (tests/test_stop_and_slow_saves.py).
 
-    python stop_worker.py OUT_DIR MODE     (under torchrun --nproc_per_node 2)
+    python stop_worker.py OUT_DIR MODE[,MODE...]     (under torchrun --nproc_per_node 2)
 
 MODE slow_save: rank 0's write of the step-2 checkpoint takes SLOW_WRITE_SECONDS, longer than the CM_DIST_TIMEOUT
          the test sets; every rank must still train step 3 and save it.
@@ -10,8 +10,9 @@ MODE sigusr1: as sigterm, with the pre-emption warning SIGUSR1 and requeue on (c
 MODE other_view: resumes OUT_DIR/log, where rank 1's directory listing lacks the newest model file (as a stale
          network file system cache would); trains to step 6.
 MODE unreadable: resumes OUT_DIR/log, where rank 1 cannot read the newest optimizer file.
-Every rank writes the step it ended at to OUT_DIR/rankR_step (and the step it resumed from to rankR_resumed). The ranks first meet at a file barrier, so the
-short collective time-out does not have to cover the import of torch.
+Every rank writes the step it ended at to OUT_DIR/rankR_step (and the step it resumed from to rankR_resumed). The
+ranks first meet at a file barrier, so the short collective time-out does not have to cover the import of torch.
+Several modes run one after the other in the same process group, each in OUT_DIR/MODE instead of OUT_DIR.
 """
 
 import builtins
@@ -92,9 +93,7 @@ def slow_writes():
 
 
 def train(out_dir, mode):
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    meet(out_dir, rank, world)
-    dist_util.setup_dist()
+    rank = dist_util.get_rank()
     logger.configure(dir=os.path.join(out_dir, "log"), format_strs=["log"])
     torch.manual_seed(0)
     model, diffusion = tiny_model_and_diffusion()
@@ -123,5 +122,16 @@ def train(out_dir, mode):
         f.write(str(loop.step))
 
 
+def train_modes(out_dir, modes):
+    """Join the process group once, then train each of the comma-separated modes in turn."""
+    meet(out_dir, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    dist_util.setup_dist()
+    modes = modes.split(",")
+    for mode in modes:
+        mode_dir = out_dir if len(modes) == 1 else os.path.join(out_dir, mode)
+        os.makedirs(mode_dir, exist_ok=True)
+        train(mode_dir, mode)
+
+
 if __name__ == "__main__":
-    run_or_exit(train, sys.argv[1], sys.argv[2])
+    run_or_exit(train_modes, sys.argv[1], sys.argv[2])

@@ -9,11 +9,8 @@ from cm.image_datasets import load_data
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    import os
-
-    os.environ["CM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    return load_digits_classifier()
+def classifier():
+    return load_digits_classifier()  # trained once per test run, in the run's cache folder (tests/conftest.py)
 
 
 def test_classifier_is_accurate_on_held_out_digits(classifier):

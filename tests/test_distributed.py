@@ -174,18 +174,20 @@ EXIT_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_wor
 
 
 def test_finished_runs_exit_cleanly_under_mpiexec(tmp_path):
-    """A finished 2-rank run leaves with status 0 every time: CM_EXIT_ROUNDS fresh 2-rank runs forked inside one
-    mpiexec launch (each ending through the interpreter's shutdown), then a run of the launch itself over MPI.
-    Without the orderly teardown (cm.dist_util.teardown_dist), gloo could outlive the interpreter and abort a
-    finished run ("terminate called without an active exception", exit code 6)."""
-    rounds = int(os.environ.get("CM_EXIT_ROUNDS", "4"))
+    """A finished 2-rank program leaves with status 0 every time: CM_EXIT_ROUNDS fresh 2-rank worlds forked inside
+    one mpiexec launch (each ending through the interpreter's shutdown), then the launch's own ranks over MPI.
+    Each ends with a broadcast that gloo's worker thread is still releasing when the main thread exits (the window
+    held open on purpose, tests/exit_worker.py): without the orderly teardown (cm.dist_util.teardown_dist) every
+    one of them aborts ("terminate called without an active exception", exit code 6 under mpiexec)."""
+    rounds = int(os.environ.get("CM_EXIT_ROUNDS", "2"))
     result = run([mpiexec(), "-n", "2", sys.executable, EXIT_WORKER, str(tmp_path), str(rounds)], timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "terminate called" not in output, output[-3000:]
     statuses = json.loads((tmp_path / "statuses.json").read_text())
     assert statuses == [[0] * rounds, [0] * rounds]
-    finished = [tmp_path / f"round{i}" for i in range(rounds)] + [tmp_path / "mpi"]
-    assert all((run_dir / "model000003.pt").exists() for run_dir in finished)
+    finished = [f"round{i}" for i in range(rounds)] + ["mpi"]
+    assert all((tmp_path / f"{name}.rank{r}").exists() for name in finished for r in range(2))
+    assert "TCPStore" not in output, output[-3000:]
 
 
 def test_the_teardown_is_registered_once_and_is_idempotent(monkeypatch):

@@ -5,6 +5,7 @@ import os
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SEARCH_SAMPLES = 32  # behind each score of the two-step search (300 by default): the tests check the search runs
 
 
 def load_quickstart():
@@ -15,14 +16,10 @@ def load_quickstart():
     return module
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("CM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cm-cache"))
-
-
 @pytest.mark.parametrize("mode, default_ts", [("ct", [0, 23, 40]), ("cd", [0, 10, 17])])
 def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode, default_ts, capsys):
-    metrics = load_quickstart().main(["--mode", mode, "--steps", "8", "--out", str(tmp_path), "--num_samples", "64"])
+    metrics = load_quickstart().main(["--mode", mode, "--steps", "8", "--out", str(tmp_path), "--num_samples", "64",
+                                      "--search_samples", str(SEARCH_SAMPLES)])
     names = set(os.listdir(tmp_path))
     for name in ("onestep_grid.png", "twostep_grid.png", "twostep_default_grid.png", "real_grid.png",
                  "training_curves.png", "metrics.json", "samples_onestep_64x16x16x3.npz",
@@ -97,7 +94,8 @@ def test_precision_auto_follows_the_hardware():
 @pytest.mark.parametrize("mode, stages", [("ect", ("edm", "ect"))])  # sct, scd: tests/test_scm_training.py
 def test_quickstart_runs_a_two_stage_tuning_plan(tmp_path, mode, stages):
     quickstart = load_quickstart()
-    metrics = quickstart.main(["--mode", mode, "--steps", "3", "--out", str(tmp_path), "--num_samples", "32"])
+    metrics = quickstart.main(["--mode", mode, "--steps", "3", "--out", str(tmp_path), "--num_samples", "32",
+                               "--search_samples", str(SEARCH_SAMPLES)])
     assert metrics["mode"] == mode and metrics["steps"] == 3
     assert [name.lower() for name, _, _ in quickstart.PLANS[mode]] == list(stages)
     for stage in stages:

@@ -177,10 +177,9 @@ def test_configurations_name_the_trigflow_denoiser_and_stop_on_a_mismatched_star
 
 
 @pytest.mark.parametrize("mode", ["sct", "scd"])
-def test_quickstart_samples_scm_modes_with_the_trigflow_samplers(tmp_path, tmp_path_factory, monkeypatch, mode):
-    monkeypatch.setenv("CM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cm-cache"))
+def test_quickstart_samples_scm_modes_with_the_trigflow_samplers(tmp_path, mode):
     metrics = load_script("quickstart").main(["--mode", mode, "--steps", "4", "--out", str(tmp_path),
-                                              "--num_samples", "32", "--precision", "fp32"])
+                                              "--num_samples", "32", "--search_samples", "32", "--precision", "fp32"])
     with open(tmp_path / "metrics.json") as f:
         assert json.load(f)["mode"] == mode
     assert {"onestep_grid.png", "twostep_grid.png", "metrics.json"} <= set(os.listdir(tmp_path))

@@ -14,9 +14,10 @@ WORKER = os.path.join(HERE, "stop_worker.py")
 LONG_RUN = 3000  # stop_worker.LONG_RUN
 
 
-def launch(out_dir, mode, dist_timeout, **extra_env):
+def launch(out_dir, modes, dist_timeout, **extra_env):
+    """Run stop_worker.py's MODES (comma-separated: one after the other in one process group) on 2 ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-           str(out_dir), mode]
+           str(out_dir), modes]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CM_DIST_TIMEOUT=str(dist_timeout),
                **extra_env)
     env.pop("CM_DEBUG", None)
@@ -36,10 +37,19 @@ def test_a_checkpoint_write_slower_than_the_collective_timeout_is_waited_for(tmp
     assert {"model000002.pt", "model000003.pt", "state000003.pt"} <= names, names
 
 
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory):
+    """Both stop modes, one after the other in one 2-rank launch: (exit status, output, folder of the modes)."""
+    out_dir = tmp_path_factory.mktemp("stops")
+    code, output = launch(out_dir, "sigterm,max_minutes", dist_timeout=60)
+    return code, output, out_dir
+
+
 @pytest.mark.parametrize("mode", ["sigterm", "max_minutes"])
-def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, mode):
-    code, output = launch(tmp_path, mode, dist_timeout=60)
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(stopped_runs, mode):
+    code, output, out_dir = stopped_runs
     assert code == 0, output[-3000:]
+    tmp_path = out_dir / mode
     steps = final_steps(tmp_path)
     assert steps[0] == steps[1] < LONG_RUN, (steps, output[-3000:])
     if mode == "sigterm":
