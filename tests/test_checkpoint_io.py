@@ -12,7 +12,7 @@ import torch
 from cm import dist_util
 from cm.checkpoint_io import flat_tensors, is_safetensors, load_checkpoint, save_checkpoint
 from cm.script_util import load_model_checkpoint
-from helpers import state_equal, tiny_model_and_diffusion
+from helpers import load_script, state_equal, tiny_model_and_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,12 +110,25 @@ def test_convert_script_both_ways(tmp_path):
     assert state_equal(state, torch.load(tmp_path / "back.pt", weights_only=True))
 
 
-def test_convert_script_errors_are_one_line(tmp_path):
-    result = run_convert(tmp_path / "missing.pt", tmp_path / "out.safetensors")
-    assert result.returncode == 1 and result.stderr.strip() == f"error: checkpoint {tmp_path / 'missing.pt'} does not exist"
+def convert_in_process(capsys, *paths):
+    """(exit status, stderr) of convert_checkpoint.py's main on paths, run in this process."""
+    capsys.readouterr()
+    try:
+        load_script("convert_checkpoint").main([str(p) for p in paths])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_convert_script_errors_are_one_line(tmp_path, capsys):
+    code, err = convert_in_process(capsys, tmp_path / "missing.pt", tmp_path / "out.safetensors")
+    assert code == 1 and err.strip() == f"error: checkpoint {tmp_path / 'missing.pt'} does not exist"
     torch.save({"step": 3, "w": torch.zeros(2)}, tmp_path / "opt.pt")
-    result = run_convert(tmp_path / "opt.pt", tmp_path / "opt.safetensors")
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    code, err = convert_in_process(capsys, tmp_path / "opt.pt", tmp_path / "opt.safetensors")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    result = run_convert(tmp_path / "bad.pt", tmp_path / "bad.safetensors")
-    assert result.returncode == 1 and "corrupt" in result.stderr and result.stderr.count("\n") == 1
+    code, err = convert_in_process(capsys, tmp_path / "bad.pt", tmp_path / "bad.safetensors")
+    assert code == 1 and "corrupt" in err and err.count("\n") == 1
+    result = run_convert(tmp_path / "missing.pt", tmp_path / "out.safetensors")  # and as a command
+    assert result.returncode == 1 and result.stderr.strip() == f"error: checkpoint {tmp_path / 'missing.pt'} does not exist"

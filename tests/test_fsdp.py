@@ -14,6 +14,7 @@ import torch
 from cm import distributed_checkpoint as dcp_io
 from cm.checkpoint_io import find_resume_checkpoint
 
+import fsdp_worker
 from helpers import load_script, nested_equal, resumes_bit_exactly
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -148,7 +149,7 @@ def copy_until(run, step, to):
     return to
 
 
-def test_a_sharded_run_resumes_at_another_world_size_on_the_same_trajectory(two_rank_runs, tmp_path):
+def test_a_sharded_run_resumes_at_another_world_size_on_the_same_trajectory(two_rank_runs, tmp_path, monkeypatch):
     """The 2-rank fsdp run saved at step 5 continues on 1 and on 4 ranks to step 10 (its distributed checkpoint
     resharded): the same parameters, EMAs and target as the uninterrupted 2-rank run (every random draw of a step
     comes from the seed, the step and the sample's global index; the data position is global). The same under ddp:
@@ -158,7 +159,12 @@ def test_a_sharded_run_resumes_at_another_world_size_on_the_same_trajectory(two_
         out = tmp_path / f"ranks{ranks}"
         for name in runs:
             copy_until(two_rank_runs / name, 5, out / name)
-        launch(ranks, out, ",".join(runs.values()), FSDP_TEST_TEACHER=str(two_rank_runs / "teacher" / "model000002.pt"))
+        teacher = str(two_rank_runs / "teacher" / "model000002.pt")
+        if ranks == 1:  # one process needs no launcher
+            monkeypatch.setenv("FSDP_TEST_TEACHER", teacher)
+            fsdp_worker.run(str(out), ",".join(runs.values()))
+        else:
+            launch(ranks, out, ",".join(runs.values()), FSDP_TEST_TEACHER=teacher)
         for name in runs:
             for file in ("model000010.pt", "ema_0.9_000010.pt", "ema_0.99_000010.pt", "target_model000010.pt"):
                 difference = max_difference(load(out / name / file), load(two_rank_runs / name / file))
