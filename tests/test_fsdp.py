@@ -15,7 +15,7 @@ from cm import distributed_checkpoint as dcp_io
 from cm.checkpoint_io import find_resume_checkpoint
 
 import fsdp_worker
-from helpers import load_script, nested_equal, resumes_bit_exactly
+from helpers import load_script, nested_equal, read_progress, resumes_bit_exactly
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "fsdp_worker.py")
@@ -43,10 +43,10 @@ def max_difference(a, b):
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
     """One 2-rank launch: sCD (frozen teacher, JVP loss, two EMAs) and CD (teacher, target, EMAs), 10 steps each
-    under ddp and fsdp (fp32, Adam; the CD run writes its checkpoints in the background); a 2-step bf16 fsdp sCT
-    run."""
+    under ddp and fsdp (fp32, Adam; the CD run writes its checkpoints in the background); 2 steps of fsdp sCT in
+    fp32 and in bf16."""
     out = tmp_path_factory.mktemp("fsdp")
-    launch(2, out, "scd:ddp:10,scd:fsdp:10,cd:ddp:10,cd:fsdp:10:async,sct:fsdp:2:bf16")
+    launch(2, out, "scd:ddp:10,scd:fsdp:10,cd:ddp:10,cd:fsdp:10:async,sct:fsdp:2,sct:fsdp:2:bf16")
     return out
 
 
@@ -66,9 +66,14 @@ def test_fsdp_training_equals_ddp(two_rank_runs, mode):
 
 
 def test_bf16_fsdp_smoke(two_rank_runs):
+    """bf16 under fsdp (bfloat16 gathered weights, float32 reduction; sCT's JVP keeps float32 weights and autocast):
+    finite float32 weights, and losses within a loose tolerance of the float32 run's."""
     bf16 = load(two_rank_runs / "sct-fsdp-bf16" / "model000002.pt")
     assert all(torch.isfinite(v).all() for v in bf16.values())
     assert all(v.dtype == torch.float32 for v in bf16.values() if v.is_floating_point())  # weights stay float32
+    assert max_difference(bf16, load(two_rank_runs / "sct-fsdp" / "model000002.pt")) < 1e-3
+    losses = [[float(row["mse"]) for row in read_progress(two_rank_runs / run)] for run in ("sct-fsdp", "sct-fsdp-bf16")]
+    assert losses[1] == pytest.approx(losses[0], rel=0.05), losses
 
 
 def test_a_sharded_checkpoint_exports_the_reference_files(two_rank_runs, tmp_path):
