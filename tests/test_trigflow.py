@@ -310,7 +310,7 @@ def train_scm(steps, teacher=None, warmup_steps=100, batch_size=256):
     data = torch.Generator().manual_seed(0)
     model, head = MLP(), LogVarianceHead(32)
     ema = copy.deepcopy(model)
-    opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=1e-3, betas=(0.9, 0.99))
+    opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=1e-3, betas=(0.9, 0.99), foreach=True)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - 0.9 * step / steps)
     for step in range(steps):
         terms = scm_losses(model, mixture_batch(batch_size, data), teacher=teacher, logvar_head=head,
