@@ -358,6 +358,25 @@ def test_precomputed_reference_statistics_are_used(tmp_path):
         evaluator.evaluate(str(tmp_path / "ref_partial.npz"), str(tmp_path / "sample.npz"))
 
 
+@pytest.fixture(scope="module")
+def cli_inception():
+    """The CLI's random-weights network (seed 0), built once for every in-process CLI run of this module."""
+    return load_inception(pretrained=False)
+
+
+@pytest.fixture
+def shared_random_inception(cli_inception, monkeypatch):
+    """ev.main's load_inception hands out cli_inception for --random_weights on the CPU (seed 0, the CLI's)."""
+    real = ev.load_inception
+
+    def load(weights_path=None, device="cpu", pretrained=True, seed=0, allow_unverified=None):
+        if not pretrained and seed == 0 and torch.device(device).type == "cpu":
+            return cli_inception
+        return real(weights_path, device, pretrained, seed, allow_unverified)
+
+    monkeypatch.setattr(ev, "load_inception", load)
+
+
 def test_cli_end_to_end_with_random_weights(tmp_path):
     np.savez(tmp_path / "ref.npz", images(5, 32, 10))
     np.savez_compressed(tmp_path / "sample.npz", images(4, 40, 11))
@@ -500,7 +519,7 @@ def test_statistics_stored_in_the_sample_npz_are_honoured(tmp_path):
     assert evaluator.read_statistics(str(tmp_path / "sample_stats.npz"), None)[0].mu[0] == 90.0
 
 
-def test_cli_writes_a_statistics_file_and_evaluates_against_it(tmp_path, capsys):
+def test_cli_writes_a_statistics_file_and_evaluates_against_it(tmp_path, capsys, shared_random_inception):
     from PIL import Image
 
     (tmp_path / "real").mkdir()
@@ -519,7 +538,7 @@ def test_cli_writes_a_statistics_file_and_evaluates_against_it(tmp_path, capsys)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
 
 
-def test_unreadable_image_in_a_folder_is_one_line_naming_it(tmp_path, capsys):
+def test_unreadable_image_in_a_folder_is_one_line_naming_it(tmp_path, capsys, shared_random_inception):
     from PIL import Image
 
     (tmp_path / "real").mkdir()
