@@ -34,7 +34,7 @@ from cm.train_util import TrainLoop  # noqa: E402
 from dist_worker import loop_kwargs  # noqa: E402
 from helpers import tiny_model_and_diffusion  # noqa: E402
 
-SLOW_WRITE_SECONDS = 4.0
+SLOW_WRITE_SECONDS = 3.0
 LONG_RUN = 3000  # steps; each mode that stops early must stop long before
 
 

@@ -30,19 +30,11 @@ def final_steps(out_dir):
 
 
 def test_a_checkpoint_write_slower_than_the_collective_timeout_is_waited_for(tmp_path):
-    code, output = launch(tmp_path, "slow_save", dist_timeout=2)  # the step-2 write takes 4 s on rank 0
+    code, output = launch(tmp_path, "slow_save", dist_timeout=2)  # the step-2 write takes 3 s on rank 0
     assert code == 0, output[-3000:]
     assert final_steps(tmp_path) == [3, 3]
     names = set(os.listdir(tmp_path / "log"))
     assert {"model000002.pt", "model000003.pt", "state000003.pt"} <= names, names
-
-
-@pytest.fixture(scope="module")
-def stopped_runs(tmp_path_factory):
-    """Both stop modes, one after the other in one 2-rank launch: (exit status, output, folder of the modes)."""
-    out_dir = tmp_path_factory.mktemp("stops")
-    code, output = launch(out_dir, "sigterm,max_minutes", dist_timeout=60)
-    return code, output, out_dir
 
 
 @pytest.mark.parametrize("mode", ["sigterm", "max_minutes"])
@@ -69,10 +61,27 @@ def fake_scontrol(directory):
 
 
 @pytest.fixture(scope="module")
-def preempted(tmp_path_factory):
-    """A 2-rank run whose rank 1 got SIGUSR1 during step 3, under a SLURM job id with --requeue true."""
-    out = tmp_path_factory.mktemp("preempted")
-    code, output = launch(out, "sigusr1", dist_timeout=60, SLURM_JOB_ID="4242", PATH=fake_scontrol(out))
+def stops(tmp_path_factory):
+    """The three stop modes, one after the other in one 2-rank launch under a SLURM job id, with a stand-in
+    scontrol: (exit status, output, folder of the modes). Only sigusr1 runs with --requeue true."""
+    out_dir = tmp_path_factory.mktemp("stops")
+    (out_dir / "sigusr1").mkdir()
+    code, output = launch(out_dir, "sigterm,max_minutes,sigusr1", dist_timeout=60, SLURM_JOB_ID="4242",
+                          PATH=fake_scontrol(out_dir / "sigusr1"))
+    return code, output, out_dir
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(stops):
+    """The sigterm and max_minutes runs: (exit status, output, folder of the modes)."""
+    return stops
+
+
+@pytest.fixture(scope="module")
+def preempted(stops):
+    """The 2-rank run whose rank 1 got SIGUSR1 during step 3, under a SLURM job id with --requeue true."""
+    code, output, out_dir = stops
+    out = out_dir / "sigusr1"
     if code == 0:
         shutil.copytree(out / "log", out / "log_at_step4")  # for the test of an unreadable file
     return out, code, output

@@ -102,7 +102,7 @@ def test_consistency_losses_for_every_norm_and_teacher_solver(loss_norm, solver)
 
 
 def test_edm_loss_falls_on_digits(tmp_path):
-    main("edm", tiny_argv(log_dir=tmp_path, total_training_steps=150, batch_size=16, lr=2e-3))
+    main("edm", tiny_argv(log_dir=tmp_path, total_training_steps=100, batch_size=16, lr=2e-3))
     losses = [float(r["loss"]) for r in read_progress(tmp_path)]
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.6 * first, (first, last)
