@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .sharding import is_sharded, local
+from .nn import local_shard
+from .sharding import is_sharded
 from .half_precision import (  # noqa: F401  (the reference's location of the network-side helpers)
     HalfPrecisionBody,
     convert_module_to_f16,
@@ -131,7 +132,7 @@ def global_grad_norm(grads, device):
     """The L2 norm of all gradients; of sharded ones (fsdp), over every rank's shards (one all-reduce), so each
     rank takes the same skip decision."""
     if grads and any(is_sharded(g) for g in grads):
-        norms = torch._foreach_norm([local(g) for g in grads])
+        norms = torch._foreach_norm([local_shard(g) for g in grads])
         squares = torch.stack(norms).float().square().sum()
         dist.all_reduce(squares)
         return squares.sqrt()

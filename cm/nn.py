@@ -72,7 +72,7 @@ def scale_module(module, scale):
 
 
 @torch.no_grad()
-def _local(tensor):
+def local_shard(tensor):
     """This rank's shard of a DTensor (FSDP; its local tensor shares the storage), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -83,8 +83,8 @@ def update_ema(target_params, source_params, rate=0.99):
 
     `rate` may be a 0-d device tensor (e.g. 1 for a skipped step), which keeps the update free of host syncs.
     """
-    targets = [_local(t.detach()) for t in target_params]
-    sources = [_local(s.detach()) for s in source_params]
+    targets = [local_shard(t.detach()) for t in target_params]
+    sources = [local_shard(s.detach()) for s in source_params]
     if len(targets) != len(sources):
         raise ValueError(f"EMA needs matching parameter lists, got {len(targets)} and {len(sources)}")
     if not targets:

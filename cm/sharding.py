@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .dit import DiTBlock
 from .ncsnpp import AttnBlock, ResnetBlock
+from .nn import local_shard
 from .unet import AttentionBlock, ResBlock
 
 PARALLEL = ("ddp", "fsdp")
@@ -29,11 +30,6 @@ SHARDED_BLOCKS = (ResBlock, AttentionBlock, ResnetBlock, AttnBlock, DiTBlock)
 def is_sharded(tensor):
     """True for a DTensor (a parameter, EMA or optimizer state of an FSDP-sharded network)."""
     return isinstance(tensor, DTensor)
-
-
-def local(tensor):
-    """The part of `tensor` this rank holds (itself when it is not sharded)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def mixed_precision_policy(param_dtype=None):
@@ -76,4 +72,4 @@ def gather_full(tensor, to_cpu=True):
 
 def sharded_bytes(tensors):
     """Bytes this rank holds of `tensors` (their local shards)."""
-    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+    return sum(local_shard(t).numel() * local_shard(t).element_size() for t in tensors)
