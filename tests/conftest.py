@@ -21,3 +21,16 @@ def _shared_cache(tmp_path_factory):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def edm_teacher_path(tmp_path_factory):
+    """A few-step EDM checkpoint of the tiny digits model, trained once per test run (a teacher or starting point
+    for the distillation and tuning tests)."""
+    from cm.train_cli import main
+
+    from helpers import tiny_argv
+
+    log_dir = tmp_path_factory.mktemp("edm_teacher")
+    main("edm", tiny_argv(log_dir=log_dir, total_training_steps=2))
+    return str(log_dir / "model000002.pt")

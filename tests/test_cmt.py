@@ -116,27 +116,19 @@ def test_the_student_regresses_every_point_of_the_solvers_path_onto_its_end():
 # ----- the command line: CMT, exact resume, then ECT from it ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    """A few-step EDM checkpoint of the tiny digits model."""
-    log_dir = tmp_path_factory.mktemp("edm")
-    main("edm", tiny_argv(log_dir=log_dir, total_training_steps=2))
-    return str(log_dir / "model000002.pt")
-
-
-def cmt_argv(log_dir, teacher_path, steps, **extra):
-    flags = dict(log_dir=log_dir, teacher_model_path=teacher_path, total_training_steps=steps, save_interval=2,
+def cmt_argv(log_dir, edm_teacher_path, steps, **extra):
+    flags = dict(log_dir=log_dir, teacher_model_path=edm_teacher_path, total_training_steps=steps, save_interval=2,
                  cmt_solver_steps=2, loss_norm="l2", dropout=0.1, ema_rate="0.9")
     return tiny_argv(**{**flags, **extra})
 
 
-def test_cmt_resumes_bit_exactly_and_ect_starts_from_it(tmp_path, teacher_path):
-    straight = main("cmt", cmt_argv(tmp_path / "a", teacher_path, 4))
+def test_cmt_resumes_bit_exactly_and_ect_starts_from_it(tmp_path, edm_teacher_path):
+    straight = main("cmt", cmt_argv(tmp_path / "a", edm_teacher_path, 4))
     assert straight.target_model is None and straight.diffusion.distillation
     assert straight.run_config["student_init"] == "teacher"
-    main("cmt", cmt_argv(tmp_path / "b", teacher_path, 2))
+    main("cmt", cmt_argv(tmp_path / "b", edm_teacher_path, 2))
     torch.manual_seed(12345)  # a restarted process has other RNG states until resume restores them
-    resumed = main("cmt", cmt_argv(tmp_path / "b", teacher_path, 4))
+    resumed = main("cmt", cmt_argv(tmp_path / "b", edm_teacher_path, 4))
     assert resumed.step == 4 and state_equal(straight.model.state_dict(), resumed.model.state_dict())
     rows_a, rows_b = read_progress(tmp_path / "a"), read_progress(tmp_path / "b")
     assert [r["loss"] for r in rows_a[2:]] == [r["loss"] for r in rows_b[-2:]]
@@ -149,9 +141,9 @@ def test_cmt_resumes_bit_exactly_and_ect_starts_from_it(tmp_path, teacher_path):
     assert ect.step == 2
 
 
-def test_a_stochastic_teacher_is_refused_in_one_line(tmp_path, teacher_path, capsys):
+def test_a_stochastic_teacher_is_refused_in_one_line(tmp_path, edm_teacher_path, capsys):
     with pytest.raises(SystemExit):
-        main("cmt", cmt_argv(tmp_path, teacher_path, 1, teacher_stochastic=True))
+        main("cmt", cmt_argv(tmp_path, edm_teacher_path, 1, teacher_stochastic=True))
     assert "leave --teacher_stochastic false" in capsys.readouterr().err
 
 

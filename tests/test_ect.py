@@ -193,28 +193,20 @@ def test_at_the_boundary_the_target_is_the_data(mapping, num_scales, t, at_bound
 # ----- the training mode from the command line --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    """A few-step EDM checkpoint of the tiny digits model."""
-    log_dir = tmp_path_factory.mktemp("edm")
-    main("edm", tiny_argv(log_dir=log_dir, total_training_steps=2))
-    return str(log_dir / "model000002.pt")
-
-
-def ect_argv(log_dir, teacher_path, steps, **extra):
-    flags = dict(log_dir=log_dir, teacher_model_path=teacher_path, total_training_steps=steps, save_interval=3,
+def ect_argv(log_dir, edm_teacher_path, steps, **extra):
+    flags = dict(log_dir=log_dir, teacher_model_path=edm_teacher_path, total_training_steps=steps, save_interval=3,
                  ect_stage_steps=2, ect_q=2, dropout=0.1, ema_rate="0.9,0.99")
     return tiny_argv(**{**flags, **extra})
 
 
-def test_the_student_starts_from_the_edm_checkpoint_and_logs_its_stages(tmp_path, teacher_path):
-    loop = main("consistency_tuning", ect_argv(tmp_path, teacher_path, 1, save_interval=-1))
+def test_the_student_starts_from_the_edm_checkpoint_and_logs_its_stages(tmp_path, edm_teacher_path):
+    loop = main("consistency_tuning", ect_argv(tmp_path, edm_teacher_path, 1, save_interval=-1))
     assert loop.target_model is None and loop.teacher_model is None and loop.diffusion.distillation
     assert loop.run_config["student_init"] == "teacher" and loop.run_config["schedule"]["images_per_step"] == 4
-    teacher = torch.load(teacher_path, weights_only=True)
+    teacher = torch.load(edm_teacher_path, weights_only=True)
     # one Adam step (lr 1e-3) away from the teacher's weights
     assert max((v - teacher[k]).abs().max().item() for k, v in loop.model.state_dict().items()) < 1.1e-3
-    again = main("consistency_tuning", ect_argv(tmp_path / "b", teacher_path, 6, save_interval=-1, log_interval=2))
+    again = main("consistency_tuning", ect_argv(tmp_path / "b", edm_teacher_path, 6, save_interval=-1, log_interval=2))
     rows = read_progress(tmp_path / "b")
     assert [int(r["ect_stage"]) for r in rows] == [0, 1, 2]
     assert [int(r["num_scales"]) for r in rows] == [2, 4, 8]
@@ -222,11 +214,11 @@ def test_the_student_starts_from_the_edm_checkpoint_and_logs_its_stages(tmp_path
     assert again.step == 6
 
 
-def test_resume_mid_stage_is_bit_exact(tmp_path, teacher_path):
-    straight = main("consistency_tuning", ect_argv(tmp_path / "a", teacher_path, 6))
-    main("consistency_tuning", ect_argv(tmp_path / "b", teacher_path, 3))  # stopped at step 3, inside stage 1
+def test_resume_mid_stage_is_bit_exact(tmp_path, edm_teacher_path):
+    straight = main("consistency_tuning", ect_argv(tmp_path / "a", edm_teacher_path, 6))
+    main("consistency_tuning", ect_argv(tmp_path / "b", edm_teacher_path, 3))  # stopped at step 3, inside stage 1
     torch.manual_seed(12345)  # a restarted process has other RNG states until resume restores them
-    resumed = main("consistency_tuning", ect_argv(tmp_path / "b", teacher_path, 6))
+    resumed = main("consistency_tuning", ect_argv(tmp_path / "b", edm_teacher_path, 6))
     assert resumed.step == 6
     assert state_equal(straight.model.state_dict(), resumed.model.state_dict())
     for a, b in zip(straight.ema_params, resumed.ema_params):

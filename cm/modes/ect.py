@@ -188,6 +188,10 @@ FLAGS = (
     ),
 )
 
+# what every mode on ECT's staged schedule shares (ECT here, TCM's stage 2 in cm.modes.tcm)
+ECT_SCHEDULE_ENTRY = dict(uses_distance=False, boundary_condition=True, schedule_groups=("ect_schedule",),
+                          make_schedule=create_ect_schedule, schedule_in_images=True)
+
 MODES = (
     TrainingMode(
         name="consistency_tuning",
@@ -195,12 +199,8 @@ MODES = (
         bind_loss=bind_ect_loss,
         loss_groups=("ect", "ect_schedule"),
         teacher="required",  # the EDM checkpoint the student starts from; no teacher network runs in the loss
-        uses_distance=False,
-        boundary_condition=True,
-        schedule_groups=("ect_schedule",),
-        make_schedule=create_ect_schedule,
-        schedule_in_images=True,
         check_config=check_ect_config,
+        **ECT_SCHEDULE_ENTRY,
         flag_defaults=dict(  # ECT's CIFAR-10 run (locuslab/ect run_ecm.sh): batch 128, 200k steps, and with
             weight_schedule="ict",  # the table's 8 stages over the run, 3.2M images per stage
             global_batch_size=128,

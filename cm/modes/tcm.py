@@ -30,7 +30,7 @@ from ..karras_diffusion import KarrasDenoiser
 from ..nn import append_dims
 from ..sampling import Sampler, register_sampler, stochastic_iterative_sampler
 from .base import QuickstartPlan, TrainingMode
-from .ect import create_ect_schedule, ect_losses
+from .ect import ECT_SCHEDULE_ENTRY, create_ect_schedule, ect_losses
 
 STAGE1_FILE = "stage1_model"  # the prefix of the frozen stage-1 network's file beside the stage-2 checkpoint
 BOUNDARY_OFFSET = 1e-8  # the boundary samples' t = t' + 1e-8 (NVlabs/TCM); in float32 that is t' itself
@@ -214,16 +214,12 @@ MODES = (
         teacher="required",  # the stage-1 consistency model: it initialises the student and gives the targets below t'
         teacher_in_loss=True,
         teacher_ode_steps=False,  # stage 1 is evaluated, not stepped
-        uses_distance=False,
-        boundary_condition=True,
         denoiser_groups=("denoiser", "tcm_denoiser"),
         make_denoiser=tcm_denoiser,
         companion_network=STAGE1_FILE,
         attach_companion=attach_stage1,
-        schedule_groups=("ect_schedule",),
-        make_schedule=create_ect_schedule,
-        schedule_in_images=True,
         check_config=check_tcm_config,
+        **ECT_SCHEDULE_ENTRY,
         flag_defaults=dict(  # NVlabs/TCM's CIFAR-10 stage 2: batch 1024, RAdam lr 5e-5, 1 / (t - r) weights
             weight_schedule="ict",
             global_batch_size=1024,
