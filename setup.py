@@ -39,6 +39,6 @@ setup(
         # scripts/prepare_data.py --kind lsun (LSUN's lmdb exports)
         "data": DATA,
         # everything the test suite runs, so that no test is skipped in CI
-        "test": ["pytest", "pytest-timeout"] + MPI + DIFFUSERS + DATA,
+        "test": ["pytest", "pytest-timeout", "pytest-xdist"] + MPI + DIFFUSERS + DATA,
     },
 )
