@@ -61,7 +61,8 @@ PLANS = quickstart_plans()
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=tuple(PLANS), default="ct", help="the method: ct consistency training, cd an EDM "
-                   "teacher then consistency distillation from it, ect, sct, scd, meanflow, cmt (EDM, mid-training, "
+                   "teacher then consistency distillation from it, ect, sct, scd, meanflow, ayf (EDM, then AYF flow-map "
+                   "distillation), cmt (EDM, mid-training, "
                    "ECT), tcm (EDM, ECT, truncated stage 2); the stages of a plan share the time equally; the modes "
                    "that declare a digits plan (LCM, LCF and UFOGen need class labels and a guided teacher, so they "
                    "have none)")

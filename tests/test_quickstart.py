@@ -91,7 +91,7 @@ def test_precision_auto_follows_the_hardware():
     assert quickstart.use_bf16(quickstart.parse_args(["--precision", "bf16"]))
 
 
-@pytest.mark.parametrize("mode, stages", [("ect", ("edm", "ect"))])  # sct, scd: tests/test_scm_training.py
+@pytest.mark.parametrize("mode, stages", [("ect", ("edm", "ect")), ("ayf", ("edm", "ayf"))])  # sct, scd: test_scm_training.py
 def test_quickstart_runs_a_two_stage_tuning_plan(tmp_path, mode, stages):
     quickstart = load_quickstart()
     metrics = quickstart.main(["--mode", mode, "--steps", "3", "--out", str(tmp_path), "--num_samples", "32",

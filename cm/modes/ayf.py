@@ -37,7 +37,7 @@ from ..flowmap import flow_interpolate, flow_time_to_sigma, per_sample_time, vel
 from ..networks import create_model
 from ..nn import JVP_METHODS, network_jvp
 from ..random_util import DeviceRNG
-from .base import TrainingMode, consistency_pair, unweighted, unwrap_ddp
+from .base import QuickstartPlan, TrainingMode, consistency_pair, unweighted, unwrap_ddp
 from .meanflow import FLOW_MAP_ENTRY, average_velocity_jvp, logit_normal
 from .scm import normalize_tangent, scm_schedule
 
@@ -228,5 +228,6 @@ MODES = (
         **FLOW_MAP_ENTRY,
         flag_defaults=dict(second_time_embed=True, init_from_teacher="false", optimizer="adam", lr=1e-4,
                            ema_rate="0.9999", total_training_steps=400000),
+        quickstart=QuickstartPlan("ayf", (("EDM", "digits_edm.yaml", "edm"), ("AYF", "digits_ayf.yaml", "ayf"))),
     ),
 )
