@@ -5,9 +5,14 @@
     python scripts/ternary_search.py --begin 0,17 --end 39 ...            (3 steps: the index after 17)
     python scripts/ternary_search.py --metric digits --model_path ema_0.999_004000.pt [digits model flags]
 
+    python scripts/ternary_search.py --steps 20 --begin 0 --end 20 --training_mode meanflow --model_path ...
+                                                             (a flow map, 2 jumps: t = 1, 1 - p / 20, 0)
+
 Each probe p samples num_samples images with ts = begin + (p,) + end, all probes from the same seed (so they
 differ only in p), and scores them: FID against --ref_batch (evaluations package; needs the Inception weights)
-or, for models of the embedded digits, the digits-FID of cm.digits_eval (seconds on a CPU). Every probe is
+or, for models of the embedded digits, the digits-FID of cm.digits_eval (seconds on a CPU). Flow-map checkpoints
+(--training_mode meanflow or ayf) are searched on the flow times 1 - i / steps, i = 0 .. steps, with the meanflow
+sampler; their --end must finish at --steps (t = 0, where every jump sequence ends). Every probe is
 printed, then the best ts; the probes are also written to ternary_search.json in the log dir.
 Works under mpiexec / torchrun like image_sample.py (rank 0 scores).
 """
@@ -30,6 +35,7 @@ from cm.image_util import (
     written_line,
 )
 from cm.config import config_to_json, resolve_script_config
+from cm.flowmap import flow_grid
 from cm.random_util import get_generator
 from cm.sampling import sigmas_from_ts, ternary_search
 from cm.training_modes import FLAGS
@@ -45,6 +51,28 @@ def search_range(begin, end, steps, sigma_min=0.002, sigma_max=80.0):
         raise ValueError(f"no grid index lies strictly between begin {begin} and end {end}")
     sigmas_from_ts(begin + (lo,) + end, steps, sigma_min, sigma_max)  # the index checks of sampling
     return lo, hi
+
+
+def flow_search_range(begin, end, steps):
+    """Candidates lo..hi for a flow map's index on the flow grid 1 - i / steps (i = 0 .. steps, the last t = 0)."""
+    if end[-1] != steps:
+        raise ValueError(f"a flow map's search ends at t = 0, grid index --steps: pass --end {steps} (or end the "
+                         f"comma list with it), got --end {','.join(map(str, end))}")
+    lo, hi = begin[-1] + 1, end[0] - 1
+    if hi < lo:
+        raise ValueError(f"no grid index lies strictly between begin {begin} and end {end}")
+    flow_grid(steps, begin + (lo,) + end[:-1])  # the index checks of the flow-map sampler
+    return lo, hi
+
+
+def probe_sampler(args, begin, end, p, flow_map):
+    """karras_sample's settings of probe p: the multistep sampler at ts = begin + (p,) + end, or for a flow map the
+    meanflow sampler jumping through the flow times of begin + (p,) + end (the final t = 0 implied)."""
+    ts = begin + (p,) + end
+    if flow_map:
+        return dict(sampler="meanflow", ts=ts[:-1], steps=args.steps, sigma_max=args.sigma_max)
+    return dict(sampler="multistep", ts=ts, steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                clip_denoised=args.clip_denoised)
 
 
 def create_argparser():
@@ -99,7 +127,6 @@ def run(args):
     begin, end = parse_ts(args.begin), parse_ts(args.end)
     if begin is None or end is None:
         raise ValueError("--begin and --end must each hold at least one grid index")
-    lo, hi = search_range(begin, end, args.steps, args.sigma_min, args.sigma_max)
     metric = resolve_metric(args.metric, args.ref_batch)
     if metric == "fid" and not os.path.exists(args.ref_batch):
         raise FileNotFoundError(f"reference batch {args.ref_batch} does not exist")
@@ -111,6 +138,11 @@ def run(args):
     rank = dist_util.get_rank()
     device = dist_util.dev()
     model, diffusion = load_sampling_model(args, device)
+    flow_map = hasattr(diffusion, "flow_map")
+    if flow_map:
+        lo, hi = flow_search_range(begin, end, args.steps)
+    else:
+        lo, hi = search_range(begin, end, args.steps, args.sigma_min, args.sigma_max)
     rank_seed = args.seed + rank  # the global RNG (--generator dummy) differs between ranks
     score = None
     if rank == 0:
@@ -118,6 +150,7 @@ def run(args):
     name = "fid" if metric == "fid" else "digits_fid"
     logger.log(
         f"searching ts = {begin} + (p,) + {end} for p in [{lo}, {hi}] by {name}, {args.num_samples} samples per probe"
+        + (f" (a flow map: index i is flow time 1 - i / {args.steps})" if flow_map else "")
     )
 
     def objective(p):
@@ -127,8 +160,7 @@ def run(args):
         images, _ = generate_samples(
             diffusion, model, args.num_samples, args.batch_size, args.image_size,
             get_generator(args.generator, args.num_samples, args.seed),
-            dict(sampler="multistep", ts=ts, steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                 clip_denoised=args.clip_denoised),
+            probe_sampler(args, begin, end, p, flow_map),
             num_classes=args.num_classes if args.class_cond else None, progress=False,
         )
         value = dist_util.broadcast_object(float(score(images)) if rank == 0 else None)

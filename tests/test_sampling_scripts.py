@@ -253,3 +253,24 @@ def test_bad_search_input_gives_one_error_line(tmp_path, capsys, trained_ema, ex
     argv = MODEL_FLAGS + ["--model_path", trained_ema, "--log_dir", str(tmp_path)] + extra
     status = 2 if expected == "invalid choice" else 1
     assert expected in one_error_line(capsys, ternary.main, argv, status)
+
+
+def test_ternary_search_of_a_flow_map_probes_its_flow_times(tmp_path):
+    """A MeanFlow checkpoint is searched with the meanflow sampler on 1 - i / steps; the search ends at t = 0."""
+    train_main("meanflow", tiny_argv(log_dir=tmp_path / "run", total_training_steps=1))
+    flags = MODEL_FLAGS + ["--second_time_embed=true", "--training_mode=meanflow",
+                           "--model_path", str(tmp_path / "run" / "model000001.pt"), "--steps", "6",
+                           "--num_samples", "16"]
+    result = ternary.main(flags + ["--begin", "0", "--end", "6", "--log_dir", str(tmp_path / "search")])
+    assert result["best_ts"][0] == 0 and result["best_ts"][2] == 6 and 1 <= result["best_ts"][1] <= 5
+    assert result["probes"][str(result["best_ts"][1])] == min(result["probes"].values())
+    # the probe at p is the meanflow sampler's two jumps 1 -> 1 - p / 6 -> 0
+    p = result["best_ts"][1]
+    path = image_sample.main(flags + ["--sampler", "meanflow", "--ts", f"0,{p}", "--log_dir", str(tmp_path / "s")])
+    with np.load(path) as data:
+        images = data["arr_0"]
+    # equal up to uint8 roundings of the two scripts' batch splits
+    assert ternary.digits_scorer()(images) == pytest.approx(result["probes"][str(p)], rel=1e-3)
+    with pytest.raises(ValueError, match="pass --end 6"):
+        ternary.flow_search_range((0,), (5,), 6)
+    assert ternary.flow_search_range((0, 2), (6,), 6) == (3, 5)
