@@ -10,7 +10,7 @@ it with the stored one. cm.train_cli.build_loop builds the objects from it.
 import json
 
 from .flags import NCSNPP_FLAGS
-from .latent import latent_network
+from .latent import latent_network, resolve_latent_norm
 from .training_modes import FLAGS, get_training_mode
 
 LEARN_SIGMA_ERROR = (
@@ -139,7 +139,7 @@ def resolve_training_config(args, world_size=1):
         "optimizer": group_values(flags, "optimizer"),
         "loop": loop,
         "data": data,
-        "latent": model["latent"],
+        "latent": resolve_latent_norm(model["latent"], data["data_dir"]),
         "run": run,
     }
     if mode.check_config is not None:

@@ -270,6 +270,15 @@ SHARED_FLAGS = {
             "latent",
             ("autoencoder_path", "", "train and sample in the latent space of this autoencoder: a diffusers "
              "AutoencoderKL directory or one written by scripts/train_autoencoder.py ('' = pixel space)", None),
+            ("latent_norm", "scale", "how latents enter the network: scale (as encoded, times the autoencoder's "
+             "scale factor, e.g. 0.18215: DiT, MeanFlow) or channel (each channel shifted and scaled by "
+             "--latent_mean / --latent_std to std 0.5, EDM2's normalisation; sampling undoes it before decoding)",
+             ("scale", "channel")),
+            ("latent_mean", "", "--latent_norm channel: per-channel mean of the latents, comma list, written "
+             "--latent_mean=-0.1,... when it starts with a minus (empty: the latent_mean of the prepared latents .npz "
+             "in --data_dir; a run records it in config.json)", None),
+            ("latent_std", "", "--latent_norm channel: per-channel std of the latents, comma list (empty: the "
+             "latent_std of the prepared .npz)", None),
         ),
         *flag_rows(
             "edit",
@@ -323,7 +332,7 @@ _SCRIPT_COMMON = ("training_mode", "model_path", "generator", "clip_denoised", "
 SCRIPT_FLAGS = {
     "train": TRAIN_FLAGS + CM_TRAIN_FLAGS + names_in("latent"),
     "sample": _SCRIPT_COMMON + ("num_samples", "sampler", "s_churn", "s_tmin", "s_tmax", "s_noise", "ts", "grid",
-                                "guidance_scale", "autoencoder_path"),
+                                "guidance_scale", "autoencoder_path", "latent_norm", "latent_mean", "latent_std"),
     "edit": _SCRIPT_COMMON + names_in("edit") + ("num_samples", "ts"),
     "search": _SCRIPT_COMMON + names_in("search") + ("num_samples",),
 }

@@ -12,6 +12,7 @@ deviation near the denoiser's sigma_data.
 import json
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -182,3 +183,101 @@ class LatentStream:
         with torch.no_grad():
             latents = self.autoencoder.encode(images.to(self.device)).float()
         return latents, cond
+
+
+# ----- per-channel normalisation (--latent_norm channel) -----------------------------------------------------------
+
+LATENT_CHANNEL_STD = 0.5  # the std of every latent channel under --latent_norm channel (EDM's sigma_data, as in EDM2)
+
+
+def channel_list(text, name):
+    """Comma list of floats of the flag `name` (empty: None)."""
+    if not str(text).strip():
+        return None
+    try:
+        return [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma list of numbers, got {text!r}") from None
+
+
+def stored_channel_statistics(data_dir):
+    """(latent_mean, latent_std) lists stored by scripts/prepare_data.py --kind latents in data_dir, or None."""
+    if not str(data_dir).endswith(".npz") or not os.path.exists(data_dir):
+        return None
+    with np.load(data_dir) as data:
+        if "latent_mean" not in data.files or "latent_std" not in data.files:
+            return None
+        return data["latent_mean"].astype(np.float64).tolist(), data["latent_std"].astype(np.float64).tolist()
+
+
+def resolve_latent_norm(latent, data_dir=None):
+    """The latent group with --latent_norm channel's statistics filled in: the flags, else the prepared .npz's;
+    one line when there are none, or when their lengths or values cannot be a per-channel normalisation."""
+    if latent.get("latent_norm", "scale") != "channel":
+        return latent
+    mean, std = channel_list(latent.get("latent_mean", ""), "latent_mean"), channel_list(latent.get("latent_std", ""),
+                                                                                         "latent_std")
+    if mean is None or std is None:
+        stored = stored_channel_statistics(data_dir) if data_dir else None
+        if stored is None:
+            raise ValueError("--latent_norm channel needs per-channel statistics: pass --latent_mean and --latent_std, "
+                             "or train on latents prepared by scripts/prepare_data.py --kind latents (they store "
+                             "them), or sample a checkpoint whose run's config.json records them")
+        mean, std = mean or stored[0], std or stored[1]
+    if len(mean) != len(std) or min(std) <= 0:
+        raise ValueError(f"--latent_mean / --latent_std must have one value per channel and positive stds, got "
+                         f"{len(mean)} means and stds {std}")
+    return {**latent, "latent_mean": ",".join(f"{v:.8g}" for v in mean),
+            "latent_std": ",".join(f"{v:.8g}" for v in std)}
+
+
+def channel_normalizer(latent):
+    """(mean, std) tensors [1, C, 1, 1] of a resolved --latent_norm channel group, or None for --latent_norm scale."""
+    if latent.get("latent_norm", "scale") != "channel":
+        return None
+    mean, std = (torch.tensor(channel_list(latent[k], k), dtype=torch.float32).view(1, -1, 1, 1)
+                 for k in ("latent_mean", "latent_std"))
+    return mean, std
+
+
+def normalize_channels(z, mean, std):
+    """EDM2's latent normalisation: each channel to mean 0 and std LATENT_CHANNEL_STD, (z - mean) / std * 0.5."""
+    return (z - mean.to(z)) / std.to(z) * LATENT_CHANNEL_STD
+
+
+def denormalize_channels(x, mean, std):
+    """The inverse of normalize_channels: x / 0.5 * std + mean."""
+    return x / LATENT_CHANNEL_STD * std.to(x) + mean.to(x)
+
+
+class ChannelNormalized:
+    """A latent training stream (pre-encoded latents, or LatentStream) with every batch normalised per channel;
+    its position (state_dict / load_state_dict) and everything else are the underlying stream's."""
+
+    def __init__(self, data, mean, std):
+        self.data, self.mean, self.std = data, mean, std
+
+    def __getattr__(self, name):
+        if name in ("data", "mean", "std"):
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        latents, cond = next(self.data)
+        if latents.shape[1] != self.mean.shape[1]:
+            raise ValueError(f"--latent_norm channel has statistics of {self.mean.shape[1]} channels but the latents "
+                             f"have {latents.shape[1]}")
+        return normalize_channels(latents, self.mean, self.std), cond
+
+
+class DenormalizingDecoder:
+    """An autoencoder whose decode first undoes --latent_norm channel (what sampling decodes)."""
+
+    def __init__(self, autoencoder, mean, std):
+        self.autoencoder, self.mean, self.std = autoencoder, mean, std
+
+    def decode(self, x):
+        return self.autoencoder.decode(denormalize_channels(x, self.mean, self.std))

@@ -14,7 +14,7 @@ from . import dist_util, logger
 from .compile import compile_blocks
 from .config import resolve_training_config
 from .image_datasets import load_data
-from .latent import LatentStream, load_autoencoder
+from .latent import LATENT_CHANNEL_STD, ChannelNormalized, LatentStream, channel_normalizer, load_autoencoder
 from .karras_diffusion import KarrasDenoiser
 from .resample import create_named_schedule_sampler
 from .run_dir import check_log_dir, write_run_config
@@ -138,6 +138,11 @@ def build_training(config):
         data = LatentStream(data, load_autoencoder(autoencoder_path, device), device)
         logger.log(f"latent space of {autoencoder_path}: the network sees {config['network']['in_channels']} x "
                    f"{config['network']['image_size']}^2 latents")
+    normalizer = channel_normalizer(config.get("latent", {}))
+    if normalizer is not None:  # --latent_norm channel
+        data = ChannelNormalized(data, *normalizer)
+        logger.log(f"latents normalised per channel to std {LATENT_CHANNEL_STD} (mean {config['latent']['latent_mean']}, "
+                   f"std {config['latent']['latent_std']})")
     common = dict(
         model=_prepare(model, device, channels_last, run_config["compile"]),
         diffusion=diffusion,

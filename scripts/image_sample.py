@@ -31,7 +31,7 @@ from cm.image_util import (
     select_device,
 )
 from cm.config import config_to_json, resolve_script_config
-from cm.latent import load_autoencoder
+from cm.latent import DenormalizingDecoder, channel_normalizer, load_autoencoder, resolve_latent_norm
 from cm.random_util import get_generator
 from cm.sampling import SAMPLERS
 from cm.script_util import create_parser, run_script
@@ -85,12 +85,17 @@ def latent_sampling(args, device, kwargs):
     not clamped to [-1, 1] (clip_denoised applies to pixels)."""
     if not args.autoencoder_path:
         return {}
-    network = resolve_config(args)["network"]
+    config = resolve_config(args)
+    network = config["network"]
     if kwargs["clip_denoised"]:
         logger.log("note: --clip_denoised acts on pixels; latents are not clamped (the decoded images are)")
         kwargs["clip_denoised"] = False
     shape = (network["in_channels"], network["image_size"], network["image_size"])
-    return {"autoencoder": load_autoencoder(args.autoencoder_path, device), "latent_shape": shape}
+    autoencoder = load_autoencoder(args.autoencoder_path, device)
+    normalizer = channel_normalizer(resolve_latent_norm(config["latent"]))
+    if normalizer is not None:  # --latent_norm channel: undo the run's normalisation before decoding
+        autoencoder = DenormalizingDecoder(autoencoder, *normalizer)
+    return {"autoencoder": autoencoder, "latent_shape": shape}
 
 
 def run(args):

@@ -129,3 +129,56 @@ def test_a_tiny_latent_dit_trains_samples_and_is_scored(tmp_path, latents_file, 
         assert path.endswith("samples_20x16x16x3.npz") and images.shape == (20, 16, 16, 3) and len(data["arr_1"]) == 20
     metrics = digits_metrics(images)
     assert np.isfinite(metrics["digits_fid"]) and metrics["digits_fid"] > 0 and sum(metrics["class_histogram"]) == 20
+
+
+def test_channel_normalisation_trains_on_standardised_latents_and_sampling_undoes_it(tmp_path, latents_file,
+                                                                                     autoencoder_path):
+    """--latent_norm channel: batches are (z - mean) / std * 0.5 with the prepared file's statistics, the run records
+    them, and image_sample.py undoes them before decoding."""
+    from cm.latent import DenormalizingDecoder, normalize_channels
+
+    loop = main("edm", tiny_argv(log_dir=tmp_path / "train", data_dir=latents_file, total_training_steps=1,
+                                 latent_norm="channel", **DIT_FLAGS))
+    with np.load(latents_file) as data:
+        mean, std, stored = data["latent_mean"], data["latent_std"], torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2)
+    config = json.loads((tmp_path / "train" / "config.json").read_text())["latent"]
+    np.testing.assert_allclose([float(v) for v in config["latent_mean"].split(",")], mean, rtol=1e-6)
+    np.testing.assert_allclose([float(v) for v in config["latent_std"].split(",")], std, rtol=1e-6)
+    mean_t, std_t = (torch.from_numpy(v).float().view(1, -1, 1, 1) for v in (mean, std))
+    whole = normalize_channels(stored, mean_t, std_t)
+    torch.testing.assert_close(whole.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(whole.std((0, 2, 3), correction=0), torch.full((4,), 0.5), atol=1e-5, rtol=0)
+    position = loop.data.state_dict()
+    batch, _ = next(loop.data)
+    loop.data.data.load_state_dict(position)
+    raw, _ = next(loop.data.data)
+    torch.testing.assert_close(batch, (raw - mean_t) / std_t * 0.5)
+    autoencoder = load_autoencoder(autoencoder_path)
+    with torch.no_grad():
+        z = stored[:3]
+        torch.testing.assert_close(DenormalizingDecoder(autoencoder, mean_t, std_t).decode(
+            normalize_channels(z, mean_t, std_t)), autoencoder.decode(z), atol=1e-5, rtol=1e-5)
+
+    def sample(name, *extra):
+        flags = [f"--{k}={v}" for k, v in DIT_FLAGS.items() if k not in ("image_size", "in_channels", "random_flip")]
+        path = load_script("image_sample").main(flags + [
+            "--model_path", str(tmp_path / "train" / "model000001.pt"), "--autoencoder_path", autoencoder_path,
+            "--image_size", "16", "--training_mode", "edm", "--sampler", "euler", "--steps", "3", "--num_samples", "4",
+            "--log_dir", str(tmp_path / name), *extra])
+        with np.load(path) as data:
+            return data["arr_0"]
+
+    recorded = sample("recorded")  # the statistics come from the run's config.json
+    given = sample("given", "--latent_mean=" + ",".join(map(str, mean.tolist())),
+                   "--latent_std=" + ",".join(map(str, std.tolist())))
+    assert np.abs(recorded.astype(int) - given.astype(int)).max() <= 1
+    assert not np.array_equal(recorded, sample("unnormalised", "--latent_norm", "scale"))
+
+
+def test_channel_normalisation_without_statistics_is_one_line(tmp_path, capsys):
+    for flags, expected in ((dict(), "--latent_norm channel needs per-channel statistics"),
+                            (dict(latent_mean="0,0", latent_std="1"), "one value per channel")):
+        with pytest.raises(SystemExit) as info:
+            main("edm", tiny_argv(log_dir=tmp_path, total_training_steps=1, latent_norm="channel", **flags))
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 1 and err.count("\n") == 0 and expected in err, err
