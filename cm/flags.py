@@ -162,6 +162,8 @@ SHARED_FLAGS = {
             ("optimizer", "radam", "radam (the reference's), adam or adamw (fused)", OPTIMIZERS),
             ("lr", 1e-4, "learning rate", None),
             ("weight_decay", 0.0, "optimizer weight decay", None),
+            ("adam_betas", "0.9,0.999", "the optimizer's (beta1, beta2), comma pair (MeanFlow on ImageNet: 0.9,0.95)",
+             None),
             ("lr_anneal_steps", 0, "anneal lr linearly to 0 over this many steps (0: constant)", None),
             ("lr_warmup_steps", 0, "raise lr linearly over the first steps (0: no warm-up)", None),
         ),

@@ -43,7 +43,8 @@ from .train_util import parse_ema_rates
 from .training_modes import FLAGS, get_training_mode
 
 # what runs stored before a setting existed did (their per-rank RNG streams), compared as their value at resume
-BEFORE_IT_EXISTED = {"run.sample_indexed_rng": False}
+BEFORE_IT_EXISTED = {"run.sample_indexed_rng": False, "latent.latent_norm": "scale", "latent.latent_mean": "",
+                     "latent.latent_std": "", "optimizer.adam_betas": "0.9,0.999"}
 LAYOUT_RECORD = "layout_changes"  # run.layout_changes: one line per resume on another number of ranks
 # decided values that follow from flags which do not change what a run computes
 OPERATIONAL_KEYS = frozenset({"loop.time_limit", f"run.{LAYOUT_RECORD}"})

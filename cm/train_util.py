@@ -66,16 +66,27 @@ from .training_modes import get_training_mode
 # ----- small pieces ----------------------------------------------------------------------------
 
 
-def make_optimizer(name, params, lr, weight_decay):
+def make_optimizer(name, params, lr, weight_decay, betas=(0.9, 0.999)):
     """RAdam (the reference's), Adam or AdamW; Adam and AdamW use the fused kernel (no host sync on skips)."""
     params = list(params)
     if name == "radam":
-        return torch.optim.RAdam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.RAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def parse_betas(text):
+    """'0.9,0.95' -> (0.9, 0.95): the optimizer's beta1, beta2, each in [0, 1)."""
+    try:
+        betas = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"--adam_betas must be two numbers in [0, 1) like 0.9,0.999, got {text!r}")
+    return betas
 
 
 def parse_ema_rates(ema_rate):
@@ -146,6 +157,7 @@ class TrainLoop:
     :param fp16_scale_growth: lg_loss_scale increase per good fp16 step.
     :param schedule_sampler: sigma sampler for the EDM loss (default lognormal P_mean -1.2, P_std 1.2).
     :param weight_decay: optimizer weight decay.
+    :param adam_betas: the optimizer's "beta1,beta2" (default 0.9,0.999).
     :param lr_anneal_steps: linearly anneal lr to 0 over this many steps (0: constant).
     :param lr_warmup_steps: raise lr linearly from lr / lr_warmup_steps to lr over the first steps (0: none).
     :param use_bf16: bfloat16 autocast.
@@ -200,6 +212,7 @@ class TrainLoop:
         fp16_scale_growth=1e-3,
         schedule_sampler=None,
         weight_decay=0.0,
+        adam_betas="0.9,0.999",
         lr_anneal_steps=0,
         lr_warmup_steps=0,
         use_bf16=False,
@@ -238,6 +251,7 @@ class TrainLoop:
         self.resume_checkpoint = resume_checkpoint
         self.schedule_sampler = schedule_sampler or LogNormalSampler()
         self.weight_decay = weight_decay
+        self.betas = parse_betas(adam_betas)
         self.lr_anneal_steps = lr_anneal_steps
         self.lr_warmup_steps = lr_warmup_steps
         self.optimizer_name = optimizer
@@ -279,7 +293,7 @@ class TrainLoop:
         self.mp_trainer = MixedPrecisionTrainer(
             model=model, use_fp16=use_fp16, use_bf16=use_bf16, fp16_scale_growth=fp16_scale_growth
         )
-        self.opt = make_optimizer(optimizer, self.mp_trainer.master_params, lr, weight_decay)
+        self.opt = make_optimizer(optimizer, self.mp_trainer.master_params, lr, weight_decay, self.betas)
         self.ema_params = [[p.detach().clone() for p in self.mp_trainer.master_params] for _ in self.ema_rate]
         self.skip_run = torch.zeros((), device=self.device)
         self.schedule_values = {}  # the named values of the mode's schedule at this step (CMTrainLoop)
@@ -905,7 +919,8 @@ class CMTrainLoop(TrainLoop):
         logger.log(f"{self.mode.name}: step {self.step}, N = {n}; the student becomes the teacher")
         drop_gathered(self.teacher_model)  # its registered parameters are the shards again
         update_ema(self.teacher_model.parameters(), self.model.parameters(), rate=0.0)
-        self.opt = make_optimizer(self.optimizer_name, self.mp_trainer.master_params, self.lr, self.weight_decay)
+        self.opt = make_optimizer(self.optimizer_name, self.mp_trainer.master_params, self.lr, self.weight_decay,
+                                  self.betas)
         self._anneal_lr()
         for params in self.ema_params:
             update_ema(params, self.mp_trainer.master_params, rate=0.0)

@@ -304,7 +304,7 @@ def test_reference_launch_lines_build_the_reference_objective(line):
     if "--end_scales" in flags:
         assert schedule["end_scales"] == int(flags["--end_scales"])
     assert config["optimizer"] == dict(optimizer="radam", lr=float(flags["--lr"]), weight_decay=0.0, lr_anneal_steps=0,
-                                       lr_warmup_steps=0)
+                                       lr_warmup_steps=0, adam_betas="0.9,0.999")  # RAdam's default betas
 
 
 def test_a_run_shorter_than_its_lr_decay_warns_in_one_line(capsys):

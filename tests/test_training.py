@@ -222,6 +222,17 @@ def test_fp16_inf_gradient_skips_the_step_and_lowers_the_loss_scale():
         assert float(trainer.lg_loss_scale) == pytest.approx(scale - 1 + 1e-3)
         assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+def test_adam_betas_reach_the_optimizer_and_bad_pairs_are_one_line(tmp_path):
+    assert train_util.parse_betas("0.9,0.95") == (0.9, 0.95)
+    for bad in ("0.9", "0.9,1.0", "a,b", "0.9,0.95,0.99"):
+        with pytest.raises(ValueError, match="--adam_betas must be two numbers"):
+            train_util.parse_betas(bad)
+    loop = main("edm", tiny_argv(log_dir=tmp_path, total_training_steps=1, optimizer="adam", adam_betas="0.9,0.95"))
+    assert loop.opt.param_groups[0]["betas"] == (0.9, 0.95)
+    default = train_util.make_optimizer("radam", [torch.nn.Parameter(torch.zeros(2))], 1e-4, 0.0)
+    assert default.param_groups[0]["betas"] == (0.9, 0.999)  # the reference's RAdam
+
+
 
 def test_fp16_gradients_are_unscaled_before_the_update():
     torch.manual_seed(0)
