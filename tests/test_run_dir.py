@@ -62,6 +62,18 @@ def test_config_differences_ignore_what_does_not_change_the_result():
     assert config_differences(a, b) == ["loop.lr_anneal_steps: 0 -> 5", "run.world_size: 1 -> 2"]
 
 
+def test_a_run_from_before_a_flag_existed_resumes_with_the_flag_at_its_default():
+    """Settings added later (latent normalisation, Adam betas, the sample-indexed RNG) read as their defaults in the
+    configuration of a run that predates them; another value is a difference."""
+    old = {"training_mode": "edm", "latent": {"autoencoder_path": ""}, "optimizer": {"lr": 1e-4}, "run": {"seed": 0}}
+    new = {"training_mode": "edm", "optimizer": {"lr": 1e-4, "adam_betas": "0.9,0.999"}, "run": {"seed": 0,
+        "sample_indexed_rng": False}, "latent": {"autoencoder_path": "", "latent_norm": "scale", "latent_mean": "",
+                                                  "latent_std": ""}}
+    assert config_differences(old, new) == []
+    new["optimizer"]["adam_betas"] = "0.9,0.95"
+    assert config_differences(old, new) == ["optimizer.adam_betas: 0.9,0.999 -> 0.9,0.95"]
+
+
 def test_a_run_may_be_made_longer_when_its_past_schedule_stays(tmp_path, capsys):
     fixed = dict(scale_mode="fixed", target_ema_mode="fixed", start_scales=10)
     ct(tmp_path / "fixed", **fixed)
