@@ -422,7 +422,8 @@ def multistep_options(settings):
 
 def trigflow_twostep_options(settings):
     """sCM two-step: the intermediate TrigFlow time, with the denoiser's sigma_data."""
-    return dict(t_mid=settings["t_mid"], sigma_data=settings["diffusion"].sigma_data)
+    t_mid = T_MID if settings["t_mid"] is None else settings["t_mid"]
+    return dict(t_mid=t_mid, sigma_data=settings["diffusion"].sigma_data)
 
 
 @dataclass(frozen=True)
@@ -496,7 +497,7 @@ def karras_sample(
     x_T=None,
     guidance_scale=1.0,
     clamp=True,
-    t_mid=T_MID,
+    t_mid=None,
 ):
     """Draw samples of `shape` from `model` wrapped by `diffusion` (a KarrasDenoiser) with the named sampler.
 
@@ -506,7 +507,8 @@ def karras_sample(
     :param x_T: starting noise at sigma_max (default: generator.randn(shape) * sigma_max).
     :param guidance_scale: w of classifier-free guidance, or the guidance input of LCM students (1: none).
     :param clamp: clamp the result to [-1, 1] (images; latents are left as they are).
-    :param t_mid: trigflow_twostep's intermediate TrigFlow time (sCM: 1.1), with the denoiser's sigma_data.
+    :param t_mid: the intermediate time of the two-step samplers that take one: trigflow_twostep's TrigFlow time
+        (default sCM's 1.1, with the denoiser's sigma_data), tcm_twostep's noise level (default the pair's t').
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")

@@ -53,6 +53,7 @@ EVAL_RESERVE_S = 15  # sampling, the two-step search and the metrics after train
 # two-step command (--ts 0,22,39 on a 40-point grid)
 DEFAULT_MID_FRACTION = 22 / 39
 T_MIDS = tuple(round(0.3 + 0.1 * i, 1) for i in range(13))  # sCM two-step: intermediate times searched, 0.3 .. 1.5
+TCM_MIDS = (0.2, 0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0)  # TCM two-step: noise levels searched (TCM's default: t')
 FLOW_GRID = 20  # flow-map two-step: the intermediate time searched among 1 - i / 20 (MeanFlow's default: 0.5)
 # --mode: the plans the training modes declare (cm.training_modes): the stages of the run as (name, preset in
 # configs/, training mode); each stage's EMA model is the teacher of the next
@@ -184,14 +185,15 @@ def best_two_step_ts(diffusion, model, n, image_size, seed, classifier, num=300)
     return (0, mid, n - 1)
 
 
-def best_t_mid(diffusion, model, image_size, seed, classifier, num=300):
-    """sCM two-step sampling: the intermediate time t_mid among T_MIDS by the same search, scored the same way."""
+def best_t_mid(diffusion, model, image_size, seed, classifier, num=300, sampler="trigflow_twostep", mids=T_MIDS):
+    """Two-step samplers with an intermediate time (sCM's TrigFlow t_mid, TCM's noise level): the one among `mids` by
+    the same search, scored the same way."""
     def score(i):
-        x = draw(diffusion, model, num, image_size, seed, sampler="trigflow_twostep", steps=2, t_mid=T_MIDS[i])
+        x = draw(diffusion, model, num, image_size, seed, sampler=sampler, steps=2, t_mid=mids[i])
         return digits_metrics(x.cpu(), classifier)["digits_fid"]
 
-    best, _ = ternary_search(score, 0, len(T_MIDS) - 1)
-    return T_MIDS[best]
+    best, _ = ternary_search(score, 0, len(mids) - 1)
+    return mids[best]
 
 
 def best_flow_mid(diffusion, model, image_size, seed, classifier, num=300):
@@ -208,13 +210,18 @@ def few_step_samples(loop, model, diffusion, size, opts, classifier):
     """(one-step samples, {"default", "searched": two-step samples}, {the same: their times}) with the samplers of
     the stage's training mode: consistency models at Karras-grid indices (the reference's fraction, and the index
     found by search), sCM models at TrigFlow times (T, t_mid) (the paper's t_mid, and the one found by search), flow
-    maps at flow times (1, t_mid) (0.5, and the one found by search)."""
+    maps at flow times (1, t_mid) (0.5, and the one found by search), TCM pairs at noise levels (80, t_mid, 0) (t', and
+    the one found by search)."""
     one_step, two_step = loop.mode.samplers
     if two_step == "multistep":
         n = loop.schedule_fn(loop.step - 1)["num_scales"]
         ts = {"default": default_two_step_ts(n),
               "searched": best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier, opts.search_samples)}
         kwargs = {which: dict(steps=n, ts=t) for which, t in ts.items()}
+    elif two_step == "tcm_twostep":
+        t_mid = best_t_mid(diffusion, model, size, opts.seed + 1, classifier, opts.search_samples, two_step, TCM_MIDS)
+        ts = {"default": (80.0, diffusion.transition_t, 0.0), "searched": (80.0, t_mid, 0.0)}
+        kwargs = {which: dict(steps=2, t_mid=t[1]) for which, t in ts.items()}
     elif two_step == "meanflow":
         mid = best_flow_mid(diffusion, model, size, opts.seed + 1, classifier, opts.search_samples)
         ts = {"default": (1.0, 0.5), "searched": (1.0, 1 - mid / FLOW_GRID)}

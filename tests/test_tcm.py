@@ -85,6 +85,21 @@ def test_tcm_two_step_sampling_denoises_at_80_then_at_t_prime_with_stage_2():
     expect = composed.denoise(stage2, x_mid, torch.ones(2))[1]
     assert torch.equal(seen[1]["denoised"], expect) and torch.equal(x, expect.clamp(-1, 1))
     assert not torch.equal(expect, TruncatedDenoiser(transition_t=1.0).denoise(stage1, x_mid, torch.ones(2))[1])
+    # another intermediate level (the quickstart's search): below t' the second denoising is stage 1's
+    seen = []
+    karras_sample(composed, stage2, (2, 3, 4, 4), steps=2, sampler="tcm_twostep", clip_denoised=False, t_mid=0.5,
+                  generator=get_generator("determ", 2, 0), callback=seen.append)
+    assert [info["sigma"] for info in seen] == [80.0, 0.5]
+    assert torch.equal(seen[1]["denoised"], composed.denoise(stage2, seen[1]["x"], torch.full((2,), 0.5))[1])
+
+
+def test_the_quickstart_scores_tcm_two_step_at_t_prime_and_at_the_searched_level(tmp_path):
+    quickstart = load_script("quickstart")
+    metrics = quickstart.main(["--mode", "tcm", "--steps", "2", "--out", str(tmp_path), "--num_samples", "16",
+                               "--search_samples", "16"])
+    assert metrics["two_step_ts_default"] == [80.0, 1.0, 0.0]
+    searched = metrics["two_step_ts_searched"]
+    assert searched[0] == 80.0 and searched[2] == 0.0 and searched[1] in quickstart.TCM_MIDS
 
 
 def test_boundary_weights_give_the_rest_mean_plus_w_times_the_boundary_mean():

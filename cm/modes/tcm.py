@@ -98,8 +98,10 @@ def sample_tcm_twostep(denoiser, x, sigmas, generator=None, progress=False, call
 
 
 def tcm_twostep_options(settings):
-    """The intermediate time is the denoiser's t' (TCM's default), the last level sigma_min."""
-    return dict(t_mid=settings["diffusion"].transition_t, t_min=settings["sigma_min"])
+    """The intermediate noise level: karras_sample's t_mid, by default the denoiser's t' (TCM's); the last level
+    sigma_min."""
+    t_mid = settings["diffusion"].transition_t if settings["t_mid"] is None else settings["t_mid"]
+    return dict(t_mid=t_mid, t_min=settings["sigma_min"])
 
 
 register_sampler("tcm_twostep", Sampler(sample_tcm_twostep, options=tcm_twostep_options))
@@ -218,6 +220,7 @@ MODES = (
         make_denoiser=tcm_denoiser,
         companion_network=STAGE1_FILE,
         attach_companion=attach_stage1,
+        samplers=("onestep", "tcm_twostep"),
         check_config=check_tcm_config,
         **ECT_SCHEDULE_ENTRY,
         flag_defaults=dict(  # NVlabs/TCM's CIFAR-10 stage 2: batch 1024, RAdam lr 5e-5, 1 / (t - r) weights
