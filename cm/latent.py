@@ -157,22 +157,29 @@ def load_autoencoder(path, device="cpu"):
 # ----- training data as latents ------------------------------------------------------------------------------------
 
 
-class LatentStream:
-    """A training data stream whose images are encoded to latents on the device (no gradients); its position
-    (state_dict / load_state_dict) and everything else are the underlying stream's."""
+class StreamView:
+    """A training data stream that changes each batch of `data`; its position (state_dict / load_state_dict),
+    log_summary and everything else are the underlying stream's."""
 
-    def __init__(self, data, autoencoder, device):
+    def __init__(self, data):
         self.data = data
-        self.autoencoder = autoencoder
-        self.device = device
 
-    def __getattr__(self, name):  # state_dict, load_state_dict, log_summary, ... of the image stream
-        if name in ("data", "autoencoder", "device"):
+    def __getattr__(self, name):  # only reached for names the view does not have itself
+        if name == "data":
             raise AttributeError(name)
         return getattr(self.data, name)
 
     def __iter__(self):
         return self
+
+
+class LatentStream(StreamView):
+    """A training data stream whose images are encoded to latents on the device (no gradients)."""
+
+    def __init__(self, data, autoencoder, device):
+        super().__init__(data)
+        self.autoencoder = autoencoder
+        self.device = device
 
     def __next__(self):
         images, cond = next(self.data)
@@ -250,20 +257,12 @@ def denormalize_channels(x, mean, std):
     return x / LATENT_CHANNEL_STD * std.to(x) + mean.to(x)
 
 
-class ChannelNormalized:
-    """A latent training stream (pre-encoded latents, or LatentStream) with every batch normalised per channel;
-    its position (state_dict / load_state_dict) and everything else are the underlying stream's."""
+class ChannelNormalized(StreamView):
+    """A latent training stream (pre-encoded latents, or LatentStream) with every batch normalised per channel."""
 
     def __init__(self, data, mean, std):
-        self.data, self.mean, self.std = data, mean, std
-
-    def __getattr__(self, name):
-        if name in ("data", "mean", "std"):
-            raise AttributeError(name)
-        return getattr(self.data, name)
-
-    def __iter__(self):
-        return self
+        super().__init__(data)
+        self.mean, self.std = mean, std
 
     def __next__(self):
         latents, cond = next(self.data)
