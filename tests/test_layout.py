@@ -142,7 +142,7 @@ def test_every_method_module_declares_flags_modes_and_nothing_else_lists_them():
 
 def test_the_quickstart_offers_the_modes_that_declare_a_digits_plan():
     plans = training_modes.quickstart_plans()
-    assert set(plans) == {"ct", "cd", "ect", "sct", "scd", "meanflow", "cmt", "tcm"}
+    assert set(plans) == {"ct", "cd", "ect", "sct", "scd", "meanflow", "ayf", "cmt", "tcm"}
     for stages in plans.values():
         for _, preset, mode in stages:
             assert mode in training_modes.TRAINING_MODES
