@@ -5,7 +5,8 @@ against a plain consistency-training step.
     python benchmarks/bench_scm.py --precision fp32 --repeats 20
     python benchmarks/bench_scm.py --device cuda --imagenet64   # the ImageNet-64 network, bf16, batch 32
 
-Each step is a whole CMTrainLoop.run_step built from the presets through the command line (CT: digits_ct.yaml;
+Each step is a whole CMTrainLoop.run_step built from the presets through the command line (CT: digits_ct.yaml on the
+other presets' network and batch;
 sCT: digits_sct.yaml; sCD: digits_scd.yaml with an untrained EDM teacher of the same network; MeanFlow:
 digits_meanflow.yaml, the same network with its second time embedding; AYF: digits_ayf.yaml, that network
 distilling from the sCD teacher); the cases are timed in turn (benchmarks/timing.py) so load on a shared machine hits
@@ -28,6 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = (("CT", "digits_ct.yaml", "consistency_training"), ("sCT", "digits_sct.yaml", "sct"),
          ("sCD", "digits_scd.yaml", "scd"), ("MeanFlow", "digits_meanflow.yaml", "meanflow"),
          ("AYF", "digits_ayf.yaml", "ayf"))
+# digits_ct.yaml trains a cheaper network at batch 16 on CPUs; the other digits presets' network and batch, so that
+# every case times the same network
+DIGITS_CT_AS_OTHERS = ["--channel_mult", "1,2,2", "--batch_size", "32"]
 IMAGENET64 = ["--image_size", "64", "--num_channels", "192", "--num_res_blocks", "3", "--channel_mult", "1,2,3,4",
               "--attention_resolutions", "32,16,8", "--num_head_channels", "64", "--resblock_updown", "true",
               "--class_cond", "true", "--batch_size", "32"]
@@ -60,13 +64,13 @@ def teacher_checkpoint(args, extra):
     return path
 
 
-def build(config, mode, args, teacher):
+def build(config, mode, args, teacher, extra=()):
     from cm.script_util import parse_args_with_config
     from cm.train_cli import build_loop, create_argparser
 
     argv = ["--config", os.path.join(ROOT, "configs", config), "--log_dir", tempfile.mkdtemp(), "--device", args.device,
             "--use_bf16", str(args.bf16).lower(), "--log_interval", "1000000", "--save_interval", "-1",
-            "--total_training_steps", "1000000", "--lr_anneal_steps", "0", *args.extra]
+            "--total_training_steps", "1000000", "--lr_anneal_steps", "0", *extra, *args.extra]
     if mode in ("scd", "ayf"):
         argv += ["--teacher_model_path", teacher]
     loop = build_loop(parse_args_with_config(create_argparser(mode), argv))
@@ -109,7 +113,8 @@ def main():
     teacher = teacher_checkpoint(args, args.extra)
     for precision in (("fp32", "bf16") if args.precision == "both" else (args.precision,)):
         args.bf16 = precision == "bf16"
-        loops = {name: build(config, mode, args, teacher) for name, config, mode in CASES}
+        loops = {name: build(config, mode, args, teacher, DIGITS_CT_AS_OTHERS if name == "CT" else ())
+                 for name, config, mode in CASES}
 
         def step(loop):
             batch, cond = next(loop.data)
