@@ -1,5 +1,6 @@
-"""--compile (regional compilation, cm.compile) against eager: one training step (forward, backward, Adam) and
-one-step sampling of a network, timed in turns, plus the compile seconds the first calls pay.
+"""--compile (regional compilation, cm.compile) against eager: a training step (forward, backward, Adam), a JVP step
+(sCT's tangent pass, then a training step) and one-step sampling of a network, timed in turns, plus the compile
+seconds the first calls pay.
 
     python benchmarks/bench_compile.py                        # the digits net (configs/digits_ct.yaml), batch 32
     python benchmarks/bench_compile.py --network small        # the 32 px comparison net, batch 8
@@ -22,6 +23,7 @@ from bench_reference import NETWORKS, describe_machine, fill_zero_parameters  # 
 from timing import interleaved_seconds, time_call  # noqa: E402
 
 from cm.compile import compile_blocks  # noqa: E402
+from cm.nn import network_jvp  # noqa: E402
 from cm.script_util import create_model  # noqa: E402
 
 BATCH = {"digits": 32, "small": 8, "tiny": 8, "imagenet64": 64}
@@ -32,6 +34,14 @@ def train_step(model, x, t, opt):
     opt.zero_grad(set_to_none=True)
     model(x, t).square().mean().backward()
     opt.step()
+
+
+def jvp_step(model, x, t, v, opt):
+    """sCT's passes on the network: a forward-mode tangent along (v, 1) without gradient (compiled blocks run eager
+    under forward AD, cm.compile), then a training step."""
+    with torch.no_grad():
+        network_jvp(model, (x, t), (v, torch.ones_like(t)))
+    train_step(model, x, t, opt)
 
 
 def main():
@@ -62,6 +72,13 @@ def main():
     seconds = interleaved_seconds(steps, args.repeats, args.device)
     print(f"training step: eager {args.repeats / seconds['eager']:.2f} steps/s, compiled "
           f"{args.repeats / seconds['compiled']:.2f} steps/s, compiled / eager "
+          f"{seconds['eager'] / seconds['compiled']:.2f}x")
+    v = torch.randn_like(x)
+    steps = {name: (lambda r, m=m, o=opts[name]: jvp_step(m, x, t, v, o))
+             for name, m in (("eager", eager), ("compiled", compiled))}  # fmt: skip
+    seconds = interleaved_seconds(steps, args.repeats, args.device)
+    print(f"JVP step (sCT's tangent pass, then a training step): eager {args.repeats / seconds['eager']:.2f} steps/s, "
+          f"compiled {args.repeats / seconds['compiled']:.2f} steps/s, compiled / eager "
           f"{seconds['eager'] / seconds['compiled']:.2f}x")
 
     with torch.inference_mode():

@@ -6,8 +6,8 @@ against a plain consistency-training step.
     python benchmarks/bench_scm.py --device cuda --imagenet64   # the ImageNet-64 network, bf16, batch 32
 
 Each step is a whole CMTrainLoop.run_step built from the presets through the command line (CT: digits_ct.yaml on the
-other presets' network and batch;
-sCT: digits_sct.yaml; sCD: digits_scd.yaml with an untrained EDM teacher of the same network; MeanFlow:
+other presets' network and batch; sCT: digits_sct.yaml, and once more with its time embedding left to autocast, as
+before --fp32_time_embedding; sCD: digits_scd.yaml with an untrained EDM teacher of the same network; MeanFlow:
 digits_meanflow.yaml, the same network with its second time embedding; AYF: digits_ayf.yaml, that network
 distilling from the sCD teacher); the cases are timed in turn (benchmarks/timing.py) so load on a shared machine hits
 all alike. Also times the pieces of the sCT step on one batch: the online forward, the JVP pass (value and tangent),
@@ -26,12 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import interleaved_seconds, time_call  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = (("CT", "digits_ct.yaml", "consistency_training"), ("sCT", "digits_sct.yaml", "sct"),
-         ("sCD", "digits_scd.yaml", "scd"), ("MeanFlow", "digits_meanflow.yaml", "meanflow"),
-         ("AYF", "digits_ayf.yaml", "ayf"))
 # digits_ct.yaml trains a cheaper network at batch 16 on CPUs; the other digits presets' network and batch, so that
 # every case times the same network
-DIGITS_CT_AS_OTHERS = ["--channel_mult", "1,2,2", "--batch_size", "32"]
+DIGITS_CT_AS_OTHERS = ("--channel_mult", "1,2,2", "--batch_size", "32")
+# (name, preset, training mode, flags over the preset); "sCT bf16 t" is sCT with the time embedding left to autocast
+# (--fp32_time_embedding false), the step before sCT's default became a float32 time embedding
+CASES = (("CT", "digits_ct.yaml", "consistency_training", DIGITS_CT_AS_OTHERS), ("sCT", "digits_sct.yaml", "sct", ()),
+         ("sCT bf16 t", "digits_sct.yaml", "sct", ("--fp32_time_embedding", "false")),
+         ("sCD", "digits_scd.yaml", "scd", ()), ("MeanFlow", "digits_meanflow.yaml", "meanflow", ()),
+         ("AYF", "digits_ayf.yaml", "ayf", ()))
 IMAGENET64 = ["--image_size", "64", "--num_channels", "192", "--num_res_blocks", "3", "--channel_mult", "1,2,3,4",
               "--attention_resolutions", "32,16,8", "--num_head_channels", "64", "--resblock_updown", "true",
               "--class_cond", "true", "--batch_size", "32"]
@@ -113,8 +116,7 @@ def main():
     teacher = teacher_checkpoint(args, args.extra)
     for precision in (("fp32", "bf16") if args.precision == "both" else (args.precision,)):
         args.bf16 = precision == "bf16"
-        loops = {name: build(config, mode, args, teacher, DIGITS_CT_AS_OTHERS if name == "CT" else ())
-                 for name, config, mode in CASES}
+        loops = {name: build(config, mode, args, teacher, extra) for name, config, mode, extra in CASES}
 
         def step(loop):
             batch, cond = next(loop.data)
@@ -126,7 +128,7 @@ def main():
         print(f"\n{precision}, batch {batch}, {sum(q.numel() for q in loops['CT'].model.parameters()):,} parameters "
               f"({args.device}, {torch.get_num_threads()} threads)")
         for name, s in per_step.items():
-            print(f"  {name:<8} {s:7.3f} s/step  {batch / s:7.1f} images/s  {s / per_step['CT']:5.2f}x CT")
+            print(f"  {name:<11} {s:7.3f} s/step  {batch / s:7.1f} images/s  {s / per_step['CT']:5.2f}x CT")
         parts = pieces(loops["sCT"], args.device)
         total = sum(parts.values())
         print("  sCT pieces: " + ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in parts.items()))

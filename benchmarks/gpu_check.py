@@ -303,8 +303,8 @@ def bench_cd_step(z):
 def bench_jvp_step(z):
     args = argparse.Namespace(device=z.device.type, bf16=z.half == torch.bfloat16, extra=z.scm_extra)
     teacher = bench_scm.teacher_checkpoint(args, args.extra)
-    loops = {name: bench_scm.build(config, mode, args, teacher) for name, config, mode in bench_scm.CASES
-             if name in ("CT", "sCD")}
+    loops = {name: bench_scm.build(config, mode, args, teacher, extra)
+             for name, config, mode, extra in bench_scm.CASES if name in ("CT", "sCD")}
     batches = {name: next(loop.data) for name, loop in loops.items()}
     calls = {name: (lambda r, l=loop, b=batches[name]: l.run_step(*b)) for name, loop in loops.items()}
     seconds = br.time_pair(calls, z.repeats, z.device)
