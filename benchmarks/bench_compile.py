@@ -2,7 +2,7 @@
 (sCT's tangent pass, then a training step) and one-step sampling of a network, timed in turns, plus the compile
 seconds the first calls pay.
 
-    python benchmarks/bench_compile.py                        # the digits net (configs/digits_ct.yaml), batch 32
+    python benchmarks/bench_compile.py                        # the digits presets' net (digits_edm.yaml), batch 32
     python benchmarks/bench_compile.py --network small        # the 32 px comparison net, batch 8
     python benchmarks/bench_compile.py --backend aot_eager    # Dynamo + AOT autograd only (no code generation)
 
@@ -67,19 +67,19 @@ def main():
 
     first = time_call(lambda: train_step(compiled, x, t, opts["compiled"]), args.device)
     print(f"compile: first training step {first:.1f} s (forward and backward graphs)")
-    steps = {name: (lambda r, m=m, o=opts[name]: train_step(m, x, t, o))
-             for name, m in (("eager", eager), ("compiled", compiled))}  # fmt: skip
-    seconds = interleaved_seconds(steps, args.repeats, args.device)
-    print(f"training step: eager {args.repeats / seconds['eager']:.2f} steps/s, compiled "
-          f"{args.repeats / seconds['compiled']:.2f} steps/s, compiled / eager "
-          f"{seconds['eager'] / seconds['compiled']:.2f}x")
+    networks = {"eager": eager, "compiled": compiled}
+
+    def compare_steps(label, step):
+        """Time step(model, optimizer) eager against compiled, in turns, and print steps/s and the ratio."""
+        calls = {name: (lambda r, m=m, o=opts[name]: step(m, o)) for name, m in networks.items()}
+        seconds = interleaved_seconds(calls, args.repeats, args.device)
+        print(f"{label}: eager {args.repeats / seconds['eager']:.2f} steps/s, compiled "
+              f"{args.repeats / seconds['compiled']:.2f} steps/s, compiled / eager "
+              f"{seconds['eager'] / seconds['compiled']:.2f}x")
+
+    compare_steps("training step", lambda m, o: train_step(m, x, t, o))
     v = torch.randn_like(x)
-    steps = {name: (lambda r, m=m, o=opts[name]: jvp_step(m, x, t, v, o))
-             for name, m in (("eager", eager), ("compiled", compiled))}  # fmt: skip
-    seconds = interleaved_seconds(steps, args.repeats, args.device)
-    print(f"JVP step (sCT's tangent pass, then a training step): eager {args.repeats / seconds['eager']:.2f} steps/s, "
-          f"compiled {args.repeats / seconds['compiled']:.2f} steps/s, compiled / eager "
-          f"{seconds['eager'] / seconds['compiled']:.2f}x")
+    compare_steps("JVP step (sCT's tangent pass, then a training step)", lambda m, o: jvp_step(m, x, t, v, o))
 
     with torch.inference_mode():
         start = time.perf_counter()

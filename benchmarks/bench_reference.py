@@ -59,7 +59,7 @@ NETWORKS = {
     "small": dict(image_size=32, num_channels=64, num_res_blocks=2, attention_resolutions="16,8", channel_mult="1,2,2",
                   num_heads=4, num_head_channels=-1, use_scale_shift_norm=True, resblock_updown=False,
                   class_cond=False, dropout=0.0),
-    # the digits network (configs/digits_ct.yaml): 16 px, 32 channels, attention at 4 px
+    # the digits presets' network (configs/digits_edm.yaml, digits_sct.yaml, ...): 16 px, 32 channels, attention at 4 px
     "digits": dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="4", channel_mult="1,2,2",
                    num_heads=4, num_head_channels=32, use_scale_shift_norm=True, resblock_updown=False,
                    class_cond=False, dropout=0.0),
