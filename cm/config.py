@@ -9,7 +9,7 @@ it with the stored one. cm.train_cli.build_loop builds the objects from it.
 
 import json
 
-from .flags import NCSNPP_FLAGS
+from .flags import DIT_FLAGS, NCSNPP_FLAGS, UNET_FLAGS
 from .latent import latent_network, resolve_latent_norm
 from .training_modes import FLAGS, get_training_mode
 
@@ -183,13 +183,16 @@ def lr_decay_warning(flags):
 
 def not_applied_notes(config):
     """Lines for --dry_run (beside the configuration, which stays whole) naming the values that do not apply to
-    this run: NCSN++-only network keys of an ADM run, and the global batch when --batch_size fixes each rank's."""
+    this run: network keys read by another network family only (NCSN++'s, DiT's, the UNets' widths and levels), and
+    the global batch when --batch_size fixes each rank's."""
     notes = []
     network = config.get("network") or {}
-    if network.get("model_type", "adm") != "ncsnpp":
-        unused = [k for k in network if k in NCSNPP_FLAGS]
-        if unused:
-            notes.append(f"note: not applied (read by NCSN++ only, this is an ADM run): network {', '.join(unused)}")
+    family = network.get("model_type", "adm")
+    others = {"adm": NCSNPP_FLAGS + DIT_FLAGS, "ncsnpp": DIT_FLAGS, "dit": NCSNPP_FLAGS + UNET_FLAGS}.get(family, ())
+    unused = [k for k in network if k in others]
+    if unused:
+        notes.append(f"note: not applied (read by other network families only; the network is {family}): "
+                     f"network {', '.join(unused)}")
     run = config.get("run") or {}
     if run.get("batch_size", -1) > 0 and "global_batch_size" in run:
         notes.append(f"note: not applied: run global_batch_size {run['global_batch_size']} (--batch_size "

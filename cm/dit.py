@@ -5,7 +5,8 @@ The image (or latent) is cut into p x p patches, each a token (a stride-p convol
 position embedding; `depth` transformer blocks follow, each conditioned on c = time embedding + class embedding
 through adaLN-Zero: LayerNorm without affine parameters, then shift / scale from c, and a gate from c on each
 residual branch, the modulation layer initialised to zero so every block starts as the identity (DiT Sec. 3.2).
-A final adaLN layer and a linear map each token back to a p x p x C patch, and the patches are put back together.
+A final adaLN layer and a linear map each token back to a p x p x C patch, and the patches are put back together;
+optionally a 3 x 3 convolution follows (U-ViT's, Bao et al. 2023), so that neighbouring patches can meet without seams.
 Attention is cm.nn.scaled_dot_product_attention: the fused kernel, with its own JVP rule under forward AD.
 
 Sizes (DiT Table 1): S 12 layers, 384 wide, 6 heads; B 12, 768, 12; L 24, 1024, 16; XL 28, 1152, 16; any with
@@ -18,6 +19,7 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import skip_init
 
 from .half_precision import HalfPrecisionBody
 from .nn import (
@@ -173,6 +175,8 @@ class DiT(HalfPrecisionBody, nn.Module):
     :param use_checkpoint: gradient checkpointing of every block.
     :param use_fp16: self.dtype float16; convert_to_fp16 makes the patch embedding and the blocks run in it.
     :param fp32_time_embedding: compute the time (and label, guidance) conditioning in float32 under autocast.
+    :param final_conv: a 3 x 3 convolution over the output image after unpatchify (U-ViT's), initialised to the
+        identity so the network starts as DiT; off, the parameters are DiT's.
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class DiT(HalfPrecisionBody, nn.Module):
         use_fp16=False,
         fp32_time_embedding=False,
         second_time_embed=False,
+        final_conv=False,
     ):
         super().__init__()
         if null_class and num_classes is None:
@@ -230,6 +235,11 @@ class DiT(HalfPrecisionBody, nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio, dropout, use_checkpoint) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        # built without drawing random numbers, so that the rest is initialised as the same DiT without it
+        self.final_conv = None
+        if final_conv:
+            self.final_conv = skip_init(nn.Conv2d, out_channels, out_channels, 3, padding=1,
+                                        device=self.x_embedder.weight.device)
         self._init_weights()
 
     def _init_weights(self):
@@ -253,6 +263,9 @@ class DiT(HalfPrecisionBody, nn.Module):
                 nn.init.normal_(layer.weight, std=0.02)
         if self.num_classes is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
+        if self.final_conv is not None:
+            nn.init.dirac_(self.final_conv.weight)
+            nn.init.zeros_(self.final_conv.bias)
 
     # ----- half precision: the patch embedding and the blocks (the embeddings and the final layer stay) -----
 
@@ -317,7 +330,10 @@ class DiT(HalfPrecisionBody, nn.Module):
         c_body = c.type(dtype)
         for block in self.blocks:
             h = block(h, c_body)
-        return self.unpatchify(self.final_layer(h.type(c.dtype), c)).type(x.dtype)
+        out = self.unpatchify(self.final_layer(h.type(c.dtype), c))
+        if self.final_conv is not None:
+            out = self.final_conv(out)
+        return out.type(x.dtype)
 
 
 def create_dit_model(dit_size_name, image_size, in_channels, out_channels, **options):

@@ -79,6 +79,8 @@ SHARED_FLAGS = {
              "latents (scripts/prepare_data.py --kind latents); --autoencoder_path sets it itself", None),
             ("dit_size", "B/2", "DiT only: size/patch of DiT Table 1 (S 12 layers x 384 wide, 6 heads; B 12 x 768, 12; "
              "L 24 x 1024, 16; XL 28 x 1152, 16; patch 2, 4 or 8; e.g. XL/2), or DEPTHxWIDTHxHEADS/PATCH", None),
+            ("dit_final_conv", False, "DiT only: a 3x3 convolution after the patches are put back together (U-ViT's; "
+             "starts as the identity), so neighbouring patches meet without seams; off keeps DiT's parameters", None),
             ("num_channels", 128, "base width of the network", None),
             ("num_res_blocks", 2, "residual blocks per resolution level", None),
             ("num_heads", 4, "attention heads (when num_head_channels is -1)", None),
@@ -317,6 +319,11 @@ def names_in(*groups):
 
 
 NCSNPP_FLAGS = tuple(name for name, flag in SHARED_FLAGS.items() if flag.help.startswith(_NCSNPP))
+DIT_FLAGS = tuple(name for name, flag in SHARED_FLAGS.items() if flag.help.startswith("DiT only: "))
+# the UNets' width, level and attention flags, which DiT (sized by --dit_size) does not read
+UNET_FLAGS = ("num_channels", "num_res_blocks", "num_heads", "num_heads_upsample", "num_head_channels",
+              "attention_resolutions", "channel_mult", "use_scale_shift_norm", "adaptive_double_norm", "resblock_updown",
+              "use_new_attention_order", "attention_type")
 
 # the reference's defaults dicts (cm.script_util), by flag name
 MODEL_AND_DIFFUSION_FLAGS = ("sigma_min", "sigma_max", "weight_schedule") + names_in("network")

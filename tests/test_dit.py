@@ -108,6 +108,32 @@ def test_position_embedding_is_fixed_sin_cos():
         sincos_position_embedding(6, 2)
 
 
+def test_final_conv_starts_as_the_same_dit_and_blends_neighbouring_patches():
+    """--dit_final_conv: the same seed gives the same DiT weights plus a 3x3 convolution that starts as the identity
+    (so the outputs agree); once trained, one patch's output reaches across into its neighbour's pixels."""
+    torch.manual_seed(0)
+    plain = dit()
+    torch.manual_seed(0)
+    conv = dit(final_conv=True)
+    extra = set(conv.state_dict()) - set(plain.state_dict())
+    assert extra == {"final_conv.weight", "final_conv.bias"}
+    assert all(torch.equal(v, conv.state_dict()[k]) for k, v in plain.state_dict().items())
+    randomize(plain)
+    conv.load_state_dict(plain.state_dict(), strict=False)
+    plain.eval(), conv.eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 10])
+    torch.testing.assert_close(conv(x, t, y), plain(x, t, y), rtol=0, atol=0)
+    with torch.device("meta"):
+        assert dit(final_conv=True).final_conv.weight.is_meta
+    # a token whose patch is rows/cols 0-1 moves pixels of the next patch only through the convolution
+    randomize(conv.final_conv, seed=2, scale=0.3)
+    h = torch.zeros(1, 16, 2 * 2 * 3)
+    h[0, 0] = 1.0
+    no_conv = plain.unpatchify(h)
+    with_conv = conv.final_conv(conv.unpatchify(h)) - conv.final_conv.bias.view(1, 3, 1, 1)
+    assert no_conv[..., 2, :].abs().max() == 0 and with_conv[..., 2, :].abs().max() > 0
+
+
 def test_state_dict_keys_are_clean_and_round_trip_bit_equal(tmp_path):
     torch.manual_seed(1)
     a = randomize(create_model(image_size=8, num_channels=0, num_res_blocks=0, class_cond=True, num_classes=10,
@@ -193,10 +219,12 @@ def relative_error(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def test_jvp_through_the_transformer_matches_float64_central_differences():
-    """Attention (the explicit JVP rule of the fused kernel), adaLN, LayerNorm, GELU, dropout and the embeddings."""
+@pytest.mark.parametrize("final_conv", [False, True])
+def test_jvp_through_the_transformer_matches_float64_central_differences(final_conv):
+    """Attention (the explicit JVP rule of the fused kernel), adaLN, LayerNorm, GELU, dropout, the embeddings (and the
+    optional final convolution)."""
     torch.manual_seed(0)
-    model = randomize(dit(), seed=1, scale=0.1).train()
+    model = randomize(dit(final_conv=final_conv), seed=1, scale=0.1).train()
     y = torch.tensor([4, 10])
     fn = lambda x, t: model(x, t, y=y)  # noqa: E731
     model64 = float64(model)
