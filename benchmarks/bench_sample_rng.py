@@ -1,7 +1,7 @@
 """Cost of the sample-indexed random draws (cm.sample_rng, --sample_indexed_rng) on a digits CT training step.
 
     python benchmarks/bench_sample_rng.py                  # configs/digits_ct.yaml, CPU
-    python benchmarks/bench_sample_rng.py --microbatch 8   # the same global batch in 4 micro-batches
+    python benchmarks/bench_sample_rng.py --microbatch 32  # the same global batch (128) in 4 micro-batches
 
 Builds the preset's loop twice in one process (per-rank streams, sample-indexed draws) and times their steps in
 turn on the same batches, so machine load hits both alike. Prints the median and best milliseconds per step, their

@@ -3,6 +3,7 @@
     python scripts/quickstart.py                  # consistency training (configs/digits_ct.yaml), ~5 minutes
     python scripts/quickstart.py --mode cd        # EDM teacher (digits_edm.yaml), then distillation (digits_cd.yaml)
     python scripts/quickstart.py --minutes 10 --out my_run --device cuda
+    python scripts/quickstart.py --train_flags "--model_type adm --batch_size 16"   # the earlier default, a UNet
 
 Everything goes to --out: one-step and two-step sample grids next to real digits, training curves, the
 checkpoints, samples as npz and metrics.json. The run uses the library's own training loop
@@ -26,6 +27,7 @@ import csv
 import math
 import os
 import platform
+import shlex
 import time
 from datetime import datetime
 
@@ -77,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=600, help="samples per metric")
     p.add_argument("--search_samples", type=int, default=300,
                    help="samples behind each digits-FID score of the two-step search")
+    p.add_argument("--train_flags", default="", help="training flags over every stage's preset, as on the training "
+                   "command line, e.g. \"--model_type adm --batch_size 16\" (the earlier default network)")
     return p.parse_args(argv)
 
 
@@ -126,7 +130,8 @@ def describe_hardware(info):
 def training_args(config, mode, log_dir, opts, extra=()):
     """Flags of one training stage: the YAML config, then the quickstart's overrides."""
     argv = ["--config", os.path.join(CONFIGS, config), "--log_dir", log_dir, "--seed", str(opts.seed),
-            "--device", opts.device, "--use_bf16", str(use_bf16(opts)).lower(), *extra]
+            "--device", opts.device, "--use_bf16", str(use_bf16(opts)).lower(), *extra,
+            *shlex.split(opts.train_flags)]
     return parse_args_with_config(create_argparser(mode), argv)
 
 

@@ -99,7 +99,8 @@ def test_ncsnpp_flag_defaults_are_the_cifar10_network():
 def test_presets_resolve_to_the_values_they_had(path):
     """Every flag of every preset keeps the value it had before the flag table (tests/data/preset_flags.json; the
     LSUN EDM ema_rate since set to the reference launch line's, the digits presets' data_dir since moved to the
-    training half digits_train, digits_ct's network and batch since made cheaper for a CPU's five minutes),
+    training half digits_train, digits_ct's network and batch since changed for a CPU's five minutes: a cheaper
+    UNet at batch 16, then a DiT at batch 128),
     and lands in the group of the object it builds."""
     with open(os.path.join(DATA, "preset_flags.json")) as f:
         before = json.load(f).get(os.path.basename(path), {})  # presets added since have no earlier values
@@ -319,7 +320,7 @@ def test_a_run_shorter_than_its_lr_decay_warns_in_one_line(capsys):
     preset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_ct.yaml")
     main(None, ["--config", preset, "--total_training_steps", "30", "--dry_run"])
     err = capsys.readouterr().err
-    assert err.count("warning: --lr_anneal_steps 1700 outlasts --total_training_steps 30") == 1
+    assert err.count("warning: --lr_anneal_steps 2300 outlasts --total_training_steps 30") == 1
 
 
 def test_dry_run_names_what_does_not_apply_beside_the_whole_configuration(capsys):
@@ -329,7 +330,12 @@ def test_dry_run_names_what_does_not_apply_beside_the_whole_configuration(capsys
     captured = capsys.readouterr()
     assert json.loads(captured.out)["network"]["fir"] is True  # the configuration itself stays whole
     notes = captured.err.strip().splitlines()
-    assert any(n.startswith("note: not applied (read by NCSN++ only") and "fir_kernel" in n for n in notes)
+    adm = [n for n in notes if n.startswith("note: not applied (read by other network families only; the network is adm)")]
+    assert len(adm) == 1 and "fir_kernel" in adm[0] and "dit_size" in adm[0] and "num_channels" not in adm[0]
     assert any("global_batch_size" in n and "--batch_size 4" in n for n in notes)
+    train_main(None, ["--training_mode", "consistency_training", "--model_type", "dit", "--dry_run"])
+    dit = capsys.readouterr().err
+    assert "the network is dit)" in dit and "num_channels" in dit and "fir_kernel" in dit and "dit_size" not in dit
     train_main(None, ["--training_mode", "consistency_training", "--model_type", "ncsnpp", "--dry_run"])
-    assert "not applied" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the network is ncsnpp)" in err and "dit_size" in err and "fir_kernel" not in err

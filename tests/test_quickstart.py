@@ -50,6 +50,18 @@ def test_the_generator_trains_on_the_training_half(tmp_path):
         assert quickstart.training_args(config, mode, str(tmp_path), opts).data_dir == "digits_train"
 
 
+def test_the_default_trains_a_dit_and_train_flags_reach_every_stage(tmp_path):
+    quickstart = load_quickstart()
+    default = quickstart.training_args("digits_ct.yaml", "consistency_training", str(tmp_path),
+                                       quickstart.parse_args(["--out", str(tmp_path)]))
+    assert (default.model_type, default.dit_size, default.dit_final_conv, default.batch_size) == ("dit", "4x192x4/8",
+                                                                                                  True, 128)
+    opts = quickstart.parse_args(["--out", str(tmp_path), "--train_flags", "--model_type adm --batch_size 16"])
+    for _, config, mode in quickstart.PLANS["ct"] + quickstart.PLANS["cd"]:
+        args = quickstart.training_args(config, mode, str(tmp_path), opts)
+        assert (args.model_type, args.batch_size, args.data_dir) == ("adm", 16, "digits_train")
+
+
 def test_time_budget_replans_steps_and_schedules_to_end_on_time(tmp_path, monkeypatch):
     from cm import time_budget
 
