@@ -61,6 +61,17 @@ def per_rank_batch(batch_size, global_batch_size, world_size):
     return max(1, global_batch_size // world_size)
 
 
+def check_guided_teacher(mode, network):
+    """One line for --teacher_guidance_scale where it cannot act: a mode whose loss does not guide its teacher, or a
+    teacher without the null class that classifier-free guidance needs."""
+    if not mode.guided_teacher:
+        raise ValueError(f"--teacher_guidance_scale applies to consistency_distillation and scd, not {mode.name} "
+                         "(lcm draws its own guidance scales: --w_min / --w_max)")
+    if not (network.get("class_cond") and network.get("null_class")):
+        raise ValueError("--teacher_guidance_scale needs a class-conditional teacher with a null class: "
+                         "--class_cond true --null_class true (the teacher trained with --class_dropout_prob 0.1)")
+
+
 def resolve_teacher(flags, mode, network):
     """The teacher's configuration (None without one) and whether the student starts from its weights."""
     path = flag_value(flags, "teacher_model_path")
@@ -74,6 +85,9 @@ def resolve_teacher(flags, mode, network):
         )
     if init_student and not path:
         raise ValueError("--init_from_teacher true needs --teacher_model_path")
+    guidance = float(flag_value(flags, "teacher_guidance_scale"))
+    if guidance != 1.0:
+        check_guided_teacher(mode, network)
     if not path:
         return None, False
     stochastic = bool(flag_value(flags, "teacher_stochastic"))
@@ -82,6 +96,7 @@ def resolve_teacher(flags, mode, network):
         "in_loss": mode.teacher_in_loss,
         "solver": flag_value(flags, "teacher_solver") if mode.teacher_ode_steps else None,
         "stochastic": stochastic,
+        "guidance_scale": guidance,
         # a diffusion model: the student's architecture without sCM's log-variance head, EDM's preconditioning
         "network": {**network, "dropout": flag_value(flags, "teacher_dropout"), "logvar_channels": 0,
                     **mode.teacher_network},

@@ -156,6 +156,9 @@ SHARED_FLAGS = {
             ("teacher_stochastic", False, "run the teacher in train mode, its dropout active (the reference ran it in "
              "eval mode)", None),
             ("teacher_solver", DEFAULT_TEACHER_SOLVER, "ODE solver for the teacher step in consistency distillation", TEACHER_SOLVERS),
+            ("teacher_guidance_scale", 1.0, "classifier-free guidance scale w of the teacher in distillation (CD, sCD): "
+             "D_w = D_u + w (D_c - D_u), the teacher class-conditional with a null class (1: the conditional teacher, "
+             "the reference's)", None),
             ("init_from_teacher", "auto", "initialise the student (and target) from the teacher: auto = yes whenever "
              "--teacher_model_path is given (the reference's behaviour)", ("auto", "true", "false")),
         ),

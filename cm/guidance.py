@@ -51,20 +51,30 @@ def guidance_mix(cond, uncond, w):
     return cond + (w - 1) * (cond - uncond)
 
 
-def guided_denoiser(denoise, model, model_kwargs, w):
-    """(x, sigma) -> D_w(x, sigma, y) from `denoise(x, sigma, **model_kwargs)` and the model's null label.
-
-    w is a number or a per-sample [B] tensor; the number 1 returns the conditional denoiser itself.
-    """
+def with_guidance(denoise, model, w):
+    """`denoise(x, sigma, **model_kwargs)` -> the guided D_w with the same signature, from the model's null label (a
+    teacher of distillation guided at a fixed scale). w is a number or a per-sample [B] tensor; the number 1 returns
+    `denoise` itself."""
     if not torch.is_tensor(w) and w == 1:
-        return lambda x, sigma: denoise(x, sigma, **model_kwargs)
-    if "y" not in model_kwargs:
-        raise ValueError(NULL_CLASS_ERROR)
+        return denoise
     null = null_label(model)
 
-    def guided(x, sigma):
+    def guided(x, sigma, **model_kwargs):
+        if "y" not in model_kwargs:
+            raise ValueError(NULL_CLASS_ERROR)
         cond = denoise(x, sigma, **model_kwargs)
         uncond = denoise(x, sigma, **{**model_kwargs, "y": torch.full_like(model_kwargs["y"], null)})
         return guidance_mix(cond, uncond, w)
 
     return guided
+
+
+def guided_denoiser(denoise, model, model_kwargs, w):
+    """(x, sigma) -> D_w(x, sigma, y) from `denoise(x, sigma, **model_kwargs)` and the model's null label.
+
+    w is a number or a per-sample [B] tensor; the number 1 returns the conditional denoiser itself.
+    """
+    if (torch.is_tensor(w) or w != 1) and "y" not in model_kwargs:
+        raise ValueError(NULL_CLASS_ERROR)
+    guided = with_guidance(denoise, model, w)
+    return lambda x, sigma: guided(x, sigma, **model_kwargs)

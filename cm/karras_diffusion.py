@@ -211,13 +211,14 @@ class KarrasDenoiser:
         noise=None,
         teacher_solver=DEFAULT_TEACHER_SOLVER,
         rng=None,
+        teacher_guidance=1.0,
     ):
-        """Consistency distillation (CM paper Alg. 2) with a teacher, consistency training (Alg. 3) without
-        (cm.modes.consistency); returns {"loss": [B], "sigma": t_n}."""
+        """Consistency distillation (CM paper Alg. 2) with a teacher (classifier-free guided for teacher_guidance
+        != 1), consistency training (Alg. 3) without (cm.modes.consistency); returns {"loss": [B], "sigma": t_n}."""
         return consistency_losses(self, model, x_start, num_scales, model_kwargs=model_kwargs,
                                   target_model=target_model, teacher_model=teacher_model,
                                   teacher_diffusion=teacher_diffusion, noise=noise, teacher_solver=teacher_solver,
-                                  rng=rng)
+                                  rng=rng, teacher_guidance=teacher_guidance)
 
     def progdist_losses(
         self,

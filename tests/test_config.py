@@ -132,7 +132,7 @@ def test_decisions_are_part_of_the_configuration():
     cd = resolve(tiny_argv(teacher_model_path="t.pt"), "consistency_distillation", world_size=1)
     assert cd["student_init"] == "teacher" and cd["denoiser"]["distillation"] is True
     assert cd["teacher"] == {"model_path": "t.pt", "in_loss": True, "solver": "heun", "stochastic": False,
-                             "network": {**cd["network"], "dropout": 0.1},
+                             "guidance_scale": 1.0, "network": {**cd["network"], "dropout": 0.1},
                              "denoiser": {**cd["denoiser"], "distillation": False}}
     ct = resolve(tiny_argv(), "consistency_training")
     assert ct["student_init"] == "random" and ct["teacher"] is None

@@ -95,3 +95,68 @@ def test_guided_sampling_of_an_edm_teacher(tmp_path, teacher_path):
     four, _ = sample(tmp_path / "four", teacher_path, "--guidance_scale", "4")
     assert np.array_equal(plain, one) and np.array_equal(labels, labels_one)
     assert not np.array_equal(plain, four)
+
+
+# ----- a guided teacher in distillation (--teacher_guidance_scale) -----
+
+
+class GuidedNetwork(torch.nn.Module):
+    """The network whose output is F_u + w (F_c - F_u) of `model`: under EDM's preconditioning D is affine in F with
+    the same c_skip x, so its denoiser is the guided D_w of `model`'s, written out independently of cm.guidance."""
+
+    def __init__(self, model, w):
+        super().__init__()
+        self.model, self.w = model, w
+
+    def forward(self, x, timesteps, y=None):
+        cond = self.model(x, timesteps, y=y)
+        uncond = self.model(x, timesteps, y=torch.full_like(y, self.model.null_label))
+        return uncond + self.w * (cond - uncond)
+
+
+def test_cd_with_a_guided_teacher_steps_the_guided_pf_ode():
+    from cm.modes.consistency import consistency_losses
+
+    teacher, _ = random_cfg_model()
+    student, diffusion = tiny_model_and_diffusion(class_cond=True, num_classes=10, null_class=True, loss_norm="l2",
+                                                  distillation=True)
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 4, 7])
+
+    def loss(teacher_model, w):
+        torch.manual_seed(0)
+        return consistency_losses(diffusion, student, x, 18, model_kwargs={"y": y}, target_model=student,
+                                  teacher_model=teacher_model, teacher_guidance=w)["loss"]
+
+    guided = loss(teacher, 3.0)
+    torch.testing.assert_close(guided, loss(GuidedNetwork(teacher, 3.0), 1.0), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(guided, loss(teacher, 1.0))
+    assert torch.equal(loss(teacher, 1.0), loss(teacher, 1))
+
+
+def test_scd_reads_the_guided_teachers_velocity():
+    from cm.modes.base import LossContext
+    from cm.modes.scm import teacher_velocity
+
+    teacher, diffusion = random_cfg_model()
+    x_t, t, y = torch.randn(3, 3, 8, 8), torch.tensor([0.3, 0.9, 1.4]), torch.tensor([0, 5, 9])
+    guided = LossContext(teacher_model=teacher, teacher_diffusion=diffusion, config={"teacher": {"guidance_scale": 2.5}})
+    written_out = LossContext(teacher_model=GuidedNetwork(teacher, 2.5), teacher_diffusion=diffusion)
+    plain = LossContext(teacher_model=teacher, teacher_diffusion=diffusion, config={"teacher": {"guidance_scale": 1.0}})
+    v = teacher_velocity(guided, 0.5)(x_t, t, y=y)
+    torch.testing.assert_close(v, teacher_velocity(written_out, 0.5)(x_t, t, y=y), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(v, teacher_velocity(plain, 0.5)(x_t, t, y=y))
+
+
+def test_guided_distillation_trains_from_the_command_line_and_refuses_what_cannot_guide(tmp_path, teacher_path):
+    for mode in ("consistency_distillation", "scd"):
+        extra = dict(time_conditioning="edm", tangent_warmup_steps=2) if mode == "scd" else dict(loss_norm="l2")
+        main(mode, tiny_argv(log_dir=tmp_path / mode, total_training_steps=2, teacher_model_path=teacher_path,
+                             teacher_guidance_scale=2.0, **CFG_FLAGS, **extra))
+        rows = read_progress(str(tmp_path / mode))
+        assert [int(r["step"]) for r in rows] == [1, 2] and all(np.isfinite(float(r["loss"])) for r in rows)
+    with pytest.raises(SystemExit):  # a teacher without the null class
+        main("consistency_distillation", tiny_argv(log_dir=tmp_path / "no_null", total_training_steps=1, teacher_model_path=teacher_path,
+                             teacher_guidance_scale=2.0, class_cond="true", num_classes=10, loss_norm="l2"))
+    with pytest.raises(SystemExit):  # a mode whose loss does not guide its teacher
+        main("progdist", tiny_argv(log_dir=tmp_path / "pd", total_training_steps=1, teacher_model_path=teacher_path,
+                                   teacher_guidance_scale=2.0, **CFG_FLAGS))

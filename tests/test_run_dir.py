@@ -72,6 +72,14 @@ def test_a_run_from_before_a_flag_existed_resumes_with_the_flag_at_its_default()
     assert config_differences(old, new) == []
     new["optimizer"]["adam_betas"] = "0.9,0.95"
     assert config_differences(old, new) == ["optimizer.adam_betas: 0.9,0.999 -> 0.9,0.95"]
+    # a distillation run from before the guided teacher and the DiT's final convolution
+    old = {"training_mode": "scd", "network": {"model_type": "dit"}, "teacher": {"solver": None,
+           "network": {"model_type": "dit"}}}
+    new = {"training_mode": "scd", "network": {"model_type": "dit", "dit_final_conv": False}, "teacher": {
+           "solver": None, "guidance_scale": 1.0, "network": {"model_type": "dit", "dit_final_conv": False}}}
+    assert config_differences(old, new) == []
+    new["teacher"]["guidance_scale"] = 1.5
+    assert config_differences(old, new) == ["teacher.guidance_scale: 1.0 -> 1.5"]
 
 
 def test_a_run_may_be_made_longer_when_its_past_schedule_stays(tmp_path, capsys):

@@ -30,6 +30,11 @@ class LossContext:
     config: dict = field(default_factory=dict)  # the resolved run configuration (cm.config), where the loop has one
 
 
+def teacher_guidance_scale(context):
+    """The classifier-free guidance scale of the loss's teacher (--teacher_guidance_scale; 1: unguided)."""
+    return float((context.config.get("teacher") or {}).get("guidance_scale", 1.0))
+
+
 @dataclass(frozen=True)
 class QuickstartPlan:
     """How scripts/quickstart.py runs a method on the embedded digits.
@@ -55,6 +60,7 @@ class TrainingMode:
     :param teacher: "required", "optional" (only to initialise the student) or "none".
     :param teacher_in_loss: the loss runs the teacher network (CD, progdist); else it is only a weight source.
     :param teacher_ode_steps: the loss steps the teacher's PF-ODE with --teacher_solver (sCD only reads its velocity).
+    :param guided_teacher: the loss can run its teacher with classifier-free guidance at --teacher_guidance_scale.
     :param target: the loop keeps a target network theta- updated by EMA with the schedule's "target_ema".
     :param uses_distance: the loss applies the denoiser's loss_norm distance (built, LPIPS loaded, at start-up).
     :param boundary_condition: f(x, sigma_min) = x scalings (CM paper App. C) instead of EDM's.
@@ -87,6 +93,7 @@ class TrainingMode:
     teacher: str = "none"
     teacher_in_loss: bool = False
     teacher_ode_steps: bool = True
+    guided_teacher: bool = False
     target: bool = False
     uses_distance: bool = True
     boundary_condition: bool = False

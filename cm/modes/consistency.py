@@ -19,11 +19,12 @@ from functools import partial
 import torch
 
 from ..errors import check_choice
+from ..guidance import guided_denoiser
 from ..nn import append_dims
 from ..random_util import DeviceRNG
 from ..sampling import euler_step, heun_step
 from ..schedules import create_ema_and_scales_fn
-from .base import QuickstartPlan, TrainingMode, consistency_pair, unweighted
+from .base import QuickstartPlan, TrainingMode, consistency_pair, teacher_guidance_scale, unweighted
 
 TEACHER_SOLVERS = {"heun": heun_step, "euler": euler_step}
 DEFAULT_TEACHER_SOLVER = "heun"  # the --teacher_solver default: the CM paper's Heun step
@@ -56,10 +57,12 @@ def denoiser_of(diffusion, model, model_kwargs):
 
 
 def consistency_losses(diffusion, model, x_start, num_scales, model_kwargs=None, target_model=None, teacher_model=None,
-                       teacher_diffusion=None, noise=None, teacher_solver=DEFAULT_TEACHER_SOLVER, rng=None):
+                       teacher_diffusion=None, noise=None, teacher_solver=DEFAULT_TEACHER_SOLVER, rng=None,
+                       teacher_guidance=1.0):
     """CD (CM paper Alg. 2) with a teacher, CT (Alg. 3) without: lambda(t_n) d(f_theta(x_n, t_n),
     f_theta-(x_hat, t_(n+1))). The target pass replays the online pass's dropout randomness (`rng`, a
-    cm.random_util.DeviceRNG; default the device's). Returns {"loss": [B], "sigma": t_n}."""
+    cm.random_util.DeviceRNG; default the device's). CD's teacher step runs the classifier-free-guided teacher
+    D_u + w (D_c - D_u) for teacher_guidance w != 1 (cm.guidance). Returns {"loss": [B], "sigma": t_n}."""
     if target_model is None:
         raise ValueError("consistency_losses needs a target_model (the EMA / stop-gradient network)")
     check_choice("teacher_solver", teacher_solver, tuple(TEACHER_SOLVERS))
@@ -75,7 +78,9 @@ def consistency_losses(diffusion, model, x_start, num_scales, model_kwargs=None,
         # one ODE step to t_(n+1): the teacher's (CD) or the exact one for the same noise (CT)
         if teacher_model is None:
             return x_start + noise * append_dims(t_next, dims)
-        teacher = denoiser_of(teacher_diffusion or diffusion, teacher_model, model_kwargs)
+        edm = teacher_diffusion or diffusion
+        teacher = guided_denoiser(lambda x, sigma, **kw: edm.denoise(teacher_model, x, sigma, **kw)[1], teacher_model,
+                                  model_kwargs, teacher_guidance)
         return TEACHER_SOLVERS[teacher_solver](teacher, x_t, t, t_next)
 
     online, target = consistency_pair(
@@ -137,7 +142,8 @@ def bind_consistency_loss(diffusion, context):
     denoiser's `consistency_losses` (the reference's method, which a subclass may override)."""
     return grid_loss(partial(diffusion.consistency_losses, target_model=context.target_model,
                              teacher_model=context.teacher_model, teacher_diffusion=context.teacher_diffusion,
-                             teacher_solver=context.teacher_solver or DEFAULT_TEACHER_SOLVER))
+                             teacher_solver=context.teacher_solver or DEFAULT_TEACHER_SOLVER,
+                             teacher_guidance=teacher_guidance_scale(context)))
 
 
 def bind_progdist_loss(diffusion, context):
@@ -159,6 +165,7 @@ MODES = (
         description="consistency distillation from an EDM teacher (CM paper Alg. 2)",
         teacher="required",
         teacher_in_loss=True,
+        guided_teacher=True,
         **CONSISTENCY_ENTRY,
         quickstart=QuickstartPlan("cd", (("EDM", "digits_edm.yaml", "edm"),
                                          ("CD", "digits_cd.yaml", "consistency_distillation"))),

@@ -19,6 +19,7 @@ There is no target network: the JVP pass is the online network under stop-gradie
 import torch
 
 from ..flags import SHARED_FLAGS, flag_rows
+from ..guidance import with_guidance
 from ..nn import JVP_METHODS, mean_flat, network_jvp
 from ..random_util import DeviceRNG
 from ..trigflow import (
@@ -31,7 +32,7 @@ from ..trigflow import (
     trigflow_x_t,
     velocity_from_denoiser,
 )
-from .base import QuickstartPlan, TrainingMode, consistency_pair, unweighted, unwrap_ddp
+from .base import QuickstartPlan, TrainingMode, consistency_pair, teacher_guidance_scale, unweighted, unwrap_ddp
 
 
 # ----- the sCM objective ---------------------------------------------------------------------------
@@ -167,11 +168,14 @@ def scm_schedule(tangent_warmup_steps, total_steps):
 
 
 def teacher_velocity(context, sigma_data):
-    """sCD's teacher: the PF-ODE v(x_t, t) of the EDM teacher (TrigFlow coordinates), or None for sCT."""
+    """sCD's teacher: the PF-ODE v(x_t, t) of the EDM teacher (TrigFlow coordinates; classifier-free guided at
+    --teacher_guidance_scale), or None for sCT."""
     if context.teacher_model is None:
         return None
     teacher, edm = context.teacher_model, context.teacher_diffusion
-    return velocity_from_denoiser(lambda x, sigma, **kw: edm.denoise(teacher, x, sigma, **kw)[1], sigma_data)
+    denoise = with_guidance(lambda x, sigma, **kw: edm.denoise(teacher, x, sigma, **kw)[1], teacher,
+                            teacher_guidance_scale(context))
+    return velocity_from_denoiser(denoise, sigma_data)
 
 
 def bind_scm_loss(diffusion, context):
@@ -269,6 +273,7 @@ MODES = (
         description="continuous-time consistency distillation, sCD (Lu & Song 2024), from an EDM teacher",
         teacher="required",
         teacher_in_loss=True,
+        guided_teacher=True,
         teacher_ode_steps=False,  # the tangent reads the teacher's velocity; no solver steps
         # the student from scratch: the EDM teacher's weights expect its time input (--time_conditioning edm)
         flag_defaults=dict(init_from_teacher="false", logvar_channels=128, fp32_time_embedding=True,
