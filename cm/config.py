@@ -11,7 +11,7 @@ import json
 
 from .flags import DIT_FLAGS, NCSNPP_FLAGS, UNET_FLAGS
 from .latent import latent_network, resolve_latent_norm
-from .training_modes import FLAGS, get_training_mode
+from .training_modes import FLAGS, TRAINING_MODES, get_training_mode
 
 LEARN_SIGMA_ERROR = (
     "learn_sigma true gives the network 6 output channels, which no loss or sampler of these models uses "
@@ -65,8 +65,9 @@ def check_guided_teacher(mode, network):
     """One line for --teacher_guidance_scale where it cannot act: a mode whose loss does not guide its teacher, or a
     teacher without the null class that classifier-free guidance needs."""
     if not mode.guided_teacher:
-        raise ValueError(f"--teacher_guidance_scale applies to consistency_distillation and scd, not {mode.name} "
-                         "(lcm draws its own guidance scales: --w_min / --w_max)")
+        guided = " and ".join(name for name, m in TRAINING_MODES.items() if m.guided_teacher)
+        raise ValueError(f"--teacher_guidance_scale applies to {guided}, not {mode.name} (lcm draws its own guidance "
+                         "scales: --w_min / --w_max)")
     if not (network.get("class_cond") and network.get("null_class")):
         raise ValueError("--teacher_guidance_scale needs a class-conditional teacher with a null class: "
                          "--class_cond true --null_class true (the teacher trained with --class_dropout_prob 0.1)")

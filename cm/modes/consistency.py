@@ -51,9 +51,10 @@ def consistency_schedule(**schedule):
 # ----- the losses -----------------------------------------------------------------------------------------------
 
 
-def denoiser_of(diffusion, model, model_kwargs):
-    """x -> D(x, sigma) of `model` under `diffusion`'s scalings."""
-    return lambda x, t: diffusion.denoise(model, x, t, **model_kwargs)[1]
+def denoiser_of(diffusion, model, model_kwargs, guidance=1.0):
+    """x -> D(x, sigma) of `model` under `diffusion`'s scalings, classifier-free guided at `guidance` (cm.guidance;
+    1: the conditional model)."""
+    return guided_denoiser(lambda x, t, **kw: diffusion.denoise(model, x, t, **kw)[1], model, model_kwargs, guidance)
 
 
 def consistency_losses(diffusion, model, x_start, num_scales, model_kwargs=None, target_model=None, teacher_model=None,
@@ -78,9 +79,7 @@ def consistency_losses(diffusion, model, x_start, num_scales, model_kwargs=None,
         # one ODE step to t_(n+1): the teacher's (CD) or the exact one for the same noise (CT)
         if teacher_model is None:
             return x_start + noise * append_dims(t_next, dims)
-        edm = teacher_diffusion or diffusion
-        teacher = guided_denoiser(lambda x, sigma, **kw: edm.denoise(teacher_model, x, sigma, **kw)[1], teacher_model,
-                                  model_kwargs, teacher_guidance)
+        teacher = denoiser_of(teacher_diffusion or diffusion, teacher_model, model_kwargs, teacher_guidance)
         return TEACHER_SOLVERS[teacher_solver](teacher, x_t, t, t_next)
 
     online, target = consistency_pair(
