@@ -79,6 +79,7 @@ SHARED_FLAGS = {
              "latents (scripts/prepare_data.py --kind latents); --autoencoder_path sets it itself", None),
             ("dit_size", "B/2", "DiT only: size/patch of DiT Table 1 (S 12 layers x 384 wide, 6 heads; B 12 x 768, 12; "
              "L 24 x 1024, 16; XL 28 x 1152, 16; patch 2, 4 or 8; e.g. XL/2), or DEPTHxWIDTHxHEADS/PATCH", None),
+            ("dit_mlp_ratio", 4.0, "DiT only: MLP hidden width / token width (4 in DiT)", None),
             ("dit_final_conv", False, "DiT only: a 3x3 convolution after the patches are put back together (U-ViT's; "
              "starts as the identity), so neighbouring patches meet without seams; off keeps DiT's parameters", None),
             ("num_channels", 128, "base width of the network", None),

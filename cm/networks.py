@@ -84,6 +84,7 @@ def create_model(
     fp32_time_embedding=False,
     second_time_embed=False,
     dit_final_conv=False,
+    dit_mlp_ratio=4.0,
     **ncsnpp_options,
 ):
     """Build the network named by model_type from flag values (ADM UNet by default, as the reference); with
@@ -98,7 +99,7 @@ def create_model(
             dit_size, image_size, in_channels, 2 * in_channels if learn_sigma else in_channels, dropout=dropout,
             num_classes=num_classes if class_cond else None, null_class=null_class, guidance_embed=guidance_embed,
             use_checkpoint=use_checkpoint, use_fp16=use_fp16, fp32_time_embedding=fp32_time_embedding,
-            second_time_embed=second_time_embed, final_conv=dit_final_conv,
+            second_time_embed=second_time_embed, final_conv=dit_final_conv, mlp_ratio=dit_mlp_ratio,
         )
         return add_logvar_head(network, logvar_channels)
     if model_type == "ncsnpp" and adaptive_double_norm:

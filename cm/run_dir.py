@@ -45,7 +45,8 @@ from .training_modes import FLAGS, get_training_mode
 # what runs stored before a setting existed did (their per-rank RNG streams), compared as their value at resume
 BEFORE_IT_EXISTED = {"run.sample_indexed_rng": False, "latent.latent_norm": "scale", "latent.latent_mean": "",
                      "latent.latent_std": "", "optimizer.adam_betas": "0.9,0.999", "teacher.guidance_scale": 1.0,
-                     "network.dit_final_conv": False, "teacher.network.dit_final_conv": False}
+                     "network.dit_final_conv": False, "teacher.network.dit_final_conv": False,
+                     "network.dit_mlp_ratio": 4.0, "teacher.network.dit_mlp_ratio": 4.0}
 LAYOUT_RECORD = "layout_changes"  # run.layout_changes: one line per resume on another number of ranks
 # decided values that follow from flags which do not change what a run computes
 OPERATIONAL_KEYS = frozenset({"loop.time_limit", f"run.{LAYOUT_RECORD}"})

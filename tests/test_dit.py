@@ -108,6 +108,13 @@ def test_position_embedding_is_fixed_sin_cos():
         sincos_position_embedding(6, 2)
 
 
+def test_mlp_ratio_flag_sets_the_hidden_width_and_defaults_to_dits():
+    kw = dict(image_size=16, num_channels=0, num_res_blocks=0, model_type="dit", dit_size="2x32x2/8")
+    assert create_model(**kw).blocks[0].mlp.fc1.out_features == 128  # DiT's 4 x width
+    narrow = create_model(**kw, dit_mlp_ratio=2.0)
+    assert narrow.blocks[1].mlp.fc1.out_features == narrow.blocks[1].mlp.fc2.in_features == 64
+
+
 def test_final_conv_starts_as_the_same_dit_and_blends_neighbouring_patches():
     """--dit_final_conv: the same seed gives the same DiT weights plus a 3x3 convolution that starts as the identity
     (so the outputs agree); once trained, one patch's output reaches across into its neighbour's pixels."""
