@@ -74,7 +74,5 @@ def guided_denoiser(denoise, model, model_kwargs, w):
 
     w is a number or a per-sample [B] tensor; the number 1 returns the conditional denoiser itself.
     """
-    if (torch.is_tensor(w) or w != 1) and "y" not in model_kwargs:
-        raise ValueError(NULL_CLASS_ERROR)
     guided = with_guidance(denoise, model, w)
     return lambda x, sigma: guided(x, sigma, **model_kwargs)
