@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from cm.digits_eval import classifier_outputs, digits_metrics, load_digits_classifier
+from cm.digits_eval import digits_metrics, load_digits_classifier
 from cm.image_util import image_grid, save_png, to_uint8
 from cm.random_util import get_generator
 from cm.sampling import karras_sample, lcm_ts
@@ -107,10 +107,8 @@ def draw(diffusion, model, num, seed, guidance, **kwargs):
 
 def score(images, labels, classifier):
     """Per-class accuracy under the digits classifier, its mean, digits-FID and coverage."""
-    _, predicted = classifier_outputs(images, classifier)
-    per_class = [float((predicted[labels == c] == c).mean()) for c in range(10)]
-    metrics = digits_metrics(images, classifier)
-    return {"per_class_accuracy": per_class, "accuracy": float(np.mean(per_class)),
+    metrics = digits_metrics(images, classifier, labels)
+    return {"per_class_accuracy": metrics["per_class_accuracy"], "accuracy": metrics["label_accuracy"],
             "digits_fid": metrics["digits_fid"], "coverage": metrics["coverage"]}
 
 

@@ -28,7 +28,7 @@ from timing import interleaved_seconds, time_call  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # digits_ct.yaml trains a DiT at batch 128 on CPUs; the other digits presets' UNet and batch, so that every case times
 # the same network
-DIGITS_CT_AS_OTHERS = ("--model_type", "adm", "--channel_mult", "1,2,2", "--batch_size", "32")
+DIGITS_CT_AS_OTHERS = ("--model_type", "adm", "--channel_mult", "1,2,2", "--batch_size", "32", "--class_cond", "false")
 # (name, preset, training mode, flags over the preset); "sCT bf16 t" is sCT with the time embedding left to autocast
 # (--fp32_time_embedding false), the step before sCT's default became a float32 time embedding
 CASES = (("CT", "digits_ct.yaml", "consistency_training", DIGITS_CT_AS_OTHERS), ("sCT", "digits_sct.yaml", "sct", ()),

@@ -87,9 +87,9 @@ class Sizes:
 
 
 def small_loop(z, precision):
-    """A CT training loop (digits preset, its UNet) from the command line, with --use_fp16 or --use_bf16, batch 4."""
+    """A CT training loop (digits preset, its unconditional UNet) from the command line, with --use_fp16 or --use_bf16, batch 4."""
     args = argparse.Namespace(device=z.device.type, bf16=precision == "bf16", extra=[
-        "--model_type", "adm", *(TINY_FLAGS if not z.cuda else []), "--batch_size", "4", "--use_fp16", str(precision == "fp16").lower()])
+        "--model_type", "adm", "--class_cond", "false", *(TINY_FLAGS if not z.cuda else []), "--batch_size", "4", "--use_fp16", str(precision == "fp16").lower()])
     return bench_scm.build("digits_ct.yaml", "consistency_training", args, None)
 
 

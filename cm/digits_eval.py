@@ -133,8 +133,17 @@ def _reference_features(classifier, image_size):
     return per_size[image_size]
 
 
-def digits_metrics(samples, classifier=None):
-    """digits-FID of samples against the reference split at the samples' resolution, coverage, class histogram.
+def per_class_accuracy(classes, labels, num_classes=10):
+    """Per class c: the share of the images labelled c that the classifier reads as c (NaN where none is)."""
+    labels = np.asarray(labels)
+    return [float((classes[labels == c] == c).mean()) if (labels == c).any() else float("nan")
+            for c in range(num_classes)]
+
+
+def digits_metrics(samples, classifier=None, labels=None):
+    """digits-FID of samples against the reference split at the samples' resolution, coverage, class histogram;
+    given the labels the samples were asked for (class-conditional samples), also the per-class accuracy (the
+    share of class-c samples the classifier reads as c) and its mean over the classes, label_accuracy.
 
     The reference split's features are cached per (classifier, size): a classifier must not change after use.
     """
@@ -143,20 +152,24 @@ def digits_metrics(samples, classifier=None):
     classifier = classifier or load_digits_classifier()
     ref_feats = _reference_features(classifier, _image_size(samples))
     feats, classes = classifier_outputs(samples, classifier)
-    return {
+    metrics = {
         "digits_fid": float(frechet_distance(feats, ref_feats)),
         "coverage": coverage(classes),
         "class_histogram": np.bincount(classes, minlength=10).tolist(),
     }
+    if labels is not None:
+        per_class = per_class_accuracy(classes, labels)
+        metrics.update(per_class_accuracy=per_class, label_accuracy=float(np.nanmean(per_class)))
+    return metrics
 
 
 def real_data_floor(image_size=8, classifier=None):
     """digits_metrics and memorisation_check of the floor split at image_size: what new real digits score (the
     check leaves each floor digit out of the held-out digits it is compared with)."""
-    floor_x, _ = digits_split("floor", image_size)
+    floor_x, floor_y = digits_split("floor", image_size)
     num_reference = len(digits_split("reference", image_size)[0])
     own_index = num_reference + torch.arange(len(floor_x))  # each floor digit's place among the held-out ones
-    return {**digits_metrics(floor_x, classifier), **memorisation_check(floor_x, skip=own_index)}
+    return {**digits_metrics(floor_x, classifier, floor_y), **memorisation_check(floor_x, skip=own_index)}
 
 
 def nearest_distances(queries, references, skip=None):

@@ -166,12 +166,25 @@ def sampling_denoiser(loop):
     return loop.diffusion
 
 
+def sample_labels(model, num):
+    """The labels a class-conditional model is sampled with: the classes in turn (sample k asks for class
+    k mod num_classes, so every class gets its share and a grid ten wide has one class per column); None for an
+    unconditional model."""
+    num_classes = getattr(model, "num_classes", None)
+    return None if num_classes is None else torch.arange(num) % num_classes
+
+
 def draw(diffusion, model, num, image_size, seed, **sampler):
-    """num samples with a seeded generator (sample k depends only on the seed and k)."""
+    """num samples with a seeded generator (sample k depends only on the seed and k), class-conditional models
+    asked for sample_labels."""
     g = get_generator("determ", num, seed)
+    device = next(model.parameters()).device
+    labels = sample_labels(model, num)
+    if labels is not None:
+        sampler = dict(sampler, model_kwargs={"y": labels.to(device)})
     with torch.inference_mode():
-        return karras_sample(diffusion, model, (num, 3, image_size, image_size), generator=g,
-                             device=next(model.parameters()).device, **sampler)
+        return karras_sample(diffusion, model, (num, 3, image_size, image_size), generator=g, device=device,
+                             **sampler)
 
 
 def default_two_step_ts(n):
@@ -242,9 +255,10 @@ def few_step_samples(loop, model, diffusion, size, opts, classifier):
     return one.cpu(), two, ts
 
 
-def save_grid(images, path, scale=4):
-    """An 8 x 8 grid of [-1, 1] images, enlarged `scale` times for viewing."""
-    grid = image_grid(to_uint8(images[:64].cpu()), ncols=8)
+def save_grid(images, path, scale=4, ncols=8):
+    """An ncols x ncols grid of [-1, 1] images, enlarged `scale` times for viewing (ten wide for a class-conditional
+    model's samples: one class per column)."""
+    grid = image_grid(to_uint8(images[:ncols * ncols].cpu()), ncols=ncols)
     save_image(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST), path)
 
 
@@ -345,9 +359,11 @@ def quickstart(opts):
     one, two, ts = few_step_samples(loop, model, diffusion, size, opts, classifier)
     real, _ = digits_split("floor", size)
 
-    save_grid(one, os.path.join(opts.out, "onestep_grid.png"))
-    save_grid(two["searched"], os.path.join(opts.out, "twostep_grid.png"))
-    save_grid(two["default"], os.path.join(opts.out, "twostep_default_grid.png"))
+    labels = sample_labels(model, opts.num_samples)
+    ncols = 8 if labels is None else model.num_classes
+    save_grid(one, os.path.join(opts.out, "onestep_grid.png"), ncols=ncols)
+    save_grid(two["searched"], os.path.join(opts.out, "twostep_grid.png"), ncols=ncols)
+    save_grid(two["default"], os.path.join(opts.out, "twostep_default_grid.png"), ncols=ncols)
     save_grid(real, os.path.join(opts.out, "real_grid.png"))
     plot_curves(stages, os.path.join(opts.out, "training_curves.png"))
     shape = f"{opts.num_samples}x{size}x{size}x3"
@@ -356,7 +372,7 @@ def quickstart(opts):
     save_npz(os.path.join(opts.out, f"samples_twostep_default_{shape}.npz"), to_uint8(two["default"]).numpy())
 
     def scores(images):
-        return {**digits_metrics(images, classifier), **memorisation_check(images)}
+        return {**digits_metrics(images, classifier, labels), **memorisation_check(images)}
 
     rows = {
         "one-step": scores(one),
@@ -364,7 +380,7 @@ def quickstart(opts):
         "two-step searched": scores(two["searched"]),
         "real digits (floor)": real_data_floor(size, classifier),
     }
-    labels = {"two-step default": f"two-step {ts['default']} default",
+    row_names = {"two-step default": f"two-step {ts['default']} default",
               "two-step searched": f"two-step {ts['searched']} searched"}
     metrics = {
         "mode": opts.mode,
@@ -381,12 +397,17 @@ def quickstart(opts):
 
     print(f"\n{opts.mode.upper()} on digits: {loop.step} steps ({metrics['precision']}), {metrics['total_minutes']} min in all")
     print(f"hardware: {describe_hardware(metrics['hardware'])}")
-    print(f"{'samples':<31}{'digits-FID':>11}{'coverage':>10}{'nearest=train':>15}{'copies':>8}")
+    asked = labels is not None  # class-conditional: how often a sample is the digit it was asked for
+    print(f"{'samples':<31}{'digits-FID':>11}{'coverage':>10}{'nearest=train':>15}{'copies':>8}"
+          + (f"{'as asked':>10}" if asked else ""))
     for key, r in rows.items():
-        print(f"{labels.get(key, key):<31}{r['digits_fid']:>11.3f}{r['coverage']:>10.3f}"
-              f"{r['nearest_is_train']:>15.3f}{r['copy_fraction']:>8.3f}")
+        print(f"{row_names.get(key, key):<31}{r['digits_fid']:>11.3f}{r['coverage']:>10.3f}"
+              f"{r['nearest_is_train']:>15.3f}{r['copy_fraction']:>8.3f}"
+              + (f"{r['label_accuracy']:>10.3f}" if asked else ""))
     print("nearest=train: share of samples whose nearest real digit is a training one (0.5: new digits, 1: copies);"
-          "\ncopies: share nearer a training digit than 95% of held-out digits are (about 0.05 for new digits)")
+          "\ncopies: share nearer a training digit than 95% of held-out digits are (about 0.05 for new digits)"
+          + ("\nas asked: share of the samples of each class the digits classifier reads as that class (their mean over "
+             "the classes;\nthe floor row: the classifier on real held-out digits)" if asked else ""))
     print(f"\ngrids, curves, checkpoints and metrics.json in {os.path.abspath(opts.out)}")
     return metrics
 

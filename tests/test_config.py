@@ -100,7 +100,7 @@ def test_presets_resolve_to_the_values_they_had(path):
     """Every flag of every preset keeps the value it had before the flag table (tests/data/preset_flags.json; the
     LSUN EDM ema_rate since set to the reference launch line's, the digits presets' data_dir since moved to the
     training half digits_train, digits_ct's network and batch since changed for a CPU's five minutes: a cheaper
-    UNet at batch 16, then a DiT at batch 128),
+    UNet at batch 16, then a DiT at batch 128, then class-conditional at lr 2e-3),
     and lands in the group of the object it builds."""
     with open(os.path.join(DATA, "preset_flags.json")) as f:
         before = json.load(f).get(os.path.basename(path), {})  # presets added since have no earlier values

@@ -62,3 +62,17 @@ def test_memorisation_check_tells_copies_from_new_digits(classifier):
     floor = real_data_floor(16, classifier)  # held-out digits, each left out of the set it is compared with
     assert 0.4 < floor["nearest_is_train"] < 0.6 and floor["copy_fraction"] < 0.1
     assert floor["nn_distance"] == pytest.approx(floor["nn_distance_real"], rel=0.1)
+
+
+def test_per_class_accuracy_reads_each_class_against_its_own_label(classifier):
+    from cm.digits_eval import per_class_accuracy
+
+    classes = np.array([0, 0, 1, 2, 2, 2])
+    assert per_class_accuracy(classes, [0, 1, 1, 2, 2, 0], num_classes=3) == [0.5, 0.5, 1.0]
+    assert np.isnan(per_class_accuracy(classes, [0, 0, 0, 0, 0, 0], num_classes=2)[1])  # no sample asked for 1
+    x, y = digits_split("floor", 16)
+    real = digits_metrics(x, classifier, y)
+    assert real["label_accuracy"] > 0.9 and len(real["per_class_accuracy"]) == 10
+    shuffled = digits_metrics(x, classifier, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))])
+    assert shuffled["label_accuracy"] < 0.3  # labels that do not belong to the images
+    assert shuffled["digits_fid"] == real["digits_fid"] and "label_accuracy" not in digits_metrics(x, classifier)

@@ -41,6 +41,46 @@ def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode, default_ts, 
     assert f"two-step {tuple(default_ts)} default" in printed and "nearest=train" in printed
     stage = "ct" if mode == "ct" else "cd"
     assert "model000008.pt" in os.listdir(tmp_path / stage)
+    from PIL import Image
+    width, _ = Image.open(tmp_path / "onestep_grid.png").size
+    if mode == "ct":  # the default is class-conditional: a column per digit, and how often a sample is as asked
+        assert width == 4 * (10 * 17 + 1) and "as asked" in printed
+        for row in ("one-step", "two-step searched", "real digits (floor)"):
+            assert 0 <= saved[row]["label_accuracy"] <= 1 and len(saved[row]["per_class_accuracy"]) == 10
+        assert floor["label_accuracy"] > 0.9  # the classifier on real held-out digits
+    else:
+        assert width == 4 * (8 * 17 + 1) and "as asked" not in printed and "label_accuracy" not in saved["one-step"]
+
+
+def test_a_class_conditional_model_is_sampled_with_every_class_in_turn(tmp_path):
+    import torch
+    quickstart = load_quickstart()
+    args = quickstart.training_args("digits_ct.yaml", "consistency_training", str(tmp_path),
+                                    quickstart.parse_args(["--out", str(tmp_path)]),
+                                    ["--dit_size", "1x16x2/8", "--batch_size", "2"])
+    loop = quickstart.build_loop(args)
+    model = loop.model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # DiT starts with zero outputs (adaLN-Zero), where the label would not show
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    assert quickstart.sample_labels(model, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    first = quickstart.draw(loop.diffusion, model, 12, 16, seed=3, sampler="onestep", steps=40)
+    again = quickstart.draw(loop.diffusion, model, 10, 16, seed=3, sampler="onestep", steps=40)
+    assert torch.allclose(first[:10], again, atol=1e-5)  # sample k depends on the seed and k alone, label included
+    from cm.random_util import get_generator
+    from cm.sampling import karras_sample
+
+    def asked(labels):
+        with torch.inference_mode():
+            return karras_sample(loop.diffusion, model, (10, 3, 16, 16), generator=get_generator("determ", 10, 3),
+                                 sampler="onestep", steps=40, model_kwargs={"y": labels})
+    assert torch.equal(again, asked(torch.arange(10)))  # sample k asks for class k mod 10
+    assert not torch.equal(again, asked(torch.zeros(10, dtype=torch.long)))
+    unconditional = quickstart.build_loop(quickstart.training_args(
+        "digits_ct.yaml", "consistency_training", str(tmp_path / "u"), quickstart.parse_args(["--out", str(tmp_path)]),
+        ["--dit_size", "1x16x2/8", "--batch_size", "2", "--class_cond", "false"])).model
+    assert quickstart.sample_labels(unconditional, 12) is None
 
 
 def test_the_generator_trains_on_the_training_half(tmp_path):
@@ -56,6 +96,7 @@ def test_the_default_trains_a_dit_and_train_flags_reach_every_stage(tmp_path):
                                        quickstart.parse_args(["--out", str(tmp_path)]))
     assert (default.model_type, default.dit_size, default.dit_final_conv, default.batch_size) == ("dit", "4x192x4/8",
                                                                                                   True, 128)
+    assert (default.class_cond, default.num_classes, default.lr) == (True, 10, 2e-3)
     opts = quickstart.parse_args(["--out", str(tmp_path), "--train_flags", "--model_type adm --batch_size 16"])
     for _, config, mode in quickstart.PLANS["ct"] + quickstart.PLANS["cd"]:
         args = quickstart.training_args(config, mode, str(tmp_path), opts)
