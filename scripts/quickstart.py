@@ -14,6 +14,8 @@ distance to the reference quarter ("digits-FID", lower is better; the floor quar
 class coverage (1 = all ten digits equally) and a nearest-neighbour memorisation check (nearest=train: share
 of samples whose nearest real digit is a training one, 0.5 for new digits, 1 for copies). Two-step sampling is
 scored at the default intermediate time (DEFAULT_MID_FRACTION of the grid) and at the ternary-searched one.
+A class-conditional model (the default preset's) is sampled with the classes in turn, its grids are ten wide (one
+digit per column), and each row also says how often a sample is the digit it was asked for ("as asked").
 Every result names the CPU it ran on and whether that CPU computes bfloat16 natively.
 
 A rerun into the same --out starts a fresh run there: the earlier results are moved into
@@ -381,7 +383,7 @@ def quickstart(opts):
         "real digits (floor)": real_data_floor(size, classifier),
     }
     row_names = {"two-step default": f"two-step {ts['default']} default",
-              "two-step searched": f"two-step {ts['searched']} searched"}
+                 "two-step searched": f"two-step {ts['searched']} searched"}
     metrics = {
         "mode": opts.mode,
         "precision": "bf16" if args.use_bf16 else "fp32",
