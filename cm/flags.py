@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .editing import TASKS
 from .karras_diffusion import DEFAULT_TEACHER_SOLVER, INDEX_SAMPLERS, TEACHER_SOLVERS, WEIGHT_SCHEDULES
+from .modes.consistency import CT_TARGETS
 from .metrics import LOSS_NORMS
 from .networks import MODEL_TYPES, NUM_CLASSES
 from .nn import JVP_METHODS
@@ -148,6 +149,12 @@ SHARED_FLAGS = {
         *flag_rows(
             "schedule_sampler",
             ("schedule_sampler", "lognormal", "EDM noise-level distribution (lognormal: P_mean -1.2, P_std 1.2)", ("lognormal", "uniform")),
+        ),
+        *flag_rows(
+            "ct_target",
+            ("ct_target", "sample", "CT's (and ECT's) target point at the nearer noise level: sample, x + t_(n+1) z "
+             "(the CM paper's); stf, an Euler step from x + t_n z with the stable target field, the batch's posterior "
+             "mean of x0 (same class when class-conditional; STF, Xu et al. 2023; SCT, Wang et al. 2024)", CT_TARGETS),
         ),
         *flag_rows(
             "teacher",
@@ -334,7 +341,7 @@ MODEL_AND_DIFFUSION_FLAGS = ("sigma_min", "sigma_max", "weight_schedule") + name
 CM_TRAIN_FLAGS = ("training_mode", "total_training_steps", "loss_norm", "index_sampler", "p_mean", "p_std",
                   "lpips_vgg_path") + names_in("teacher", "schedule")
 TRAIN_FLAGS = tuple(
-    name for name in names_in("data", "schedule_sampler", "optimizer", "loop", "run")
+    name for name in names_in("data", "schedule_sampler", "optimizer", "loop", "run", "ct_target")
     if name not in CM_TRAIN_FLAGS + MODEL_AND_DIFFUSION_FLAGS
 ) + ("use_fp16",)
 _SCRIPT_COMMON = ("training_mode", "model_path", "generator", "clip_denoised", "batch_size", "steps", "seed",

@@ -212,13 +212,15 @@ class KarrasDenoiser:
         teacher_solver=DEFAULT_TEACHER_SOLVER,
         rng=None,
         teacher_guidance=1.0,
+        ct_target="sample",
     ):
         """Consistency distillation (CM paper Alg. 2) with a teacher (classifier-free guided for teacher_guidance
-        != 1), consistency training (Alg. 3) without (cm.modes.consistency); returns {"loss": [B], "sigma": t_n}."""
+        != 1), consistency training (Alg. 3) without, its target point from the data point (ct_target "sample") or
+        the batch's stable target field ("stf") (cm.modes.consistency); returns {"loss": [B], "sigma": t_n}."""
         return consistency_losses(self, model, x_start, num_scales, model_kwargs=model_kwargs,
                                   target_model=target_model, teacher_model=teacher_model,
                                   teacher_diffusion=teacher_diffusion, noise=noise, teacher_solver=teacher_solver,
-                                  rng=rng, teacher_guidance=teacher_guidance)
+                                  rng=rng, teacher_guidance=teacher_guidance, ct_target=ct_target)
 
     def progdist_losses(
         self,

@@ -11,6 +11,9 @@ with w(t, r) = 1 / (t - r) (weight_schedule ict) and d the adaptive-weighting di
 stop-gradient with the online pass's dropout masks. Stages advance every so many images or steps, each
 shrinking dt / t by q, so the objective moves from diffusion-like (large dt) to consistency (dt -> 0).
 The schedule's values are the stage and N(k) = q^(stage + 1), the factor by which dt / t has shrunk.
+With --ct_target stf the r pass sees the Euler step from x + t z with the batch's stable target field instead of
+x + r z, and the boundary value is that field's x0 (SCT: Wang et al. 2024, ECT with this variance reduction;
+cm.modes.consistency).
 """
 
 import torch
@@ -18,7 +21,9 @@ import torch
 from ..flags import flag_rows
 from ..nn import append_dims
 from ..random_util import DeviceRNG
+from ..sampling import euler_step
 from .base import QuickstartPlan, TrainingMode, consistency_pair, unweighted, unwrap_ddp
+from .consistency import batch_x0_estimate
 
 MAPPINGS = ("sigmoid", "const")
 
@@ -110,12 +115,14 @@ def adaptive_distance(x, y, c=0.0, p=0.5):
 
 
 def ect_losses(diffusion, model, x_start, num_scales, model_kwargs=None, mapping="sigmoid", k=8.0, b=1.0, c=0.0, p=0.5,
-               t=None, noise=None, rng=None):
+               t=None, noise=None, rng=None, ct_target="sample"):
     """ECT's loss w(t, r) d(f_theta(x + t z, t), sg[f_theta(x + r z, r)]) with f(x, r) = x for r <= sigma_min.
 
     t ~ lognormal(diffusion.p_mean, diffusion.p_std) unless given; r = ect_r(t, num_scales, ...); w =
     diffusion.loss_weights(t, r) (ict: 1 / (t - r)); d = adaptive_distance(c, p). Both passes share the noise z and,
-    through `rng` (default: the device's), the dropout masks. Returns {"loss", "sigma": t, "dt_over_t"}, per sample.
+    through `rng` (default: the device's), the dropout masks. ct_target "stf" puts the batch's stable target field
+    in place of the data point x in the r pass (the module's header). Returns {"loss", "sigma": t, "dt_over_t"},
+    per sample.
     """
     model_kwargs = {} if model_kwargs is None else model_kwargs
     noise = torch.randn_like(x_start) if noise is None else noise
@@ -126,16 +133,21 @@ def ect_losses(diffusion, model, x_start, num_scales, model_kwargs=None, mapping
                          x_start.device, x_start.dtype)
     r = ect_r(t, num_scales, mapping, k, b)
     boundary = r <= diffusion.sigma_min
+    x_t = x_start + append_dims(t, dims) * noise
 
     def at_r():
-        # the same network at (x + r z, r) with the same dropout masks; at the boundary the data itself
-        x_r = x_start + append_dims(r, dims) * noise
+        # the same network at (x + r z, r) with the same dropout masks, at the boundary the data itself; with the
+        # stable target field at the Euler step to r from x_t with the field's x0, at the boundary that x0
+        x0 = batch_x0_estimate(x_start, x_t, t, model, model_kwargs, ct_target)
+        if ct_target == "sample":
+            x_r = x_start + append_dims(r, dims) * noise
+        else:
+            x_r = euler_step(lambda x, sigma: x0, x_t, t, r)
         value = diffusion.denoise(unwrap_ddp(model), x_r, r.clamp(min=diffusion.sigma_min), **model_kwargs)[1]
-        return torch.where(append_dims(boundary, dims), x_start, value.to(x_start.dtype))
+        return torch.where(append_dims(boundary, dims), x0, value.to(x_start.dtype))
 
     online, target = consistency_pair(
-        rng, online=lambda: diffusion.denoise(model, x_start + append_dims(t, dims) * noise, t, **model_kwargs)[1],
-        target=at_r,
+        rng, online=lambda: diffusion.denoise(model, x_t, t, **model_kwargs)[1], target=at_r,
     )
     loss = adaptive_distance(online, target, c, p) * diffusion.loss_weights(t, r)
     return {"loss": loss, "sigma": t, "dt_over_t": (t - r) / t}
@@ -151,10 +163,10 @@ def check_ect_config(config):
 
 
 def bind_ect_loss(diffusion, context):
-    """ECT bound to the mode's options (flag groups "ect" and "ect_schedule")."""
+    """ECT bound to the mode's options (flag groups "ect", "ect_schedule" and "ct_target")."""
     options = context.options
     settings = dict(mapping=options["ect_mapping"], k=options["ect_k"], b=options["ect_b"], c=options["ect_c"],
-                    p=options["ect_adaptive_p"])
+                    p=options["ect_adaptive_p"], ct_target=options.get("ct_target", "sample"))
 
     def loss(model, x_start, model_kwargs, schedule):
         terms = ect_losses(diffusion, model, x_start, schedule["num_scales"], model_kwargs, **settings)
@@ -197,7 +209,7 @@ MODES = (
         name="consistency_tuning",
         description="easy consistency tuning (ECT, Geng et al. 2025) of a pretrained EDM network (cm.modes.ect)",
         bind_loss=bind_ect_loss,
-        loss_groups=("ect", "ect_schedule"),
+        loss_groups=("ect", "ect_schedule", "ct_target"),
         teacher="required",  # the EDM checkpoint the student starts from; no teacher network runs in the loss
         check_config=check_ect_config,
         **ECT_SCHEDULE_ENTRY,
