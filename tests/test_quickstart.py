@@ -96,7 +96,7 @@ def test_the_default_trains_a_dit_and_train_flags_reach_every_stage(tmp_path):
                                        quickstart.parse_args(["--out", str(tmp_path)]))
     assert (default.model_type, default.dit_size, default.dit_final_conv, default.batch_size) == ("dit", "4x192x4/8",
                                                                                                   True, 128)
-    assert (default.class_cond, default.num_classes, default.lr) == (True, 10, 2e-3)
+    assert (default.class_cond, default.num_classes, default.lr, default.ct_target) == (True, 10, 2e-3, "stf")
     opts = quickstart.parse_args(["--out", str(tmp_path), "--train_flags", "--model_type adm --batch_size 16"])
     for _, config, mode in quickstart.PLANS["ct"] + quickstart.PLANS["cd"]:
         args = quickstart.training_args(config, mode, str(tmp_path), opts)
