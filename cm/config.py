@@ -11,7 +11,7 @@ import json
 
 from .flags import DIT_FLAGS, NCSNPP_FLAGS, UNET_FLAGS
 from .latent import latent_network, resolve_latent_norm
-from .training_modes import FLAGS, TRAINING_MODES, get_training_mode
+from .training_modes import FLAGS, TRAINING_MODES, get_training_mode, method_flags
 
 LEARN_SIGMA_ERROR = (
     "learn_sigma true gives the network 6 output channels, which no loss or sampler of these models uses "
@@ -179,6 +179,23 @@ def resolve_script_config(args, script_groups):
 def config_to_json(config):
     """The configuration as indented JSON (for --dry_run, config.json and checkpoints)."""
     return json.dumps(config, indent=2, sort_keys=True, default=str)
+
+
+def unread_flags_warning(flags):
+    """One line naming the training methods' own flags (their groups: ect, scm_loss, ct_target, ...) that are set away
+    from their defaults but belong to groups the run's --training_mode does not read, else None: the resolved
+    configuration holds only the mode's groups, so such a value would be dropped without a word."""
+    flags = as_flags(flags)
+    mode = TRAINING_MODES.get(flags.get("training_mode"))
+    if mode is None:
+        return None
+    read = set(mode.loss_groups) | set(mode.schedule_groups) | set(mode.denoiser_groups)
+    method_groups = {FLAGS[name].group for name in method_flags()} | {"ct_target"}
+    unread = [f"--{name} {flags[name]}" for name, flag in FLAGS.items()
+              if flag.group in method_groups - read - {"denoiser"} and name in flags and flags[name] != flag.default]
+    if not unread:
+        return None
+    return f"warning: training_mode {mode.name} does not read {', '.join(unread)}; the run goes on without them"
 
 
 def lr_decay_warning(flags):

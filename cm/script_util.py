@@ -13,7 +13,7 @@ import sys
 
 from . import dist_util, errors, logger, run_config, schedules
 from .checkpoint_io import load_fitting_state_dict
-from .config import config_to_json, group_values, lr_decay_warning, not_applied_notes
+from .config import config_to_json, group_values, lr_decay_warning, not_applied_notes, unread_flags_warning
 from .flags import CM_TRAIN_FLAGS, MODEL_AND_DIFFUSION_FLAGS, NCSNPP_FLAGS, TRAIN_FLAGS
 from .karras_diffusion import KarrasDenoiser
 from .networks import create_model, resolve_channel_mult  # noqa: F401  (the reference's location of create_model)
@@ -222,9 +222,9 @@ def run_script(parser, run, argv=None, resolve=None):
     """The body of every script's main(): flags and --config, then run(args) with bad input reported in one
     line. --dry_run prints the resolved configuration (`resolve(args)`, default the flags) and exits."""
     args = parse_args_with_config(parser, argv)
-    warning = lr_decay_warning(args)
-    if warning and launch_rank() == 0:
-        print(warning, file=sys.stderr)
+    for warning in (lr_decay_warning(args), unread_flags_warning(args)):
+        if warning and launch_rank() == 0:
+            print(warning, file=sys.stderr)
     if getattr(args, "dry_run", False):
         if resolve is None:
             print(args_to_json(args))

@@ -323,6 +323,24 @@ def test_a_run_shorter_than_its_lr_decay_warns_in_one_line(capsys):
     assert err.count("warning: --lr_anneal_steps 2300 outlasts --total_training_steps 30") == 1
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_a_method_flag_the_mode_does_not_read_warns_in_one_line(path, capsys):
+    from cm.config import unread_flags_warning
+    from cm.train_cli import main
+
+    assert unread_flags_warning(preset_args(path)) is None  # every preset sets only what its mode reads
+    if os.path.basename(path) != "digits_cd.yaml":
+        return
+    line = unread_flags_warning({"training_mode": "consistency_distillation", "ct_target": "stf", "ect_q": 4})
+    assert line == ("warning: training_mode consistency_distillation does not read --ct_target stf, --ect_q 4; "
+                    "the run goes on without them")
+    assert unread_flags_warning({"training_mode": "consistency_training", "ct_target": "stf"}) is None
+    assert unread_flags_warning({"training_mode": "consistency_tuning", "ct_target": "stf", "ect_q": 4}) is None
+    main(None, ["--config", path, "--teacher_model_path", "t.pt", "--ect_c", "0.1", "--dry_run"])
+    err = capsys.readouterr().err
+    assert err.count("warning: training_mode consistency_distillation does not read --ect_c 0.1;") == 1
+
+
 def test_dry_run_names_what_does_not_apply_beside_the_whole_configuration(capsys):
     from cm.train_cli import main as train_main
 
