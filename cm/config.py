@@ -190,7 +190,10 @@ def unread_flags_warning(flags):
     if mode is None:
         return None
     read = set(mode.loss_groups) | set(mode.schedule_groups) | set(mode.denoiser_groups)
-    method_groups = {FLAGS[name].group for name in method_flags()} | {"ct_target"}
+    # the methods' own groups: those their modules declare, and every mode's loss groups (ct_target sits in the
+    # shared table but only CT and ECT read it)
+    method_groups = {FLAGS[name].group for name in method_flags()}
+    method_groups |= {group for other in TRAINING_MODES.values() for group in other.loss_groups}
     unread = [f"--{name} {flags[name]}" for name, flag in FLAGS.items()
               if flag.group in method_groups - read - {"denoiser"} and name in flags and flags[name] != flag.default]
     if not unread:
