@@ -276,6 +276,8 @@ SHARED_FLAGS = {
             ("steps", 40, "size N of the Karras noise grid (multistep, editing and search: the grid the indices refer to)", None),
             ("ts", "", "increasing grid indices, e.g. 0,22,39 for 2 steps on a 40-point grid (multistep; editing: "
              "the editing levels t_1 > t_2 > ..., the last index only closing the grid)", None),
+            ("ctm_gamma", 1.0, "multistep: the share of fresh noise in each re-noising, CTM's gamma-sampling (1: the CM "
+             "paper's Alg. 1; below 1 keeps sqrt(1 - gamma^2) of the noise the step removed; 0: deterministic)", None),
             ("grid", "", "PNG grid of the first 64 samples: '' = samples_grid.png in the log dir, 'none' = no grid, "
              "else a path", None),
             ("guidance_scale", 1.0, "classifier-free guidance scale w: D_uncond + w (D_cond - D_uncond) for models with "
@@ -351,10 +353,10 @@ _SCRIPT_COMMON = ("training_mode", "model_path", "generator", "clip_denoised", "
 # their `scripts`) and the defaults it changes
 SCRIPT_FLAGS = {
     "train": TRAIN_FLAGS + CM_TRAIN_FLAGS + names_in("latent"),
-    "sample": _SCRIPT_COMMON + ("num_samples", "sampler", "s_churn", "s_tmin", "s_tmax", "s_noise", "ts", "grid",
-                                "guidance_scale", "autoencoder_path", "latent_norm", "latent_mean", "latent_std"),
+    "sample": _SCRIPT_COMMON + ("num_samples", "sampler", "s_churn", "s_tmin", "s_tmax", "s_noise", "ts", "ctm_gamma",
+                                "grid", "guidance_scale", "autoencoder_path", "latent_norm", "latent_mean", "latent_std"),
     "edit": _SCRIPT_COMMON + names_in("edit") + ("num_samples", "ts"),
-    "search": _SCRIPT_COMMON + names_in("search") + ("num_samples",),
+    "search": _SCRIPT_COMMON + names_in("search") + ("num_samples", "ctm_gamma"),
 }
 # regional compilation of the network (cm.compile) where it is run many times
 SCRIPT_FLAGS["sample"] += ("compile",)

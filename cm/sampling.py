@@ -127,13 +127,16 @@ def stochastic_iterative_sampler(
     t_max=80.0,
     rho=7.0,
     steps=40,
+    ctm_gamma=1.0,
 ):
     """Multistep consistency sampling (CM paper Alg. 1): denoise, re-noise to the next level, repeat.
 
     With `ts`, the noise levels are the `steps`-point Karras grid at those indices; otherwise `sigmas`
     (a trailing 0 is ignored). The last level only sets the final re-noising, sqrt(t^2 - t_min^2),
-    which is 0 when it is t_min.
+    which is 0 when it is t_min. ctm_gamma < 1 re-noises along renoise_direction (CTM's gamma-sampling);
+    1 is Alg. 1's fresh noise.
     """
+    check_ctm_gamma("multistep", ctm_gamma)
     generator = generator or get_generator("dummy")
     if ts is not None:
         sigmas = sigmas_from_ts(ts, steps, t_min, t_max, rho, device=x.device)
@@ -147,8 +150,30 @@ def stochastic_iterative_sampler(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": t_cur, "denoised": x0})
         # re-noise to t_next
-        x = x0 + generator.randn_like(x) * math.sqrt(t_next**2 - t_min**2)
+        noise = renoise_direction(x, x0, t_cur, generator.randn_like(x), ctm_gamma)
+        x = x0 + noise * math.sqrt(t_next**2 - t_min**2)
     return x
+
+
+def check_ctm_gamma(sampler, gamma):
+    """Refuse a CTM gamma outside [0, 1], or one other than 1 for a sampler that does not re-noise by it."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"--ctm_gamma must lie in [0, 1] (1: fresh noise, 0: deterministic), got {gamma}")
+    if gamma != 1.0 and sampler != "multistep":
+        raise ValueError(f"--ctm_gamma {gamma} applies to --sampler multistep only, not {sampler}")
+
+
+def renoise_direction(x, x0, t, fresh, gamma):
+    """The unit-variance noise multistep consistency sampling re-noises x0 with: sqrt(1 - gamma^2) eps_hat +
+    gamma fresh, where eps_hat = (x - x0) / t is the noise the denoiser removed from x at level t.
+
+    CTM's gamma-sampling (Kim et al., ICLR 2024) for a one-time consistency model: the jump G(x, t, s) along the
+    trajectory is the Euler step x0 + s eps_hat, so re-noising x0 to s with this direction keeps a share of the
+    trajectory's own noise. gamma = 1: fresh noise only (CM paper Alg. 1, the reference); gamma = 0: deterministic.
+    """
+    if gamma == 1.0:
+        return fresh
+    return math.sqrt(1.0 - gamma**2) * (x - x0) / t + gamma * fresh
 
 
 def lcm_ts(num_steps, steps):
@@ -416,8 +441,9 @@ def churn_options(settings):
 
 
 def multistep_options(settings):
-    """CM paper Alg. 1's grid (its re-noising subtracts sigma_min)."""
-    return dict(t_min=settings["sigma_min"], t_max=settings["sigma_max"], rho=settings["rho"], steps=settings["steps"])
+    """CM paper Alg. 1's grid (its re-noising subtracts sigma_min), and CTM's gamma."""
+    return dict(t_min=settings["sigma_min"], t_max=settings["sigma_max"], rho=settings["rho"], steps=settings["steps"],
+                ctm_gamma=settings["ctm_gamma"])
 
 
 def trigflow_twostep_options(settings):
@@ -498,6 +524,7 @@ def karras_sample(
     guidance_scale=1.0,
     clamp=True,
     t_mid=None,
+    ctm_gamma=1.0,
 ):
     """Draw samples of `shape` from `model` wrapped by `diffusion` (a KarrasDenoiser) with the named sampler.
 
@@ -509,9 +536,12 @@ def karras_sample(
     :param clamp: clamp the result to [-1, 1] (images; latents are left as they are).
     :param t_mid: the intermediate time of the two-step samplers that take one: trigflow_twostep's TrigFlow time
         (default sCM's 1.1, with the denoiser's sigma_data), tcm_twostep's noise level (default the pair's t').
+    :param ctm_gamma: multistep's re-noising, CTM's gamma (renoise_direction): 1 fresh noise (CM paper Alg. 1),
+        below 1 a share of the noise each step removed.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    check_ctm_gamma(sampler, ctm_gamma)
     settings = dict(locals())
     entry = SAMPLERS[sampler]
     generator = generator or get_generator("dummy")

@@ -33,7 +33,7 @@ from cm.image_util import (
 from cm.config import config_to_json, resolve_script_config
 from cm.latent import DenormalizingDecoder, channel_normalizer, load_autoencoder, resolve_latent_norm
 from cm.random_util import get_generator
-from cm.sampling import SAMPLERS
+from cm.sampling import SAMPLERS, check_ctm_gamma
 from cm.script_util import create_parser, run_script
 
 
@@ -60,6 +60,7 @@ def sample_kwargs(args):
         )
     if ts is not None:  # the grid's own checks, before any model is built
         entry.grid(args.steps, ts, args.sigma_min, args.sigma_max, 7.0, "cpu")
+    check_ctm_gamma(args.sampler, args.ctm_gamma)
     return dict(
         guidance_scale=args.guidance_scale,
         steps=args.steps,
@@ -72,6 +73,7 @@ def sample_kwargs(args):
         s_tmax=args.s_tmax,
         s_noise=args.s_noise,
         ts=ts,
+        ctm_gamma=args.ctm_gamma,
     )
 
 

@@ -37,7 +37,7 @@ from cm.image_util import (
 from cm.config import config_to_json, resolve_script_config
 from cm.flowmap import flow_grid
 from cm.random_util import get_generator
-from cm.sampling import sigmas_from_ts, ternary_search
+from cm.sampling import check_ctm_gamma, sigmas_from_ts, ternary_search
 from cm.training_modes import FLAGS
 from cm.script_util import create_parser, run_script
 
@@ -72,7 +72,7 @@ def probe_sampler(args, begin, end, p, flow_map):
     if flow_map:
         return dict(sampler="meanflow", ts=ts[:-1], steps=args.steps, sigma_max=args.sigma_max)
     return dict(sampler="multistep", ts=ts, steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                clip_denoised=args.clip_denoised)
+                clip_denoised=args.clip_denoised, ctm_gamma=args.ctm_gamma)
 
 
 def create_argparser():
@@ -132,6 +132,7 @@ def run(args):
         raise FileNotFoundError(f"reference batch {args.ref_batch} does not exist")
     if not args.model_path:
         raise ValueError("no checkpoint given: pass --model_path (a consistency-model state dict)")
+    check_ctm_gamma("multistep", args.ctm_gamma)
     select_device(args.device)
     dist_util.setup_dist()
     log_dir = logger.configure(dir=output_dir(args.log_dir, "search"), format_strs=["stdout", "log"])
@@ -140,6 +141,7 @@ def run(args):
     model, diffusion = load_sampling_model(args, device)
     flow_map = hasattr(diffusion, "flow_map")
     if flow_map:
+        check_ctm_gamma("meanflow", args.ctm_gamma)
         lo, hi = flow_search_range(begin, end, args.steps)
     else:
         lo, hi = search_range(begin, end, args.steps, args.sigma_min, args.sigma_max)

@@ -29,6 +29,7 @@ def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode, default_ts, 
         saved = json.load(f)
     assert saved["steps"] == 8 and saved["mode"] == mode
     assert saved["two_step_ts_default"] == default_ts and len(saved["two_step_ts_searched"]) == 3
+    assert saved["two_step_ctm_gamma"] == 0.9  # CTM's gamma-sampling, the quickstart's two-step re-noising
     floor = saved["real digits (floor)"]
     for row in ("one-step", "two-step default", "two-step searched", "real digits (floor)"):
         assert 0 <= saved[row]["nearest_is_train"] <= 1 and 0 <= saved[row]["copy_fraction"] <= 1
@@ -183,3 +184,13 @@ def test_a_quickstart_failure_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert "taken" in err and "Traceback" not in err
+
+
+def test_a_ctm_gamma_outside_zero_one_stops_before_the_out_folder_is_touched(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CM_DEBUG", raising=False)
+    (tmp_path / "metrics.json").write_text("{}")  # an earlier run's results stay where they are
+    with pytest.raises(SystemExit) as exit_info:
+        load_quickstart().main(["--steps", "2", "--out", str(tmp_path), "--ctm_gamma", "1.2"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and "must lie in [0, 1]" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]

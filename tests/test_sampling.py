@@ -123,6 +123,58 @@ def test_multistep_renoises_to_the_next_level():
     assert torch.equal(out, torch.zeros_like(out))  # last level eps: no noise added
 
 
+def exact_consistency(x, sigma, t_min=0.002):
+    """The exact consistency function of N(0, SD^2) data: the PF-ODE flow from sigma to t_min."""
+    s = sigma.view(-1, *([1] * (x.ndim - 1))).to(torch.float64)
+    return (x * math.sqrt(SD**2 + t_min**2) / torch.sqrt(SD**2 + s**2)).to(x.dtype)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.8, 0.5, 0.0])
+def test_ctm_gamma_two_step_spread_on_gaussian_data_matches_its_closed_form(gamma):
+    """Two steps T -> s of the exact consistency function k_sigma x (k_sigma = sqrt(SD^2 + t_min^2) / sqrt(SD^2 +
+    sigma^2)) re-noised along sqrt(1 - gamma^2) eps_hat + gamma z: x1 = T k_T z, eps_hat = (1 - k_T) z, so the
+    output has std k_s sqrt((T k_T + s' a (1 - k_T))^2 + s'^2 gamma^2), a = sqrt(1 - gamma^2), s' = sqrt(s^2 - t_min^2).
+    gamma = 1 (the CM paper) keeps the data's spread; below 1 the Euler jump widens it."""
+    from cm.sampling import stochastic_iterative_sampler
+
+    t_max, t_min, steps, ts = 80.0, 0.002, 41, (0, 23, 40)
+    s = karras_sigma(23, steps, t_min, t_max)
+    k = lambda sigma: math.sqrt(SD**2 + t_min**2) / math.sqrt(SD**2 + sigma**2)  # noqa: E731
+    a, s_renoise = math.sqrt(1 - gamma**2), math.sqrt(s**2 - t_min**2)
+    expect = k(s) * math.sqrt((t_max * k(t_max) + s_renoise * a * (1 - k(t_max))) ** 2 + (s_renoise * gamma) ** 2)
+    g = get_generator("determ", 200_000, 0)
+    x_T = g.randn(200_000, 1, 1, 1, dtype=torch.float64) * t_max
+    out = stochastic_iterative_sampler(exact_consistency, x_T, None, g, ts=ts, steps=steps, ctm_gamma=gamma)
+    assert out.std().item() == pytest.approx(expect, rel=0.01)
+    if gamma == 1.0:
+        assert out.std().item() == pytest.approx(math.sqrt(SD**2 + t_min**2), rel=0.01)
+    else:
+        assert out.std().item() > 1.05 * SD
+
+
+def test_ctm_gamma_one_is_the_cm_papers_multistep_and_zero_ignores_the_fresh_noise():
+    from cm.sampling import renoise_direction, stochastic_iterative_sampler
+
+    model, diffusion = make()
+    kw = dict(steps=10, sampler="multistep", ts=(0, 4, 7, 9))
+    plain = karras_sample(diffusion, model, (2, 3, 8, 8), generator=get_generator("determ", 2, 5), **kw)
+    one = karras_sample(diffusion, model, (2, 3, 8, 8), generator=get_generator("determ", 2, 5), ctm_gamma=1.0, **kw)
+    mixed = karras_sample(diffusion, model, (2, 3, 8, 8), generator=get_generator("determ", 2, 5), ctm_gamma=0.8, **kw)
+    assert torch.equal(plain, one) and not torch.equal(plain, mixed)
+
+    x, x0, fresh = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.equal(renoise_direction(x, x0, 2.0, fresh, 1.0), fresh)
+    assert torch.allclose(renoise_direction(x, x0, 2.0, fresh, 0.6), 0.8 * (x - x0) / 2.0 + 0.6 * fresh)
+
+    def denoiser(x, sigma):
+        return diffusion.denoise(model, x, sigma)[1].clamp(-1, 1)
+
+    x_T = get_generator("determ", 2, 0).randn(2, 3, 8, 8) * 80.0
+    runs = [stochastic_iterative_sampler(denoiser, x_T, None, get_generator("determ", 2, seed), ts=(0, 4, 9),
+                                         steps=10, ctm_gamma=0.0) for seed in (1, 2)]
+    assert torch.equal(runs[0], runs[1])  # gamma 0: deterministic given x_T
+
+
 def test_determ_indiv_is_independent_of_batch_size():
     model, diffusion = make()
     kw = dict(steps=10, sampler="multistep", ts=(0, 5, 9))
@@ -158,6 +210,8 @@ def test_model_kwargs_default_works():
         (dict(sampler="ddim"), "unknown sampler 'ddim'"),
         (dict(sampler="multistep", ts=(0, 50)), "ts must be"),
         (dict(sampler="multistep", ts=(5, 2)), "strictly increasing"),
+        (dict(sampler="multistep", ts=(0, 20, 39), ctm_gamma=1.5), r"must lie in \[0, 1\]"),
+        (dict(sampler="heun", ctm_gamma=0.5), "applies to --sampler multistep only"),
     ],
 )
 def test_bad_sampler_arguments(kwargs, needle):

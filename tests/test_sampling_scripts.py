@@ -159,6 +159,8 @@ def one_error_line(capsys, fn, argv, status=1):
         (["--generator", "random"], "invalid choice"),
         (["--device", "cuda"], "CUDA is not available"),
         (["--use_fp16", "true", "--use_bf16", "true"], "choose one of"),
+        (["--sampler", "multistep", "--ts", "0,20,39", "--ctm_gamma", "1.5"], "must lie in [0, 1]"),
+        (["--ctm_gamma", "0.5"], "applies to --sampler multistep only, not heun"),
     ],
 )
 def test_bad_sampling_input_gives_one_error_line(tmp_path, capsys, class_cond_ckpt, extra, expected):
@@ -247,6 +249,7 @@ def test_ternary_search_script_with_the_digits_metric(tmp_path, trained_ema):
         (["--metric", "fid"], "needs --ref_batch"),
         (["--ref_batch", "/nonexistent/ref.npz"], "does not exist"),
         (["--metric", "is"], "invalid choice"),
+        (["--ctm_gamma", "-0.1"], "must lie in [0, 1]"),
     ],
 )
 def test_bad_search_input_gives_one_error_line(tmp_path, capsys, trained_ema, extra, expected):
