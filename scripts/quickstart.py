@@ -49,7 +49,7 @@ from cm.sampling import check_ctm_gamma, karras_sample, ternary_search
 from cm.run_dir import LOCK_FILE, lock_log_dir
 from cm.script_util import parse_args_with_config, run_or_exit
 from cm.train_cli import build_loop, create_argparser
-from cm.training_modes import quickstart_plans
+from cm.training_modes import get_training_mode, quickstart_plans
 from cm.trigflow import T_MID
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -59,7 +59,7 @@ EVAL_RESERVE_S = 15  # sampling, the two-step search and the metrics after train
 DEFAULT_MID_FRACTION = 22 / 39
 # two-step consistency sampling re-noises with CTM's gamma-sampling (cm.sampling.renoise_direction): 0.9 keeps
 # sqrt(1 - 0.9^2) = 0.44 of the first step's own noise, the gamma whose two-step samples spread within each class as
-# the training digits do (five-minute models' are narrower); on six such models two-step digits-FID 0.07-0.11 lower
+# the training digits do (five-minute models' are narrower); on eight such models two-step digits-FID 0.07-0.11 lower
 # than with the CM paper's fresh noise (gamma 1) at the default times (README, "Two steps and CTM's gamma")
 TWO_STEP_CTM_GAMMA = 0.9
 T_MIDS = tuple(round(0.3 + 0.1 * i, 1) for i in range(13))  # sCM two-step: intermediate times searched, 0.3 .. 1.5
@@ -85,9 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="training steps per stage (0: fill the time budget)")
     p.add_argument("--num_samples", type=int, default=600, help="samples per metric")
-    p.add_argument("--ctm_gamma", type=float, default=TWO_STEP_CTM_GAMMA,
-                   help="two-step consistency sampling: CTM's gamma, the share of fresh noise in the re-noising (1: the "
-                   "CM paper's Alg. 1)")
+    p.add_argument("--ctm_gamma", type=float, default=None,
+                   help=f"two-step consistency sampling (the modes that sample multistep): CTM's gamma, the share of "
+                   f"fresh noise in the re-noising (default {TWO_STEP_CTM_GAMMA}; 1: the CM paper's Alg. 1)")
     p.add_argument("--search_samples", type=int, default=300,
                    help="samples behind each digits-FID score of the two-step search")
     p.add_argument("--train_flags", default="", help="training flags over every stage's preset, as on the training "
@@ -236,6 +236,16 @@ def best_flow_mid(diffusion, model, image_size, seed, classifier, num=300):
     return mid
 
 
+def two_step_ctm_gamma(opts, plan):
+    """--ctm_gamma resolved for a plan: TWO_STEP_CTM_GAMMA when its last stage samples two steps with the multistep
+    sampler (None otherwise); one given for a plan that samples otherwise stops with one line."""
+    two_step = get_training_mode(plan[-1][2]).samplers[1]
+    if opts.ctm_gamma is None:
+        return TWO_STEP_CTM_GAMMA if two_step == "multistep" else None
+    check_ctm_gamma(two_step, opts.ctm_gamma)
+    return opts.ctm_gamma
+
+
 def few_step_samples(loop, model, diffusion, size, opts, classifier):
     """(one-step samples, {"default", "searched": two-step samples}, {the same: their times}) with the samplers of
     the stage's training mode: consistency models at Karras-grid indices (the reference's fraction, and the index
@@ -245,10 +255,11 @@ def few_step_samples(loop, model, diffusion, size, opts, classifier):
     one_step, two_step = loop.mode.samplers
     if two_step == "multistep":
         n = loop.schedule_fn(loop.step - 1)["num_scales"]
+        gamma = two_step_ctm_gamma(opts, PLANS[opts.mode])
         ts = {"default": default_two_step_ts(n),
               "searched": best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier, opts.search_samples,
-                                           opts.ctm_gamma)}
-        kwargs = {which: dict(steps=n, ts=t, ctm_gamma=opts.ctm_gamma) for which, t in ts.items()}
+                                           gamma)}
+        kwargs = {which: dict(steps=n, ts=t, ctm_gamma=gamma) for which, t in ts.items()}
     elif two_step == "tcm_twostep":
         t_mid = best_t_mid(diffusion, model, size, opts.seed + 1, classifier, opts.search_samples, two_step, TCM_MIDS)
         ts = {"default": (80.0, diffusion.transition_t, 0.0), "searched": (80.0, t_mid, 0.0)}
@@ -348,8 +359,9 @@ def main(argv=None):
 def quickstart(opts):
     """Train the plan of --mode into --out, sample, score and write the results; returns the metrics."""
     start = time.time()
+    plan = PLANS[opts.mode]
+    gamma = two_step_ctm_gamma(opts, plan)  # a wrong --ctm_gamma stops here, before --out is touched
     os.makedirs(opts.out, exist_ok=True)
-    check_ctm_gamma("multistep", opts.ctm_gamma)
     lock_log_dir(opts.out)
     previous = set_aside_previous_run(opts.out)
     if previous:
@@ -357,7 +369,6 @@ def quickstart(opts):
     budget = max(30.0, opts.minutes * 60 - EVAL_RESERVE_S)
     classifier = load_digits_classifier()  # trained and cached on first use (a few seconds)
     stages, teacher_path = [], None
-    plan = PLANS[opts.mode]
     for k, (name, config, mode) in enumerate(plan):
         extra = ["--teacher_model_path", teacher_path] if teacher_path else []
         args = training_args(config, mode, os.path.join(opts.out, name.lower()), opts, extra)
@@ -405,7 +416,7 @@ def quickstart(opts):
         "total_minutes": round((time.time() - start) / 60, 2),
         "two_step_ts_default": list(ts["default"]),
         "two_step_ts_searched": list(ts["searched"]),
-        "two_step_ctm_gamma": opts.ctm_gamma if loop.mode.samplers[1] == "multistep" else None,
+        "two_step_ctm_gamma": gamma,
         **rows,
     }
     write_json_atomic(metrics, os.path.join(opts.out, "metrics.json"))

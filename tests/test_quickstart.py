@@ -186,11 +186,27 @@ def test_a_quickstart_failure_is_one_line(tmp_path, capsys, monkeypatch):
     assert "taken" in err and "Traceback" not in err
 
 
-def test_a_ctm_gamma_outside_zero_one_stops_before_the_out_folder_is_touched(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("extra, expected", [
+    (["--ctm_gamma", "1.2"], "must lie in [0, 1]"),
+    (["--mode", "sct", "--ctm_gamma", "0.5"], "multistep only, not trigflow_twostep"),
+])
+def test_a_wrong_ctm_gamma_stops_before_the_out_folder_is_touched(tmp_path, capsys, monkeypatch, extra, expected):
     monkeypatch.delenv("CM_DEBUG", raising=False)
     (tmp_path / "metrics.json").write_text("{}")  # an earlier run's results stay where they are
     with pytest.raises(SystemExit) as exit_info:
-        load_quickstart().main(["--steps", "2", "--out", str(tmp_path), "--ctm_gamma", "1.2"])
+        load_quickstart().main(["--steps", "2", "--out", str(tmp_path)] + extra)
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and "must lie in [0, 1]" in err, err
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and expected in err, err
     assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
+
+
+def test_ctm_gamma_resolves_per_plan():
+    quickstart = load_quickstart()
+
+    def resolve(argv):
+        opts = quickstart.parse_args(argv)
+        return quickstart.two_step_ctm_gamma(opts, quickstart.PLANS[opts.mode])
+
+    assert resolve([]) == quickstart.TWO_STEP_CTM_GAMMA == 0.9
+    assert resolve(["--ctm_gamma", "1"]) == 1.0 and resolve(["--mode", "cd", "--ctm_gamma", "0"]) == 0.0
+    assert resolve(["--mode", "sct"]) is None and resolve(["--mode", "meanflow", "--ctm_gamma", "1"]) == 1.0
