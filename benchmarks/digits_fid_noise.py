@@ -16,9 +16,9 @@ digits-FID of each seed is printed with their mean and standard deviation. It as
 
 import argparse
 import glob
-import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -28,14 +28,7 @@ from cm.image_util import load_sampling_model
 from cm.script_util import create_parser, parse_args_with_config
 from evaluations.metrics import frechet_distance
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def load_quickstart():
-    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(HERE, "..", "scripts", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
 
 def real_halves(classifier, image_size, splits, seed=0):
@@ -88,7 +81,9 @@ def main():
     print(f"the quickstart's floor (its fixed split): {fixed:.3f}, percentile {100 * (values < fixed).mean():.0f}")
     if not args.runs:
         return
-    quickstart = load_quickstart()
+    sys.path.insert(0, SCRIPTS)
+    import quickstart  # its sampling of the classes in turn, its two-step times and gamma
+
     gamma = quickstart.TWO_STEP_CTM_GAMMA if args.ctm_gamma is None else args.ctm_gamma
     for out in args.runs:
         path, n, rows = run_draws(quickstart, out, args.seeds, args.num_samples, gamma, classifier)
