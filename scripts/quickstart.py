@@ -246,16 +246,16 @@ def two_step_ctm_gamma(opts, plan):
     return opts.ctm_gamma
 
 
-def few_step_samples(loop, model, diffusion, size, opts, classifier):
+def few_step_samples(loop, model, diffusion, size, opts, classifier, ctm_gamma=None):
     """(one-step samples, {"default", "searched": two-step samples}, {the same: their times}) with the samplers of
     the stage's training mode: consistency models at Karras-grid indices (the reference's fraction, and the index
-    found by search) re-noised with --ctm_gamma, sCM models at TrigFlow times (T, t_mid) (the paper's t_mid, and the
-    one found by search), flow maps at flow times (1, t_mid) (0.5, and the one found by search), TCM pairs at noise
-    levels (80, t_mid, 0) (t', and the one found by search)."""
+    found by search) re-noised with ctm_gamma (None: fresh noise, the CM paper's), sCM models at TrigFlow times
+    (T, t_mid) (the paper's t_mid, and the one found by search), flow maps at flow times (1, t_mid) (0.5, and the one
+    found by search), TCM pairs at noise levels (80, t_mid, 0) (t', and the one found by search)."""
     one_step, two_step = loop.mode.samplers
     if two_step == "multistep":
         n = loop.schedule_fn(loop.step - 1)["num_scales"]
-        gamma = two_step_ctm_gamma(opts, PLANS[opts.mode])
+        gamma = 1.0 if ctm_gamma is None else ctm_gamma
         ts = {"default": default_two_step_ts(n),
               "searched": best_two_step_ts(diffusion, model, n, size, opts.seed + 1, classifier, opts.search_samples,
                                            gamma)}
@@ -381,7 +381,7 @@ def quickstart(opts):
 
     model, diffusion = ema_model(loop), sampling_denoiser(loop)
     size = args.image_size
-    one, two, ts = few_step_samples(loop, model, diffusion, size, opts, classifier)
+    one, two, ts = few_step_samples(loop, model, diffusion, size, opts, classifier, gamma)
     real, _ = digits_split("floor", size)
 
     labels = sample_labels(model, opts.num_samples)
