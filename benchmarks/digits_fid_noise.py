@@ -4,7 +4,7 @@
     python benchmarks/digits_fid_noise.py quickstart_out --seeds 8      # and a quickstart run, 8 sampling seeds
 
 Real digits: the 899 digits no generator or classifier sees (cm.digits_data's reference and floor quarters) are
-split at random into halves of 450 and 449, `--splits` times, and each half is scored against the other with the
+split at random into halves of 449 and 450, `--splits` times, and each half is scored against the other with the
 quickstart's digits-FID (cm.digits_eval): the spread is what two sets of new real digits of about the quickstart's
 size differ by. The fixed split the quickstart reports as its floor is printed beside it, with its percentile.
 
@@ -32,7 +32,7 @@ SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def real_halves(classifier, image_size, splits, seed=0):
-    """digits-FID between random halves (450 / 449) of the unseen digits, `splits` times; and the fixed split's."""
+    """digits-FID between random halves (449 / 450) of the unseen digits, `splits` times; and the fixed split's."""
     reference, _ = digits_split("reference", image_size)
     floor, _ = digits_split("floor", image_size)
     feats, _ = classifier_outputs(torch.cat([reference, floor]), classifier)
