@@ -3,10 +3,11 @@
     python benchmarks/digits_fid_noise.py                               # real digits only (a few seconds)
     python benchmarks/digits_fid_noise.py quickstart_out --seeds 8      # and a quickstart run, 8 sampling seeds
 
-Real digits: the 899 digits no generator or classifier sees (cm.digits_data's reference and floor quarters) are
-split at random into halves of 449 and 450, `--splits` times, and each half is scored against the other with the
-quickstart's digits-FID (cm.digits_eval): the spread is what two sets of new real digits of about the quickstart's
-size differ by. The fixed split the quickstart reports as its floor is printed beside it, with its percentile.
+Real digits (cm.digits_eval.real_digits_spread): the 899 digits no generator or classifier sees (cm.digits_data's
+reference and floor quarters) are split at random into halves of 449 and 450, `--splits` times, and each half is
+scored against the other with the quickstart's digits-FID: the spread is what two sets of new real digits of about
+the quickstart's size differ by. The fixed split the quickstart reports as its floor is printed beside it, with its
+percentile.
 
 A run (a scripts/quickstart.py --out folder with a consistency model): its last EMA checkpoint samples
 `--num_samples` digits (the classes in turn, as the quickstart does) with sampling seeds 0 .. --seeds - 1, one step
@@ -21,28 +22,12 @@ import os
 import sys
 
 import numpy as np
-import torch
 
-from cm.digits_eval import classifier_outputs, digits_metrics, digits_split, load_digits_classifier
+from cm.digits_eval import digits_metrics, load_digits_classifier, real_data_floor, real_digits_spread
 from cm.image_util import load_sampling_model
 from cm.script_util import create_parser, parse_args_with_config
-from evaluations.metrics import frechet_distance
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-
-
-def real_halves(classifier, image_size, splits, seed=0):
-    """digits-FID between random halves (449 / 450) of the unseen digits, `splits` times; and the fixed split's."""
-    reference, _ = digits_split("reference", image_size)
-    floor, _ = digits_split("floor", image_size)
-    feats, _ = classifier_outputs(torch.cat([reference, floor]), classifier)
-    g = torch.Generator().manual_seed(seed)
-    half = len(reference)
-    values = []
-    for _ in range(splits):
-        order = torch.randperm(len(feats), generator=g).numpy()
-        values.append(float(frechet_distance(feats[order[:half]], feats[order[half:]])))
-    return np.array(values), float(frechet_distance(feats[half:], feats[:half]))
 
 
 def run_draws(quickstart, out, seeds, num_samples, ctm_gamma, classifier):
@@ -74,11 +59,12 @@ def main():
     p.add_argument("--image_size", type=int, default=16)
     args = p.parse_args()
     classifier = load_digits_classifier()
-    values, fixed = real_halves(classifier, args.image_size, args.splits)
-    p10, p50, p90 = np.percentile(values, [10, 50, 90])
+    spread = real_digits_spread(args.image_size, classifier, args.splits)
     print(f"real digits, random halves of the unseen digits ({args.splits} splits, {args.image_size} px): mean "
-          f"{values.mean():.3f}, sd {values.std():.3f}, median {p50:.3f}, 10-90% {p10:.3f}-{p90:.3f}")
-    print(f"the quickstart's floor (its fixed split): {fixed:.3f}, percentile {100 * (values < fixed).mean():.0f}")
+          f"{spread['mean']:.3f}, sd {spread['sd']:.3f}, median {spread['median']:.3f}, 10-90% {spread['p10']:.3f}-"
+          f"{spread['p90']:.3f}")
+    floor = real_data_floor(args.image_size, classifier)["digits_fid"]
+    print(f"the quickstart's floor (its fixed split): {floor:.3f}, percentile {spread['floor_percentile']:.0f}")
     if not args.runs:
         return
     sys.path.insert(0, SCRIPTS)

@@ -172,6 +172,31 @@ def real_data_floor(image_size=8, classifier=None):
     return {**digits_metrics(floor_x, classifier, floor_y), **memorisation_check(floor_x, skip=own_index)}
 
 
+def real_digits_spread(image_size=8, classifier=None, splits=200, seed=0):
+    """What new real digits score against each other: the digits-FID between the reference and floor splits pooled
+    and cut at random into two sets of their sizes, `splits` times (seeded).
+
+    Returns the scores' mean, standard deviation, median, 10th and 90th percentiles, and floor_percentile, the share
+    (in %) of random splits that score below the fixed one real_data_floor reports.
+    """
+    from evaluations.metrics import frechet_distance
+
+    classifier = classifier or load_digits_classifier()
+    reference, _ = digits_split("reference", image_size)
+    floor, _ = digits_split("floor", image_size)
+    feats, _ = classifier_outputs(torch.cat([reference, floor]), classifier)
+    cut, g = len(reference), torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(splits):
+        order = torch.randperm(len(feats), generator=g).numpy()
+        scores.append(float(frechet_distance(feats[order[cut:]], feats[order[:cut]])))
+    scores = np.array(scores)
+    fixed = float(frechet_distance(feats[cut:], feats[:cut]))
+    p10, median, p90 = np.percentile(scores, [10, 50, 90])
+    return {"mean": float(scores.mean()), "sd": float(scores.std()), "median": float(median), "p10": float(p10),
+            "p90": float(p90), "floor_percentile": float(100 * (scores < fixed).mean())}
+
+
 def nearest_distances(queries, references, skip=None):
     """Euclidean distance from each row of queries to its nearest row of references; skip[i]: a reference
     index that query i may not use (itself)."""

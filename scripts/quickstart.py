@@ -41,7 +41,8 @@ from PIL import Image
 
 from cm import logger
 from cm.checkpoint_io import write_json_atomic, write_through_temporary
-from cm.digits_eval import digits_metrics, digits_split, load_digits_classifier, memorisation_check, real_data_floor
+from cm.digits_eval import (digits_metrics, digits_split, load_digits_classifier, memorisation_check, real_data_floor,
+                            real_digits_spread)
 from cm.fp16_util import bf16_is_native
 from cm.image_util import image_grid, save_image, save_npz, to_uint8
 from cm.random_util import get_generator
@@ -418,6 +419,7 @@ def quickstart(opts):
         "two_step_ts_searched": list(ts["searched"]),
         "two_step_ctm_gamma": gamma,
         **rows,
+        "real digits (random halves)": real_digits_spread(size, classifier),
     }
     write_json_atomic(metrics, os.path.join(opts.out, "metrics.json"))
 
@@ -434,6 +436,10 @@ def quickstart(opts):
           "\ncopies: share nearer a training digit than 95% of held-out digits are (about 0.05 for new digits)"
           + ("\nas asked: share of the samples of each class the digits classifier reads as that class (their mean over "
              "the classes;\nthe floor row: the classifier on real held-out digits)" if asked else ""))
+    spread = metrics["real digits (random halves)"]
+    print(f"real digits against real digits (random halves of the unseen digits): digits-FID median "
+          f"{spread['median']:.2f}, 10-90% {spread['p10']:.2f}-{spread['p90']:.2f}; the floor row's fixed split is at "
+          f"percentile {spread['floor_percentile']:.0f}")
     print(f"\ngrids, curves, checkpoints and metrics.json in {os.path.abspath(opts.out)}")
     return metrics
 

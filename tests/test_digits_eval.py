@@ -4,7 +4,7 @@ import torch
 
 from cm.digits_data import SPLITS, digits_arrays, split_indices
 from cm.digits_eval import (classifier_accuracy, coverage, digits_metrics, digits_split, load_digits_classifier,
-                            memorisation_check, real_data_floor)
+                            memorisation_check, real_data_floor, real_digits_spread)
 from cm.image_datasets import load_data
 
 
@@ -31,6 +31,15 @@ def test_digits_fid_is_small_for_real_and_large_for_noise(classifier):
     x, _ = digits_split("floor", 16)
     as_uint8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert digits_metrics(as_uint8, classifier)["digits_fid"] == pytest.approx(floor["digits_fid"], rel=0.05)
+
+
+def test_real_digits_against_real_digits_spread_above_the_fixed_floor_split(classifier):
+    spread = real_digits_spread(16, classifier, splits=50)
+    assert spread == real_digits_spread(16, classifier, splits=50)  # seeded
+    assert spread != real_digits_spread(16, classifier, splits=50, seed=1)
+    assert 0 < spread["p10"] <= spread["median"] <= spread["p90"] and spread["sd"] > 0
+    floor = real_data_floor(16, classifier)["digits_fid"]
+    assert spread["floor_percentile"] < 10 and floor < spread["p10"] < spread["mean"]  # the fixed split is a lucky one
 
 
 def test_coverage():

@@ -30,6 +30,8 @@ def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode, default_ts, 
     assert saved["steps"] == 8 and saved["mode"] == mode
     assert saved["two_step_ts_default"] == default_ts and len(saved["two_step_ts_searched"]) == 3
     assert saved["two_step_ctm_gamma"] == 0.9  # CTM's gamma-sampling, the quickstart's two-step re-noising
+    spread = saved["real digits (random halves)"]
+    assert spread["p10"] <= spread["median"] <= spread["p90"] and 0 <= spread["floor_percentile"] <= 100
     floor = saved["real digits (floor)"]
     for row in ("one-step", "two-step default", "two-step searched", "real digits (floor)"):
         assert 0 <= saved[row]["nearest_is_train"] <= 1 and 0 <= saved[row]["copy_fraction"] <= 1
@@ -40,6 +42,7 @@ def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode, default_ts, 
     printed = capsys.readouterr().out
     assert f"hardware: {hardware['cpu']}" in printed and "native bfloat16:" in printed
     assert f"two-step {tuple(default_ts)} default" in printed and "nearest=train" in printed
+    assert f"10-90% {spread['p10']:.2f}-{spread['p90']:.2f}" in printed
     stage = "ct" if mode == "ct" else "cd"
     assert "model000008.pt" in os.listdir(tmp_path / stage)
     from PIL import Image
