@@ -12,7 +12,9 @@ the time budget. The generator trains on the training half of the digits (data_d
 measured with cm.digits_eval on the other half, which it never sees: a small digits classifier's Frechet
 distance to the reference quarter ("digits-FID", lower is better; the floor quarter gives the real-data floor),
 class coverage (1 = all ten digits equally) and a nearest-neighbour memorisation check (nearest=train: share
-of samples whose nearest real digit is a training one, 0.5 for new digits, 1 for copies). Two-step sampling is
+of samples whose nearest real digit is a training one, 0.5 for new digits, 1 for copies). Each score is the mean
+over --num_draws (4) draws of --num_samples (600) digits with their own sampling seeds, printed beside the spread
+between the draws and the first draw's digits-FID (the draw the grids show). Two-step sampling is
 scored at the default intermediate time (DEFAULT_MID_FRACTION of the grid) and at the ternary-searched one; a
 consistency model's second step re-noises with CTM's gamma-sampling (--ctm_gamma 0.9; 1 is the CM paper's fresh noise).
 A class-conditional model (the default preset's) is sampled with the classes in turn, its grids are ten wide (one
@@ -63,6 +65,10 @@ DEFAULT_MID_FRACTION = 22 / 39
 # the training digits do (five-minute models' are narrower); on eight such models two-step digits-FID 0.07-0.11 lower
 # than with the CM paper's fresh noise (gamma 1) at the default times (README, "Two steps and CTM's gamma")
 TWO_STEP_CTM_GAMMA = 0.9
+# every score is the mean over --num_draws draws of --num_samples: draw k samples with seed + DRAW_SEED_STRIDE * k, clear
+# of the seed + 1 the two-step search samples with; one draw of 600 moves by sd 0.07-0.11 between sampling seeds (README,
+# "How much of a digits-FID is noise"), four halve that and keep the expectation
+DRAW_SEED_STRIDE = 1000
 T_MIDS = tuple(round(0.3 + 0.1 * i, 1) for i in range(13))  # sCM two-step: intermediate times searched, 0.3 .. 1.5
 TCM_MIDS = (0.2, 0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0)  # TCM two-step: noise levels searched (TCM's default: t')
 FLOW_GRID = 20  # flow-map two-step: the intermediate time searched among 1 - i / 20 (MeanFlow's default: 0.5)
@@ -85,7 +91,11 @@ def parse_args(argv=None):
                    help="auto: bfloat16 autocast where the hardware computes it natively, else float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="training steps per stage (0: fill the time budget)")
-    p.add_argument("--num_samples", type=int, default=600, help="samples per metric")
+    p.add_argument("--num_samples", type=int, default=600, help="samples per draw")
+    p.add_argument("--num_draws", type=int, default=4,
+                   help=f"draws behind each score: its digits-FID, coverage and memorisation shares are the means over "
+                   f"--num_draws draws of --num_samples (sampling seeds seed, seed + {DRAW_SEED_STRIDE}, ...); the grids "
+                   f"and npz files are the first draw's")
     p.add_argument("--ctm_gamma", type=float, default=None,
                    help=f"two-step consistency sampling (the modes that sample multistep): CTM's gamma, the share of "
                    f"fresh noise in the re-noising (default {TWO_STEP_CTM_GAMMA}; 1: the CM paper's Alg. 1)")
@@ -247,12 +257,13 @@ def two_step_ctm_gamma(opts, plan):
     return opts.ctm_gamma
 
 
-def few_step_samples(loop, model, diffusion, size, opts, classifier, ctm_gamma=None):
-    """(one-step samples, {"default", "searched": two-step samples}, {the same: their times}) with the samplers of
-    the stage's training mode: consistency models at Karras-grid indices (the reference's fraction, and the index
-    found by search) re-noised with ctm_gamma (None: fresh noise, the CM paper's), sCM models at TrigFlow times
-    (T, t_mid) (the paper's t_mid, and the one found by search), flow maps at flow times (1, t_mid) (0.5, and the one
-    found by search), TCM pairs at noise levels (80, t_mid, 0) (t', and the one found by search)."""
+def few_step_samplers(loop, model, diffusion, size, opts, classifier, ctm_gamma=None):
+    """({"one-step", "two-step default", "two-step searched": draw's sampler arguments}, {"default", "searched": the
+    two-step times}) with the samplers of the stage's training mode: consistency models at Karras-grid indices (the
+    reference's fraction, and the index found by search) re-noised with ctm_gamma (None: fresh noise, the CM
+    paper's), sCM models at TrigFlow times (T, t_mid) (the paper's t_mid, and the one found by search), flow maps at
+    flow times (1, t_mid) (0.5, and the one found by search), TCM pairs at noise levels (80, t_mid, 0) (t', and the
+    one found by search). The searches sample with seed + 1, apart from the scored draws."""
     one_step, two_step = loop.mode.samplers
     if two_step == "multistep":
         n = loop.schedule_fn(loop.step - 1)["num_scales"]
@@ -274,10 +285,36 @@ def few_step_samples(loop, model, diffusion, size, opts, classifier, ctm_gamma=N
         t_mid = best_t_mid(diffusion, model, size, opts.seed + 1, classifier, opts.search_samples)
         ts = {"default": (start, T_MID), "searched": (start, t_mid)}
         kwargs = {which: dict(steps=2, t_mid=t[1]) for which, t in ts.items()}
-    one = draw(diffusion, model, opts.num_samples, size, opts.seed, sampler=one_step, steps=kwargs["default"]["steps"])
-    two = {which: draw(diffusion, model, opts.num_samples, size, opts.seed, sampler=two_step, **kw).cpu()
-           for which, kw in kwargs.items()}
-    return one.cpu(), two, ts
+    samplers = {"one-step": dict(sampler=one_step, steps=kwargs["default"]["steps"])}
+    samplers.update({f"two-step {which}": dict(sampler=two_step, **kw) for which, kw in kwargs.items()})
+    return samplers, ts
+
+
+def draw_seeds(seed, num_draws):
+    """The sampling seeds of the scored draws: seed, seed + DRAW_SEED_STRIDE, ..."""
+    return [seed + DRAW_SEED_STRIDE * k for k in range(num_draws)]
+
+
+def mean_over_draws(per_draw):
+    """One row of scores from each draw's: every number and per-class list averaged over the draws, with
+    digits_fid_draws (each draw's digits-FID, in draw order) and digits_fid_sd (their standard deviation)."""
+    row = {}
+    for key, first in per_draw[0].items():
+        mean = np.mean(np.array([d[key] for d in per_draw], dtype=float), axis=0)
+        row[key] = mean.tolist() if isinstance(first, list) else float(mean)
+    fids = [d["digits_fid"] for d in per_draw]
+    row.update(digits_fid_draws=fids, digits_fid_sd=float(np.std(fids)))
+    return row
+
+
+def scored_draws(diffusion, model, samplers, size, opts, score):
+    """({sampler name: its first draw}, {sampler name: mean_over_draws of score(draw)}) over draw_seeds."""
+    first, rows = {}, {}
+    for name, sampler in samplers.items():
+        draws = [draw(diffusion, model, opts.num_samples, size, seed, **sampler).cpu()
+                 for seed in draw_seeds(opts.seed, opts.num_draws)]
+        first[name], rows[name] = draws[0], mean_over_draws([score(x) for x in draws])
+    return first, rows
 
 
 def save_grid(images, path, scale=4, ncols=8):
@@ -362,6 +399,9 @@ def quickstart(opts):
     start = time.time()
     plan = PLANS[opts.mode]
     gamma = two_step_ctm_gamma(opts, plan)  # a wrong --ctm_gamma stops here, before --out is touched
+    if opts.num_draws < 1 or opts.num_samples < 2:
+        raise ValueError(f"--num_draws must be at least 1 and --num_samples at least 2 (a digits-FID needs two samples), "
+                         f"got {opts.num_draws} and {opts.num_samples}")
     os.makedirs(opts.out, exist_ok=True)
     lock_log_dir(opts.out)
     previous = set_aside_previous_run(opts.out)
@@ -382,30 +422,27 @@ def quickstart(opts):
 
     model, diffusion = ema_model(loop), sampling_denoiser(loop)
     size = args.image_size
-    one, two, ts = few_step_samples(loop, model, diffusion, size, opts, classifier, gamma)
-    real, _ = digits_split("floor", size)
-
+    samplers, ts = few_step_samplers(loop, model, diffusion, size, opts, classifier, gamma)
     labels = sample_labels(model, opts.num_samples)
-    ncols = 8 if labels is None else model.num_classes
-    save_grid(one, os.path.join(opts.out, "onestep_grid.png"), ncols=ncols)
-    save_grid(two["searched"], os.path.join(opts.out, "twostep_grid.png"), ncols=ncols)
-    save_grid(two["default"], os.path.join(opts.out, "twostep_default_grid.png"), ncols=ncols)
-    save_grid(real, os.path.join(opts.out, "real_grid.png"))
-    plot_curves(stages, os.path.join(opts.out, "training_curves.png"))
-    shape = f"{opts.num_samples}x{size}x{size}x3"
-    save_npz(os.path.join(opts.out, f"samples_onestep_{shape}.npz"), to_uint8(one).numpy())
-    save_npz(os.path.join(opts.out, f"samples_twostep_{shape}.npz"), to_uint8(two["searched"]).numpy())
-    save_npz(os.path.join(opts.out, f"samples_twostep_default_{shape}.npz"), to_uint8(two["default"]).numpy())
 
     def scores(images):
         return {**digits_metrics(images, classifier, labels), **memorisation_check(images)}
 
-    rows = {
-        "one-step": scores(one),
-        "two-step default": scores(two["default"]),
-        "two-step searched": scores(two["searched"]),
-        "real digits (floor)": real_data_floor(size, classifier),
-    }
+    first, rows = scored_draws(diffusion, model, samplers, size, opts, scores)
+    rows["real digits (floor)"] = real_data_floor(size, classifier)
+    real, _ = digits_split("floor", size)
+    ncols = 8 if labels is None else model.num_classes
+    save_grid(first["one-step"], os.path.join(opts.out, "onestep_grid.png"), ncols=ncols)
+    save_grid(first["two-step searched"], os.path.join(opts.out, "twostep_grid.png"), ncols=ncols)
+    save_grid(first["two-step default"], os.path.join(opts.out, "twostep_default_grid.png"), ncols=ncols)
+    save_grid(real, os.path.join(opts.out, "real_grid.png"))
+    plot_curves(stages, os.path.join(opts.out, "training_curves.png"))
+    shape = f"{opts.num_samples}x{size}x{size}x3"
+    save_npz(os.path.join(opts.out, f"samples_onestep_{shape}.npz"), to_uint8(first["one-step"]).numpy())
+    save_npz(os.path.join(opts.out, f"samples_twostep_{shape}.npz"), to_uint8(first["two-step searched"]).numpy())
+    save_npz(os.path.join(opts.out, f"samples_twostep_default_{shape}.npz"),
+             to_uint8(first["two-step default"]).numpy())
+
     row_names = {"two-step default": f"two-step {ts['default']} default",
                  "two-step searched": f"two-step {ts['searched']} searched"}
     metrics = {
@@ -426,13 +463,18 @@ def quickstart(opts):
     print(f"\n{opts.mode.upper()} on digits: {loop.step} steps ({metrics['precision']}), {metrics['total_minutes']} min in all")
     print(f"hardware: {describe_hardware(metrics['hardware'])}")
     asked = labels is not None  # class-conditional: how often a sample is the digit it was asked for
-    print(f"{'samples':<31}{'digits-FID':>11}{'coverage':>10}{'nearest=train':>15}{'copies':>8}"
+    print(f"{'samples':<31}{'digits-FID':>11}{'sd':>6}{'first':>7}{'coverage':>10}{'nearest=train':>15}{'copies':>8}"
           + (f"{'as asked':>10}" if asked else ""))
     for key, r in rows.items():
-        print(f"{row_names.get(key, key):<31}{r['digits_fid']:>11.3f}{r['coverage']:>10.3f}"
+        drawn = "digits_fid_draws" in r  # the model's rows; the floor is one fixed split
+        spread_cols = f"{r['digits_fid_sd']:>6.3f}{r['digits_fid_draws'][0]:>7.3f}" if drawn else f"{'-':>6}{'-':>7}"
+        print(f"{row_names.get(key, key):<31}{r['digits_fid']:>11.3f}{spread_cols}{r['coverage']:>10.3f}"
               f"{r['nearest_is_train']:>15.3f}{r['copy_fraction']:>8.3f}"
               + (f"{r['label_accuracy']:>10.3f}" if asked else ""))
-    print("nearest=train: share of samples whose nearest real digit is a training one (0.5: new digits, 1: copies);"
+    seeds = ", ".join(map(str, draw_seeds(opts.seed, opts.num_draws)))
+    print(f"sample rows: means over {opts.num_draws} draws of {opts.num_samples} (sampling seeds {seeds}); sd: between "
+          f"the draws' digits-FIDs;\nfirst: the first draw's digits-FID (the draw in the grids and npz files)"
+          "\nnearest=train: share of samples whose nearest real digit is a training one (0.5: new digits, 1: copies);"
           "\ncopies: share nearer a training digit than 95% of held-out digits are (about 0.05 for new digits)"
           + ("\nas asked: share of the samples of each class the digits classifier reads as that class (their mean over "
              "the classes;\nthe floor row: the classifier on real held-out digits)" if asked else ""))

@@ -36,6 +36,10 @@ def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode, default_ts, 
     for row in ("one-step", "two-step default", "two-step searched", "real digits (floor)"):
         assert 0 <= saved[row]["nearest_is_train"] <= 1 and 0 <= saved[row]["copy_fraction"] <= 1
         assert metrics[row]["digits_fid"] == saved[row]["digits_fid"]
+    for row in ("one-step", "two-step default", "two-step searched"):  # each the mean over four draws of 64
+        draws = saved[row]["digits_fid_draws"]
+        assert len(draws) == 4 and saved[row]["digits_fid"] == pytest.approx(sum(draws) / 4, rel=1e-12)
+    assert "digits_fid_draws" not in floor  # one fixed split of real digits
     assert metrics["one-step"]["digits_fid"] > floor["digits_fid"]  # 8 steps are far from the data
     hardware = saved["hardware"]
     assert hardware["cpu"] and isinstance(hardware["cpu_bf16_native"], bool) and hardware["cpu_cores"] >= 1
@@ -43,6 +47,9 @@ def test_quickstart_runs_end_to_end_in_a_short_mode(tmp_path, mode, default_ts, 
     assert f"hardware: {hardware['cpu']}" in printed and "native bfloat16:" in printed
     assert f"two-step {tuple(default_ts)} default" in printed and "nearest=train" in printed
     assert f"10-90% {spread['p10']:.2f}-{spread['p90']:.2f}" in printed
+    assert "means over 4 draws of 64 (sampling seeds 0, 1000, 2000, 3000)" in printed
+    one = saved["one-step"]
+    assert f"{one['digits_fid']:>11.3f}{one['digits_fid_sd']:>6.3f}{one['digits_fid_draws'][0]:>7.3f}" in printed
     stage = "ct" if mode == "ct" else "cd"
     assert "model000008.pt" in os.listdir(tmp_path / stage)
     from PIL import Image
@@ -85,6 +92,48 @@ def test_a_class_conditional_model_is_sampled_with_every_class_in_turn(tmp_path)
         "digits_ct.yaml", "consistency_training", str(tmp_path / "u"), quickstart.parse_args(["--out", str(tmp_path)]),
         ["--dit_size", "1x16x2/8", "--batch_size", "2", "--class_cond", "false"])).model
     assert quickstart.sample_labels(unconditional, 12) is None
+
+
+def test_scores_are_means_over_draws_with_their_own_seeds_and_the_first_draw_is_kept(tmp_path):
+    import torch
+    from cm.digits_eval import digits_metrics, load_digits_classifier
+
+    quickstart = load_quickstart()
+    opts = quickstart.parse_args(["--out", str(tmp_path), "--seed", "2", "--num_samples", "20", "--num_draws", "3"])
+    loop = quickstart.build_loop(quickstart.training_args("digits_ct.yaml", "consistency_training", str(tmp_path),
+                                                          opts, ["--dit_size", "1x16x2/8", "--batch_size", "2"]))
+    model = loop.model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # away from adaLN-Zero's constant output, so that the draws differ
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    classifier = load_digits_classifier()
+    assert quickstart.draw_seeds(2, 3) == [2, 1002, 2002]  # clear of the two-step search's seed + 1
+
+    def score(images):
+        return digits_metrics(images, classifier)
+
+    samplers = {"one-step": dict(sampler="onestep", steps=40)}
+    first, rows = quickstart.scored_draws(loop.diffusion, model, samplers, 16, opts, score)
+    draws = [quickstart.draw(loop.diffusion, model, 20, 16, seed, sampler="onestep", steps=40).cpu()
+             for seed in (2, 1002, 2002)]
+    assert torch.equal(first["one-step"], draws[0])
+    fids = [score(x)["digits_fid"] for x in draws]
+    assert rows["one-step"]["digits_fid_draws"] == fids and len(set(fids)) == 3
+    assert rows["one-step"]["digits_fid"] == pytest.approx(sum(fids) / 3, rel=1e-12)
+
+
+def test_mean_over_draws_averages_numbers_and_per_class_lists():
+    quickstart = load_quickstart()
+    row = quickstart.mean_over_draws([
+        {"digits_fid": 1.0, "coverage": 0.9, "per_class_accuracy": [1.0, 0.5]},
+        {"digits_fid": 3.0, "coverage": 0.7, "per_class_accuracy": [0.0, 0.5]},
+    ])
+    assert row["digits_fid"] == 2.0 and row["coverage"] == pytest.approx(0.8)
+    assert row["per_class_accuracy"] == [0.5, 0.5] and isinstance(row["coverage"], float)
+    assert row["digits_fid_draws"] == [1.0, 3.0] and row["digits_fid_sd"] == 1.0
+    single = quickstart.mean_over_draws([{"digits_fid": 0.7, "coverage": 1.0}])
+    assert single["digits_fid"] == 0.7 and single["digits_fid_sd"] == 0.0  # --num_draws 1: the one draw's scores
 
 
 def test_the_generator_trains_on_the_training_half(tmp_path):
@@ -192,8 +241,10 @@ def test_a_quickstart_failure_is_one_line(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("extra, expected", [
     (["--ctm_gamma", "1.2"], "must lie in [0, 1]"),
     (["--mode", "sct", "--ctm_gamma", "0.5"], "multistep only, not trigflow_twostep"),
+    (["--num_draws", "0"], "--num_draws must be at least 1"),
+    (["--num_samples", "1"], "--num_samples at least 2"),
 ])
-def test_a_wrong_ctm_gamma_stops_before_the_out_folder_is_touched(tmp_path, capsys, monkeypatch, extra, expected):
+def test_a_wrong_ctm_gamma_or_draw_count_stops_before_the_out_folder_is_touched(tmp_path, capsys, monkeypatch, extra, expected):
     monkeypatch.delenv("CM_DEBUG", raising=False)
     (tmp_path / "metrics.json").write_text("{}")  # an earlier run's results stay where they are
     with pytest.raises(SystemExit) as exit_info:
