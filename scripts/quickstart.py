@@ -56,7 +56,7 @@ from cm.training_modes import get_training_mode, quickstart_plans
 from cm.trigflow import T_MID
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-EVAL_RESERVE_S = 15  # sampling, the two-step search and the metrics after training (about 8 s)
+EVAL_RESERVE_S = 15  # sampling, the two-step search and the metrics over four draws after training (about 5 s, 2-core Xeon)
 # default two-step times: the intermediate grid index as a fraction of the grid, from the reference's ImageNet-64
 # two-step command (--ts 0,22,39 on a 40-point grid)
 DEFAULT_MID_FRACTION = 22 / 39
